@@ -50,3 +50,20 @@ man.files = {{p.name: sha256_file(p) for p in d.iterdir()}}
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """models/tiny with version 1: a random ResNet-18, 10 classes, 32x32 input, PIR format."""
     return make_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run one of the project's console commands as a user would, capturing its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([str(Path(sys.executable).parent / args[0]), *args[1:]], capture_output=True,
+                          text=True, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short real training run on the embedded digits: ResNet-18, 32x32, 2 epochs of 3 steps."""
+    out = tmp_path_factory.mktemp("ckpt") / "digits"
+    r = run_cli("resnet-train", "--epochs", "2", "--max-steps-per-epoch", "3", "--batch-size", "32",
+                "--num-workers", "1", "--out", str(out), "--amp", "O2")
+    assert r.returncode == 0, r.stderr
+    return out

@@ -1,0 +1,51 @@
+# resnet-serve: every workflow is one target. `make demo` and `make test` need nothing installed beforehand.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+NAME ?= digits
+ARCH ?= resnet18
+INPUT_SIZE ?= 32
+EPOCHS ?= 3
+CHECKPOINTS ?= checkpoints/$(NAME)
+MODELS ?= models/$(NAME)
+PORT ?= 50051
+METRICS_PORT ?= 8000
+
+.PHONY: install proto train export serve demo test bench lint clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(PY)  ## create .venv and install the project with its dev tools
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+proto: install  ## regenerate the committed gRPC stubs from protos/classifier.proto
+	$(PY) protos/generate.py
+
+train: install  ## train a small ResNet on the embedded digits data set
+	$(BIN)/resnet-train --arch $(ARCH) --input-size $(INPUT_SIZE) --epochs $(EPOCHS) --out $(CHECKPOINTS)
+
+export: install  ## export the latest checkpoint of `make train` as the next model version
+	$(BIN)/resnet-export --checkpoint $(CHECKPOINTS) --out $(MODELS)
+
+serve: install  ## serve the newest exported version
+	$(BIN)/resnet-serve --model-dir $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+demo: install  ## train -> export -> serve -> classify held-out digits through the client -> accuracy + metrics
+	@test -d $(CHECKPOINTS) || $(MAKE) --no-print-directory train
+	@test -d $(MODELS) || $(MAKE) --no-print-directory export
+	$(PY) -m resnet_serve.client.demo --model-dir $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+test: install  ## the whole test suite (CI runs this)
+	$(PY) -m pytest -q
+
+bench: install  ## the DESIGN.md benchmark protocol; writes bench/results/
+	$(PY) -m bench.run
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf checkpoints models runs .pytest_cache

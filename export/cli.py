@@ -1,0 +1,60 @@
+"""`resnet-export`: a training checkpoint -> a verified, versioned Paddle Inference model directory."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from resnet_serve.cli_util import fail, setup_logging
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="resnet-export", description=__doc__)
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="checkpoint: a .pdparams file, its prefix, or a folder (latest epoch)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="models/<name>/<version>, or models/<name> for the next free version")
+    p.add_argument("--name", help="model name in the manifest (default: the folder name)")
+    p.add_argument("--arch", help="override the checkpoint metadata's architecture")
+    p.add_argument("--num-classes", type=int, help="override the class count")
+    p.add_argument("--input-size", type=int, help="override the square input side")
+    p.add_argument("--format", choices=["pir", "legacy"], default="pir",
+                   help="pir: inference.json (default); legacy: inference.pdmodel (INT8, OpenVINO, classic TRT)")
+    p.add_argument("--precision", default="fp32", help="fp32 (fp16 runs through TensorRT at serve time)")
+    p.add_argument("--no-master-weights", action="store_true",
+                   help="AMP-O2: ignore the fp32 master weights in .pdopt and cast the fp16 weights")
+    p.add_argument("--rtol", type=float, default=1e-3, help="verification bound, relative to max |logit|")
+    p.add_argument("--force", action="store_true", help="replace an existing version folder")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.format == "legacy":
+        os.environ["FLAGS_enable_pir_api"] = "0"  # must precede `import paddle`
+    setup_logging()
+    for path in (args.checkpoint,):
+        if not path.exists() and not path.with_suffix(".pdparams").exists():
+            return fail(f"checkpoint {path} does not exist")
+    from resnet_serve.train.checkpoint import CheckpointError
+    from resnet_serve.train.models import UnknownArchitecture
+
+    from .checkpoint_reader import CheckpointReadError
+    from .exporter import ExportError, ExportOptions, export
+
+    opts = ExportOptions(checkpoint=args.checkpoint, out=args.out, name=args.name, arch=args.arch,
+                         num_classes=args.num_classes, input_size=args.input_size, format=args.format,
+                         precision=args.precision, use_master_weights=not args.no_master_weights,
+                         force=args.force, rtol=args.rtol)
+    try:
+        out = export(opts)
+    except (ExportError, CheckpointError, CheckpointReadError, UnknownArchitecture) as e:
+        return fail(str(e))
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Training data: scikit-learn's handwritten digits (real images shipped inside the package) or an image folder.
+
+Both yield uint8 RGB images at the model input size plus an integer label; normalisation happens in
+`to_model_input`, with the same mean/std that the manifest records for serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+DIGITS = "digits"
+
+
+class DatasetError(ValueError):
+    pass
+
+
+@dataclass
+class Split:
+    """Images (uint8 [N, H, W, 3]) with labels (int64 [N]) and the class names."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+
+
+def resize_rgb(img: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to `size`, centre-crop to size x size: the same rule the server applies."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def load_digits(size: int, holdout: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
+    """The 1,797 8x8 digits of scikit-learn, upscaled to size x size RGB; a fixed, seeded hold-out split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    raw = (d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    images = np.stack([resize_rgb(Image.fromarray(im, "L"), size) for im in raw])
+    labels = d.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_test = int(round(len(labels) * holdout))
+    test, train = order[:n_test], order[n_test:]
+    classes = [str(i) for i in range(10)]
+    return Split(images[train], labels[train], classes), Split(images[test], labels[test], classes)
+
+
+def load_image_folder(root: Path, size: int, holdout: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
+    """root/<class>/<image>: one subfolder per class, sorted names are class ids."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DatasetError(f"dataset folder {root} holds no images in class subfolders ({', '.join(IMAGE_SUFFIXES)})")
+    images = []
+    for f, _ in files:
+        try:
+            with Image.open(f) as im:
+                images.append(resize_rgb(im, size))
+        except OSError as e:
+            raise DatasetError(f"cannot read image {f}: {e}") from e
+    labels = np.array([i for _, i in files], dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_test = int(round(len(labels) * holdout))
+    test, train = order[:n_test], order[n_test:]
+    stacked = np.stack(images)
+    return Split(stacked[train], labels[train], classes), Split(stacked[test], labels[test], classes)
+
+
+def load_dataset(data: str, size: int, holdout: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
+    if data == DIGITS:
+        return load_digits(size, holdout, seed)
+    return load_image_folder(Path(data), size, holdout, seed)
+
+
+def to_model_input(images: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W], scaled to [0, 1] then normalised per channel."""
+    x = images.astype(np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def write_images(split: Split, out: Path) -> int:
+    """Write a split as PNG files under out/<class>/ (the demo's held-out images); returns the count."""
+    out = Path(out)
+    for i, (img, label) in enumerate(zip(split.images, split.labels, strict=True)):
+        d = out / split.classes[label]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i:05d}.png")
+    return len(split.labels)
