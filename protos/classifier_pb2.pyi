@@ -1,11 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -25,7 +23,7 @@ class Tensor(_message.Message):
     dtype: Tensor.DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: Tensor.DType | str | None = ..., shape: _Iterable[int] | None = ..., data: bytes | None = ...) -> None: ...
+    def __init__(self, dtype: _Optional[_Union[Tensor.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("encoded", "tensor", "top_k", "request_id")
@@ -37,7 +35,7 @@ class ClassifyRequest(_message.Message):
     tensor: Tensor
     top_k: int
     request_id: str
-    def __init__(self, encoded: bytes | None = ..., tensor: Tensor | _Mapping | None = ..., top_k: int | None = ..., request_id: str | None = ...) -> None: ...
+    def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("class_id", "label", "score")
@@ -47,7 +45,7 @@ class Prediction(_message.Message):
     class_id: int
     label: str
     score: float
-    def __init__(self, class_id: int | None = ..., label: str | None = ..., score: float | None = ...) -> None: ...
+    def __init__(self, class_id: _Optional[int] = ..., label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -55,7 +53,7 @@ class Error(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: int | None = ..., message: str | None = ...) -> None: ...
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("request_id", "predictions", "error", "model_version")
@@ -67,7 +65,7 @@ class ClassifyResponse(_message.Message):
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     error: Error
     model_version: str
-    def __init__(self, request_id: str | None = ..., predictions: _Iterable[Prediction | _Mapping] | None = ..., error: Error | _Mapping | None = ..., model_version: str | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -97,4 +95,4 @@ class ModelInfo(_message.Message):
     mean: _containers.RepeatedScalarFieldContainer[float]
     std: _containers.RepeatedScalarFieldContainer[float]
     engine: str
-    def __init__(self, name: str | None = ..., version: str | None = ..., architecture: str | None = ..., input_shape: _Iterable[int] | None = ..., num_classes: int | None = ..., precision: str | None = ..., max_batch_size: int | None = ..., device: str | None = ..., mean: _Iterable[float] | None = ..., std: _Iterable[float] | None = ..., engine: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., precision: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., device: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., engine: _Optional[str] = ...) -> None: ...
