@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import paddle
+
 from resnet_serve.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import numpy as np
 import pytest
+
 from resnet_serve.server.batcher import (
     Batcher,
     BatcherObserver,

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from resnet_serve.imaging import IMAGENET_MEAN, IMAGENET_STD, normalise, resize_crop
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 DIGITS = "digits"
 
@@ -33,13 +33,7 @@ class Split:
 
 def resize_rgb(img: Image.Image, size: int) -> np.ndarray:
     """Resize the shorter side to `size`, centre-crop to size x size: the same rule the server applies."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return resize_crop(img, size, size)
 
 
 def load_digits(size: int, holdout: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
@@ -89,10 +83,8 @@ def load_dataset(data: str, size: int, holdout: float = 0.2, seed: int = 0) -> t
 
 
 def to_model_input(images: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W], scaled to [0, 1] then normalised per channel."""
-    x = images.astype(np.float32) / 255.0
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] normalised, exactly as the server does it."""
+    return normalise(images, mean, std)
 
 
 def write_images(split: Split, out: Path) -> int:

@@ -1,0 +1,29 @@
+"""`resnet-serve`: serve an exported model over gRPC (settings from flags, RESNET_SERVE_* or a config file)."""
+
+from __future__ import annotations
+
+import sys
+
+from resnet_serve.cli_util import fail, setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    from resnet_serve.modeldir import ModelDirError
+
+    from .settings import load_settings
+
+    setup_logging()
+    try:
+        settings = load_settings(argv)
+    except (ValueError, OSError) as e:
+        return fail(str(e))
+    from .app import main_with
+
+    try:
+        return main_with(settings)
+    except ModelDirError as e:
+        return fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Every Prometheus metric the server exports, defined once (docs/metrics.md explains each; the Grafana
+dashboard in deploy/ uses exactly these names). One registry per server, so tests can run several."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+PREFIX = "resnet_serve"
+# Latencies from 0.5 ms to 30 s: loopback unary calls on tiny models through ResNet-50 batches on 2 cores.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+PREPROCESS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """One bucket per possible size up to 16, powers of two beyond: exact batch-size distribution."""
+    sizes = list(range(1, min(max_batch_size, 16) + 1))
+    b = 32
+    while sizes[-1] < max_batch_size:
+        sizes.append(min(b, max_batch_size))
+        b *= 2
+    return tuple(float(s) for s in sizes)
+
+
+class Metrics:
+    def __init__(self, max_batch_size: int = 64, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.requests = Counter(f"{PREFIX}_requests_total", "Requests answered, by RPC method and gRPC status code "
+                                "(a stream item counts as one request of method ClassifyStream)",
+                                ["method", "code"], registry=r)
+        self.request_latency = Histogram(f"{PREFIX}_request_duration_seconds",
+                                         "End-to-end time of one image request inside the server",
+                                         ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram(f"{PREFIX}_queue_wait_seconds",
+                                    "Time from entering the batch queue to being dispatched in a batch",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.preprocess = Histogram(f"{PREFIX}_preprocess_duration_seconds",
+                                    "Decode/validate/resize/normalise time of one image", ["kind"],
+                                    buckets=PREPROCESS_BUCKETS, registry=r)
+        self.inference = Histogram(f"{PREFIX}_inference_duration_seconds",
+                                   "Wall time of one batch in a worker, shared-memory round trip included",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(f"{PREFIX}_batch_size", "Images per batch sent to a predictor",
+                                    buckets=batch_size_buckets(max_batch_size), registry=r)
+        self.batches = Counter(f"{PREFIX}_batches_total",
+                               "Batches dispatched, by why they closed: full, delay (oldest waited the max queue "
+                               "delay), idle (lone request on an idle server), drain (shutdown)",
+                               ["reason"], registry=r)
+        self.batch_failures = Counter(f"{PREFIX}_batch_failures_total", "Batches whose inference failed",
+                                      registry=r)
+        self.dropped = Counter(f"{PREFIX}_dropped_requests_total",
+                               "Requests dropped before compute: deadline, cancelled, queue_full",
+                               ["reason"], registry=r)
+        self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests waiting in the batch queue", registry=r)
+        self.in_flight = Gauge(f"{PREFIX}_in_flight_requests",
+                               "Image requests accepted and not yet answered (queued or computing)", registry=r)
+        self.model_load = Gauge(f"{PREFIX}_model_load_seconds", "Time to create the predictors of the served model",
+                                registry=r)
+        self.model_warmup = Gauge(f"{PREFIX}_model_warmup_seconds", "Time to warm every batch-size bucket",
+                                  registry=r)
+        self.workers_alive = Gauge(f"{PREFIX}_workers_alive", "Engine worker processes ready to compute",
+                                   registry=r)
+        self.worker_restarts = Counter(f"{PREFIX}_worker_restarts_total", "Engine worker processes restarted",
+                                       registry=r)
+        self.model_info = Info(f"{PREFIX}_model", "The model being served", registry=r)
+        for reason in ("full", "delay", "idle", "drain"):
+            self.batches.labels(reason)
+        for reason in ("deadline", "cancelled", "queue_full"):
+            self.dropped.labels(reason)
+
+    def serve_http(self, port: int, addr: str = "0.0.0.0"):
+        """Expose /metrics on its own port (a daemon thread); returns (server, thread)."""
+        return start_http_server(port, addr=addr, registry=self.registry)

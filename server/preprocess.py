@@ -1,0 +1,94 @@
+"""Request payloads -> the model's float32 [3, H, W] input, or InvalidInput naming the problem.
+
+Runs off the event loop for encoded images (decoding is the expensive part). Oversized images are refused from
+their header, before any pixel is decoded. Knows numpy and PIL; nothing of gRPC or Paddle.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from resnet_serve.imaging import normalise, resize_crop
+
+FORMATS = ("JPEG", "PNG", "WEBP")
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class InvalidInput(ValueError):
+    """The request's image cannot be used; the message says why (it goes back to the caller)."""
+
+
+def sniff(data: bytes) -> str | None:
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    input_size: tuple[int, int]  # (H, W) of the model
+    mean: Sequence[float]
+    std: Sequence[float]
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def encoded(self, data: bytes) -> np.ndarray:
+        """JPEG/PNG/WebP bytes -> float32 [3, H, W]."""
+        if not data:
+            raise InvalidInput("image is empty")
+        kind = sniff(data)
+        if kind is None:
+            raise InvalidInput("image is not a JPEG, PNG or WebP file (unrecognised header)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data), formats=[kind])
+                w, h = img.size
+                self._check_pixels(w, h)
+                if kind == "JPEG":
+                    img.draft("RGB", (self.input_size[1], self.input_size[0]))  # decode at reduced scale: faster
+                img.load()
+        except InvalidInput:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise InvalidInput(f"cannot decode {kind} image: {e}") from e
+        return normalise(resize_crop(img, *self.input_size), self.mean, self.std)
+
+    def uint8_hwc(self, shape: Sequence[int], data: bytes) -> np.ndarray:
+        """Raw uint8 [H, W, 3] RGB -> float32 [3, H, W]; any H, W (resized like an encoded image)."""
+        if len(shape) != 3 or shape[2] != 3 or shape[0] <= 0 or shape[1] <= 0:
+            raise InvalidInput(f"uint8 tensor shape must be [H, W, 3], got {list(shape)}")
+        h, w = int(shape[0]), int(shape[1])
+        self._check_pixels(w, h)
+        if len(data) != h * w * 3:
+            raise InvalidInput(f"uint8 tensor of shape {list(shape)} needs {h * w * 3} bytes, got {len(data)}")
+        arr = np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
+        if (h, w) != tuple(self.input_size):
+            arr = resize_crop(Image.fromarray(arr), *self.input_size)
+        return normalise(arr, self.mean, self.std)
+
+    def float32_chw(self, shape: Sequence[int], data: bytes) -> np.ndarray:
+        """Raw float32 [3, H, W], already normalised, exactly at the model's input size."""
+        expected = [3, *self.input_size]
+        if list(shape) != expected:
+            raise InvalidInput(f"float32 tensor shape must be {expected} (the model input), got {list(shape)}")
+        if len(data) != 3 * self.input_size[0] * self.input_size[1] * 4:
+            raise InvalidInput(f"float32 tensor of shape {expected} needs {int(np.prod(expected)) * 4} bytes, "
+                               f"got {len(data)}")
+        arr = np.frombuffer(data, dtype="<f4").reshape(expected)
+        if not np.isfinite(arr).all():
+            raise InvalidInput("float32 tensor holds NaN or infinite values")
+        return arr.astype(np.float32, copy=False)
+
+    def _check_pixels(self, w: int, h: int) -> None:
+        if w * h > self.max_pixels:
+            raise InvalidInput(f"image is {w}x{h} = {w * h} pixels, over the limit of {self.max_pixels}")

@@ -1,0 +1,188 @@
+"""The gRPC transport: classifier.v1.Classifier. Turns messages into pipeline calls and exceptions into precise
+status codes; records per-request metrics. Knows protobuf, gRPC codes, metadata and deadlines; nothing of Paddle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+
+import grpc
+
+from resnet_serve.protos import classifier_pb2 as pb
+from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
+
+from .batcher import DeadlineExpired, QueueFull, ShuttingDown
+from .metrics import Metrics
+from .pipeline import ImageInput, Pipeline, Prediction
+from .preprocess import InvalidInput
+
+log = logging.getLogger(__name__)
+
+BASE_ERROR_CODES: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+}
+MESSAGES = {QueueFull: "server queue is full, retry later", DeadlineExpired: "deadline expired while queued",
+            ShuttingDown: "server is shutting down"}
+
+
+_END = object()
+
+
+class _ReadFailed:
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class RequestError(Exception):
+    """An answer that is an error: a status code and a message for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def image_of(request: pb.ClassifyRequest) -> ImageInput:
+    which = request.WhichOneof("image")
+    if which == "encoded":
+        return ImageInput("encoded", request.encoded)
+    if which == "tensor":
+        t = request.tensor
+        kinds = {pb.Tensor.UINT8: "uint8", pb.Tensor.FLOAT32: "float32"}
+        if t.dtype not in kinds:
+            raise InvalidInput("tensor dtype must be UINT8 (HWC) or FLOAT32 (CHW)")
+        return ImageInput(kinds[t.dtype], t.data, tuple(t.shape))
+    raise InvalidInput("request carries no image (set `encoded` or `tensor`)")
+
+
+class ClassifierService(pb_grpc.ClassifierServicer):
+    def __init__(self, metrics: Metrics, error_codes: Mapping[type[BaseException], grpc.StatusCode] | None = None,
+                 max_stream_in_flight: int = 128):
+        self.metrics = metrics
+        self.pipeline: Pipeline | None = None  # set once the model is loaded and warm
+        self.error_codes = {**BASE_ERROR_CODES, **(error_codes or {})}
+        self.max_stream_in_flight = max_stream_in_flight
+        self.on_info: Callable[[], pb.ModelInfo] | None = None
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    def _to_error(self, exc: BaseException) -> RequestError:
+        for cls in type(exc).__mro__:
+            if cls in self.error_codes:
+                msg = MESSAGES.get(cls) or str(exc) or cls.__name__
+                return RequestError(self.error_codes[cls], msg)
+        log.exception("unexpected error while classifying", exc_info=exc)
+        return RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    async def _classify_one(self, request: pb.ClassifyRequest, deadline: float | None) -> list[Prediction]:
+        pipeline = self.pipeline
+        if pipeline is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "model is loading, not serving yet")
+        try:
+            return await pipeline.classify(image_of(request), request.top_k, deadline)
+        except (RequestError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            raise self._to_error(e) from e
+
+    def _response(self, request_id: str, predictions: list[Prediction]) -> pb.ClassifyResponse:
+        return pb.ClassifyResponse(
+            request_id=request_id, model_version=self.pipeline.model.version if self.pipeline else "",
+            predictions=[pb.Prediction(class_id=p.class_id, label=p.label, score=p.score) for p in predictions])
+
+    def _record(self, method: str, code: grpc.StatusCode, t0: float) -> None:
+        self.metrics.requests.labels(method, code.name).inc()
+        self.metrics.request_latency.labels(method).observe(time.perf_counter() - t0)
+
+    @staticmethod
+    def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    # --- RPCs ----------------------------------------------------------------------------------------------
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        t0 = time.perf_counter()
+        try:
+            predictions = await self._classify_one(request, self._deadline(context))
+        except RequestError as e:
+            self._record("Classify", e.code, t0)
+            await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            self._record("Classify", grpc.StatusCode.CANCELLED, t0)
+            raise
+        self._record("Classify", grpc.StatusCode.OK, t0)
+        return self._response(request.request_id, predictions)
+
+    async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
+        """Items run concurrently (at most max_stream_in_flight); each answer goes out as soon as it is ready.
+
+        Every item puts exactly one response on `out`; the reader puts _END (or the transport error that ended
+        reading) last. The stream ends when reading has ended and every item read has been answered.
+        """
+        out: asyncio.Queue = asyncio.Queue()
+        window = asyncio.Semaphore(self.max_stream_in_flight)
+        deadline = self._deadline(context)
+        items: set[asyncio.Task] = set()
+        read_count = 0
+
+        async def one(request: pb.ClassifyRequest) -> None:
+            t0 = time.perf_counter()
+            try:
+                response = self._response(request.request_id, await self._classify_one(request, deadline))
+                code = grpc.StatusCode.OK
+            except RequestError as e:
+                code = e.code
+                response = pb.ClassifyResponse(request_id=request.request_id,
+                                               error=pb.Error(code=e.code.value[0], message=e.message))
+            except asyncio.CancelledError:
+                self._record("ClassifyStream", grpc.StatusCode.CANCELLED, t0)
+                raise
+            finally:
+                window.release()
+            self._record("ClassifyStream", code, t0)
+            out.put_nowait(response)
+
+        async def read() -> None:
+            nonlocal read_count
+            try:
+                async for request in request_iterator:
+                    await window.acquire()  # backpressure: stop reading while the window is full
+                    read_count += 1
+                    task = asyncio.create_task(one(request))
+                    items.add(task)
+                    task.add_done_callback(items.discard)
+                out.put_nowait(_END)
+            except Exception as e:  # the transport failed while reading: end the stream with it
+                out.put_nowait(_ReadFailed(e))
+
+        reader = asyncio.create_task(read())
+        answered, reading_ended = 0, False
+        try:
+            while not (reading_ended and answered == read_count):
+                response = await out.get()
+                if response is _END:
+                    reading_ended = True
+                elif isinstance(response, _ReadFailed):
+                    raise response.error
+                else:
+                    answered += 1
+                    yield response
+        finally:
+            reader.cancel()
+            for task in list(items):
+                task.cancel()
+            await asyncio.gather(reader, *items, return_exceptions=True)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        pipeline = self.pipeline
+        if pipeline is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading, not serving yet")
+        m = pipeline.model
+        self.metrics.requests.labels("GetModelInfo", "OK").inc()
+        return pb.ModelInfo(name=m.name, version=m.version, architecture=m.architecture, input_shape=m.input_shape,
+                            num_classes=m.num_classes, precision=m.precision, max_batch_size=m.max_batch_size,
+                            device=m.device, mean=m.mean, std=m.std, engine=m.engine)

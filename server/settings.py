@@ -1,0 +1,141 @@
+"""Server settings from defaults < config file (TOML or JSON) < environment (RESNET_SERVE_*) < command line.
+
+The effective value of every setting, and where it came from, is logged once at start: settings that are
+silently ignored cost users of other servers hours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "RESNET_SERVE_"
+
+
+@dataclass
+class Settings:
+    model_dir: str = ""
+    version: int | None = None
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 8000  # -1 disables /metrics; 0 picks a free port
+    max_batch_size: int = 8
+    max_queue_delay_us: int = 2000
+    max_queue_size: int = 256
+    buckets: str = ""  # comma-separated batch sizes to warm and run; empty = powers of two up to max_batch_size
+    instances: int = 1
+    threads_per_instance: int = 2
+    device: str = "cpu"
+    precision: str = "fp32"
+    engine: str = "paddle"
+    trt_cache_dir: str = ""
+    preprocess_threads: int = 2
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_stream_in_flight: int = 128
+    grace_period_s: float = 30.0
+    sources: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def bucket_sizes(self) -> tuple[int, ...]:
+        if self.buckets.strip():
+            return tuple(sorted({int(b) for b in self.buckets.split(",") if b.strip()}))
+        sizes, b = [], 1
+        while b < self.max_batch_size:
+            sizes.append(b)
+            b *= 2
+        return (*sizes, self.max_batch_size)
+
+    def validate(self) -> None:
+        if not self.model_dir:
+            raise ValueError("--model-dir is required (or RESNET_SERVE_MODEL_DIR, or model_dir in the config file)")
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be cpu or gpu, not {self.device!r}")
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise ValueError(f"precision must be fp32, fp16 or int8, not {self.precision!r}")
+        if self.precision == "fp16" and self.device != "gpu":
+            raise ValueError("precision fp16 needs --device gpu (TensorRT); CPU serves fp32 or int8")
+        for name in ("max_batch_size", "max_queue_size", "instances", "threads_per_instance", "preprocess_threads",
+                     "max_stream_in_flight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_queue_delay_us < 0:
+            raise ValueError("max_queue_delay_us must be >= 0")
+        sizes = self.bucket_sizes()
+        if sizes[0] != 1 or sizes[-1] != self.max_batch_size:
+            raise ValueError(f"buckets {list(sizes)} must include 1 and max_batch_size {self.max_batch_size}")
+
+    def describe(self) -> str:
+        """One line per setting: name = value (source)."""
+        return "\n".join(f"  {f.name} = {getattr(self, f.name)!r} ({self.sources.get(f.name, 'default')})"
+                         for f in fields(self) if f.name != "sources")
+
+
+FIELDS = {f.name: f for f in fields(Settings) if f.name != "sources"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    default = getattr(Settings, name, None)
+    if value is None or value == "":
+        return None if name == "version" else value
+    if name == "version" or isinstance(default, int) and not isinstance(default, bool):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return str(value)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if Path(path).suffix == ".json":
+        data = json.loads(text)
+    else:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        data = tomllib.loads(text)
+        data = data.get("server", data)
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown setting(s) in {path}: {', '.join(unknown)}")
+    return data
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="resnet-serve", description="Serve a exported ResNet over gRPC with dynamic "
+                                "batching. Every flag can also come from RESNET_SERVE_<NAME> or a config file.")
+    p.add_argument("--config", type=Path, help="TOML ([server] table or top level) or JSON file of settings")
+    help_text = {"model_dir": "models/<name> (serves the highest version) or a version folder",
+                 "max_queue_delay_us": "how long the oldest queued request may wait for its batch to fill",
+                 "max_queue_size": "queued requests beyond which new ones get RESOURCE_EXHAUSTED",
+                 "instances": "engine worker processes (one predictor each)",
+                 "buckets": "batch sizes to warm and run, e.g. 1,2,4,8", "metrics_port": "-1 disables /metrics, 0 picks a free port"}
+    for name in FIELDS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text.get(name))
+    return p
+
+
+def load_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    args = parser().parse_args(argv)
+    environ = os.environ if environ is None else environ
+    s = Settings()
+    layers: list[tuple[str, dict[str, Any]]] = []
+    config = args.config or environ.get(ENV_PREFIX + "CONFIG")
+    if config:
+        layers.append((f"file {config}", read_config_file(Path(config))))
+    layers.append(("env", {n: environ[ENV_PREFIX + n.upper()] for n in FIELDS if ENV_PREFIX + n.upper() in environ}))
+    layers.append(("flag", {n: v for n, v in vars(args).items() if n in FIELDS and v is not None}))
+    for source, values in layers:
+        for name, value in values.items():
+            try:
+                setattr(s, name, _coerce(name, value))
+            except ValueError as e:
+                raise ValueError(f"setting {name} from {source}: {e}") from e
+            s.sources[name] = source
+    s.validate()
+    return s
