@@ -1,0 +1,149 @@
+"""The engine worker process: owns one Paddle predictor and runs batches the front process hands it.
+
+Why a process: ``predictor.run()`` holds the GIL for the whole batch, so the gRPC front never runs one
+(DESIGN.md "Process model"). Paddle is imported only inside functions here, so the front can import this
+module (it needs ``worker_main`` as the spawn target) without loading Paddle.
+
+Protocol over the control pipe (the batch itself travels through shared memory):
+  worker -> front, once:  ("ready", load_seconds, warmup_seconds, input_name, output_name)
+                          or ("error", message) if the model cannot be loaded (then the worker exits)
+  front -> worker:        ("run", n)   batch = first n rows of the shared float32 [max_batch, 3, H, W] buffer
+                          -> ("ok", logits float32 [n, C], compute_seconds) | ("error", message)
+                          ("fail", message)   test hook: fails like a predictor exception -> ("error", ...)
+                          ("stop",)   exit cleanly
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resnet_serve.modeldir import Manifest, load_manifest
+from resnet_serve.server.predictor_config import PIR_TRT_CONVERT, apply_plan, model_files, plan_config
+
+
+def build_predictor(version_dir: Path | str, manifest: Manifest | None = None, device: str = "cpu",
+                    precision: str = "fp32", threads: int = 2, max_batch_size: int = 8,
+                    trt_cache_dir: Path | str | None = None, engine: str = "paddle",
+                    gpu_id: int = 0) -> Any:
+    """A paddle.inference predictor configured by ``plan_config``.
+
+    Shared by the worker and the in-process benchmark so both measure the same configuration.
+    """
+    import paddle.inference as paddle_infer
+
+    version_dir = Path(version_dir)
+    manifest = manifest if manifest is not None else load_manifest(version_dir)
+    plan = plan_config(version_dir, manifest, device=device, precision=precision, threads=threads,
+                       max_batch_size=max_batch_size,
+                       trt_cache_dir=Path(trt_cache_dir) if trt_cache_dir is not None else None,
+                       gpu_id=gpu_id, engine=engine)
+    for name, args in plan:
+        if name == PIR_TRT_CONVERT:
+            _convert_pir_trt(args[0])
+    model_file, params_file = model_files(version_dir, manifest, plan)
+    config = paddle_infer.Config(model_file, params_file)
+    apply_plan(config, plan)
+    return paddle_infer.create_predictor(config)
+
+
+def _convert_pir_trt(step: dict[str, Any]) -> None:
+    """PIR-TensorRT offline conversion (GPU only, needs the `tensorrt` package); skipped if cached.
+
+    Not runnable on the CPU wheel (no paddle.tensorrt there); written from the Paddle 3.x
+    paddle.tensorrt.export API (Input, TensorRTConfig.precision_mode/workspace_size, convert).
+    """
+    prefix = step["save_model_dir"]
+    if Path(prefix + ".json").is_file() and Path(prefix + ".pdiparams").is_file():
+        return
+    import paddle.tensorrt
+    from paddle.tensorrt.export import Input, PrecisionMode, TensorRTConfig
+
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    inputs = [Input(min_input_shape=i["min_input_shape"], optim_input_shape=i["optim_input_shape"],
+                    max_input_shape=i["max_input_shape"], name=i["name"]) for i in step["inputs"]]
+    cfg = TensorRTConfig(inputs=inputs, min_subgraph_size=step["min_subgraph_size"], save_model_dir=prefix)
+    cfg.precision_mode = getattr(PrecisionMode, step["precision_mode"])
+    cfg.workspace_size = step["workspace_size"]
+    paddle.tensorrt.convert(step["model_file"], cfg)
+
+
+def _run(predictor: Any, input_name: str, output_name: str, batch: np.ndarray) -> np.ndarray:
+    handle = predictor.get_input_handle(input_name)
+    handle.reshape(list(batch.shape))
+    handle.copy_from_cpu(batch)
+    predictor.run()
+    return predictor.get_output_handle(output_name).copy_to_cpu()
+
+
+def worker_main(conn: Connection, shm_name: str, version_dir: str, plan_args: dict[str, Any],
+                buckets: Sequence[int], input_shape: Sequence[int]) -> None:
+    """Process body: load and warm the predictor, report ready, then serve ("run", n) until ("stop",).
+
+    ``plan_args`` are the keyword arguments of ``build_predictor`` after ``manifest`` (device, precision,
+    threads, max_batch_size, trt_cache_dir, engine, gpu_id).
+    """
+    # The front owns shutdown: Ctrl-C in a terminal reaches the whole process group, but only the front
+    # should react (it drains, then stops us).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    shm: SharedMemory | None = None
+    view: np.ndarray | None = None
+    try:
+        t0 = time.perf_counter()
+        try:
+            manifest = load_manifest(Path(version_dir))
+            predictor = build_predictor(version_dir, manifest, **plan_args)
+            # `import paddle` installs a SIGTERM handler that aborts with a crash dump; a terminate() from
+            # the front should just end the process.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            input_name = predictor.get_input_names()[0]
+            output_name = predictor.get_output_names()[0]
+            shm = SharedMemory(name=shm_name)
+            max_batch = int(plan_args.get("max_batch_size", max(buckets)))
+            view = np.ndarray((max_batch, *input_shape), dtype=np.float32, buffer=shm.buf)
+            t1 = time.perf_counter()
+            for b in buckets:  # every new shape costs a slow first run: pay it before serving
+                _run(predictor, input_name, output_name, np.zeros((b, *input_shape), dtype=np.float32))
+            t2 = time.perf_counter()
+        except Exception as e:  # noqa: BLE001 - report any load failure to the front, which raises it
+            conn.send(("error", f"loading {version_dir} failed: {type(e).__name__}: {e}"))
+            return
+        conn.send(("ready", t1 - t0, t2 - t1, input_name, output_name))
+        _serve(conn, predictor, input_name, output_name, view)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the front went away: nothing left to serve
+    finally:
+        view = None  # release the buffer export before closing the mapping
+        if shm is not None:
+            shm.close()
+        conn.close()
+
+
+def _serve(conn: Connection, predictor: Any, input_name: str, output_name: str, view: np.ndarray) -> None:
+    while True:
+        msg = conn.recv()
+        cmd = msg[0]
+        if cmd == "stop":
+            return
+        try:
+            t0 = time.perf_counter()
+            if cmd == "run":
+                n = int(msg[1])
+                if not 1 <= n <= view.shape[0]:
+                    raise ValueError(f"batch size {n} outside 1..{view.shape[0]}")
+                out = _run(predictor, input_name, output_name, view[:n])
+            elif cmd == "fail":
+                raise RuntimeError(str(msg[1]))
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+            reply: tuple = ("ok", np.ascontiguousarray(out, dtype=np.float32), time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - a failed batch must not take the worker down
+            reply = ("error", f"{type(e).__name__}: {e}")
+        conn.send(reply)
