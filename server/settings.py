@@ -114,7 +114,8 @@ def parser() -> argparse.ArgumentParser:
                  "max_queue_delay_us": "how long the oldest queued request may wait for its batch to fill",
                  "max_queue_size": "queued requests beyond which new ones get RESOURCE_EXHAUSTED",
                  "instances": "engine worker processes (one predictor each)",
-                 "buckets": "batch sizes to warm and run, e.g. 1,2,4,8", "metrics_port": "-1 disables /metrics, 0 picks a free port"}
+                 "buckets": "batch sizes to warm and run, e.g. 1,2,4,8",
+                 "metrics_port": "-1 disables /metrics, 0 picks a free port"}
     for name in FIELDS:
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text.get(name))
     return p

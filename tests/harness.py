@@ -1,0 +1,106 @@
+"""Test harness: a real server (in this process, its own event loop thread, or as a subprocess) on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
+from resnet_serve.server.app import Server
+from resnet_serve.server.settings import Settings
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    """Wait for a state change we cannot be notified of (another thread's or process's state); bounded."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class InProcessServer:
+    """The real Server on 127.0.0.1, driven from a background event loop so tests can use blocking clients and
+    still reach the server's parts (engine call log, batcher) directly."""
+
+    def __init__(self, **settings):
+        self.settings = Settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, **settings})
+        self.settings.validate()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: Server = self.call(self._make())
+        self.call(self.server.start())
+        self.call(self.server.ready.wait(), timeout=300)
+        if self.server.failed:
+            raise RuntimeError(f"server failed to start: {self.server.failed}")
+        self.address = f"127.0.0.1:{self.server.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = pb_grpc.ClassifierStub(self.channel)
+
+    async def _make(self) -> Server:
+        return Server(self.settings)
+
+    def call(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def engine(self):
+        return self.server.engine
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """Every sample of /metrics by (name, sorted labels), parsed with prometheus_client's own parser."""
+        from urllib.request import urlopen
+
+        text = urlopen(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=10).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    def close(self) -> None:
+        self.channel.close()
+        try:
+            self.call(self.server.stop(5), timeout=120)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+class WorkerGate:
+    """Holds every batch inside the worker process until released: a FIFO the worker reads one byte from
+    before each run (RESNET_SERVE_TEST_WORKER_GATE). Deterministic 'a batch is computing' without sleeps."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        os.mkfifo(self.path)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)  # keeps the FIFO open for writing
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"RESNET_SERVE_TEST_WORKER_GATE": str(self.path)}
+
+    def release(self, n: int = 1) -> None:
+        os.write(self._fd, b"x" * n)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def start_subprocess_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
+    """`resnet-serve ...` as users run it; returns the process and its 'listening' event (ports)."""
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "resnet-serve"), "--host", "127.0.0.1",
+                             "--port", "0", "--metrics-port", "0", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"server exited: {proc.stderr.read()}")
+    return proc, json.loads(line)
