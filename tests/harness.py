@@ -33,7 +33,7 @@ class InProcessServer:
     """The real Server on 127.0.0.1, driven from a background event loop so tests can use blocking clients and
     still reach the server's parts (engine call log, batcher) directly."""
 
-    def __init__(self, **settings):
+    def __init__(self, wait_ready: bool = True, **settings):
         self.settings = Settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, **settings})
         self.settings.validate()
         self.loop = asyncio.new_event_loop()
@@ -41,12 +41,16 @@ class InProcessServer:
         self.thread.start()
         self.server: Server = self.call(self._make())
         self.call(self.server.start())
-        self.call(self.server.ready.wait(), timeout=300)
-        if self.server.failed:
-            raise RuntimeError(f"server failed to start: {self.server.failed}")
         self.address = f"127.0.0.1:{self.server.port}"
         self.channel = grpc.insecure_channel(self.address)
         self.stub = pb_grpc.ClassifierStub(self.channel)
+        if wait_ready:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        self.call(self.server.ready.wait(), timeout=300)
+        if self.server.failed:
+            raise RuntimeError(f"server failed to start: {self.server.failed}")
 
     async def _make(self) -> Server:
         return Server(self.settings)
@@ -89,7 +93,20 @@ class WorkerGate:
         return {"RESNET_SERVE_TEST_WORKER_GATE": str(self.path)}
 
     def release(self, n: int = 1) -> None:
+        """Let n more batches finish."""
         os.write(self._fd, b"x" * n)
+
+    def open(self) -> None:
+        """Let every batch through until hold()."""
+        self.release(4096)
+
+    def hold(self) -> None:
+        """Take back the tokens nobody used: from now on batches wait again."""
+        try:
+            while os.read(self._fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def close(self) -> None:
         os.close(self._fd)
