@@ -24,29 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$resnet_serve/protos/classifier.proto\x12\rclassifier.v1\"\x89\x01\n\x06Tensor\x12*\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1b.classifier.v1.Tensor.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"6\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\"y\n\x0f\x43lassifyRequest\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x15.classifier.v1.TensorH\x00\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x07\n\x05image\"<\n\nPrediction\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x92\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x19.classifier.v1.Prediction\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.classifier.v1.Error\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xd0\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0c\n\x04mean\x18\t \x03(\x02\x12\x0b\n\x03std\x18\n \x03(\x02\x12\x0e\n\x06\x65ngine\x18\x0b \x01(\t2\xfe\x01\n\nClassifier\x12K\n\x08\x43lassify\x12\x1e.classifier.v1.ClassifyRequest\x1a\x1f.classifier.v1.ClassifyResponse\x12U\n\x0e\x43lassifyStream\x12\x1e.classifier.v1.ClassifyRequest\x1a\x1f.classifier.v1.ClassifyResponse(\x01\x30\x01\x12L\n\x0cGetModelInfo\x12\".classifier.v1.GetModelInfoRequest\x1a\x18.classifier.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$resnet_serve/protos/classifier.proto\x12\rclassifier.v1\"%\n\x12ReloadModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"H\n\x13ReloadModelResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x89\x01\n\x06Tensor\x12*\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1b.classifier.v1.Tensor.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"6\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\"y\n\x0f\x43lassifyRequest\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x15.classifier.v1.TensorH\x00\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x07\n\x05image\"<\n\nPrediction\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x92\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x19.classifier.v1.Prediction\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.classifier.v1.Error\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xd0\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0c\n\x04mean\x18\t \x03(\x02\x12\x0b\n\x03std\x18\n \x03(\x02\x12\x0e\n\x06\x65ngine\x18\x0b \x01(\t2\xfe\x01\n\nClassifier\x12K\n\x08\x43lassify\x12\x1e.classifier.v1.ClassifyRequest\x1a\x1f.classifier.v1.ClassifyResponse\x12U\n\x0e\x43lassifyStream\x12\x1e.classifier.v1.ClassifyRequest\x1a\x1f.classifier.v1.ClassifyResponse(\x01\x30\x01\x12L\n\x0cGetModelInfo\x12\".classifier.v1.GetModelInfoRequest\x1a\x18.classifier.v1.ModelInfo2]\n\x05\x41\x64min\x12T\n\x0bReloadModel\x12!.classifier.v1.ReloadModelRequest\x1a\".classifier.v1.ReloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'resnet_serve.protos.classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSOR']._serialized_start=56
-  _globals['_TENSOR']._serialized_end=193
-  _globals['_TENSOR_DTYPE']._serialized_start=139
-  _globals['_TENSOR_DTYPE']._serialized_end=193
-  _globals['_CLASSIFYREQUEST']._serialized_start=195
-  _globals['_CLASSIFYREQUEST']._serialized_end=316
-  _globals['_PREDICTION']._serialized_start=318
-  _globals['_PREDICTION']._serialized_end=378
-  _globals['_ERROR']._serialized_start=380
-  _globals['_ERROR']._serialized_end=418
-  _globals['_CLASSIFYRESPONSE']._serialized_start=421
-  _globals['_CLASSIFYRESPONSE']._serialized_end=567
-  _globals['_GETMODELINFOREQUEST']._serialized_start=569
-  _globals['_GETMODELINFOREQUEST']._serialized_end=590
-  _globals['_MODELINFO']._serialized_start=593
-  _globals['_MODELINFO']._serialized_end=801
-  _globals['_CLASSIFIER']._serialized_start=804
-  _globals['_CLASSIFIER']._serialized_end=1058
+  _globals['_RELOADMODELREQUEST']._serialized_start=55
+  _globals['_RELOADMODELREQUEST']._serialized_end=92
+  _globals['_RELOADMODELRESPONSE']._serialized_start=94
+  _globals['_RELOADMODELRESPONSE']._serialized_end=166
+  _globals['_TENSOR']._serialized_start=169
+  _globals['_TENSOR']._serialized_end=306
+  _globals['_TENSOR_DTYPE']._serialized_start=252
+  _globals['_TENSOR_DTYPE']._serialized_end=306
+  _globals['_CLASSIFYREQUEST']._serialized_start=308
+  _globals['_CLASSIFYREQUEST']._serialized_end=429
+  _globals['_PREDICTION']._serialized_start=431
+  _globals['_PREDICTION']._serialized_end=491
+  _globals['_ERROR']._serialized_start=493
+  _globals['_ERROR']._serialized_end=531
+  _globals['_CLASSIFYRESPONSE']._serialized_start=534
+  _globals['_CLASSIFYRESPONSE']._serialized_end=680
+  _globals['_GETMODELINFOREQUEST']._serialized_start=682
+  _globals['_GETMODELINFOREQUEST']._serialized_end=703
+  _globals['_MODELINFO']._serialized_start=706
+  _globals['_MODELINFO']._serialized_end=914
+  _globals['_CLASSIFIER']._serialized_start=917
+  _globals['_CLASSIFIER']._serialized_end=1171
+  _globals['_ADMIN']._serialized_start=1173
+  _globals['_ADMIN']._serialized_end=1266
 # @@protoc_insertion_point(module_scope)

@@ -188,3 +188,81 @@ class Classifier:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Operations on the serving process. Needs a bearer token: without --auth-token-file the server refuses them.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ReloadModel = channel.unary_unary(
+                '/classifier.v1.Admin/ReloadModel',
+                request_serializer=resnet__serve_dot_protos_dot_classifier__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=resnet__serve_dot_protos_dot_classifier__pb2.ReloadModelResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Operations on the serving process. Needs a bearer token: without --auth-token-file the server refuses them.
+    """
+
+    def ReloadModel(self, request, context):
+        """Load a model version (default: the highest under the model directory), warm it in the background, then
+        switch traffic to it atomically. Requests already queued finish on the version they started on. A version
+        that fails to load is refused and the current one keeps serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=resnet__serve_dot_protos_dot_classifier__pb2.ReloadModelRequest.FromString,
+                    response_serializer=resnet__serve_dot_protos_dot_classifier__pb2.ReloadModelResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'classifier.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('classifier.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Operations on the serving process. Needs a bearer token: without --auth-token-file the server refuses them.
+    """
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/classifier.v1.Admin/ReloadModel',
+            resnet__serve_dot_protos_dot_classifier__pb2.ReloadModelRequest.SerializeToString,
+            resnet__serve_dot_protos_dot_classifier__pb2.ReloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

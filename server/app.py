@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,19 +17,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from resnet_serve.modeldir import resolve_version_dir
+from resnet_serve.modeldir import MANIFEST, ModelDirError, list_versions, resolve_version_dir
 from resnet_serve.protos import classifier_pb2, classifier_pb2_grpc
 
-from .batcher import Batcher, BatcherObserver, BatchPolicy
-from .engine import Engine, EngineConfig, EngineError, WorkerDied
+from . import serving_model
+from .auth import AdminGuard, BearerTokenInterceptor, load_tokens, server_credentials
+from .batcher import BatcherObserver
+from .engine import Engine, EngineError, WorkerDied
 from .metrics import Metrics
-from .pipeline import ModelDescription, Pipeline
-from .preprocess import Preprocessor
 from .service import ClassifierService
+from .serving_model import LoadedModel, Runner
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+ADMIN_NAME = classifier_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -58,17 +62,56 @@ class MetricsObserver(BatcherObserver):
         self.m.in_flight.set(n)
 
 
+class HealthTrackingObserver(MetricsObserver):
+    """Metrics, plus health: an engine whose batches keep failing is NOT_SERVING until a batch succeeds."""
+
+    def __init__(self, metrics: Metrics, threshold: int, on_change: Callable[[bool], None]):
+        super().__init__(metrics)
+        self.threshold, self.on_change = threshold, on_change
+        self.consecutive_failures = 0
+
+    def on_batch_done(self, size: int, seconds: float, ok: bool) -> None:
+        super().on_batch_done(size, seconds, ok)
+        before = self.consecutive_failures >= self.threshold
+        self.consecutive_failures = 0 if ok else self.consecutive_failures + 1
+        after = self.consecutive_failures >= self.threshold
+        if before != after:
+            self.on_change(not after)
+
+
+class AdminService(classifier_pb2_grpc.AdminServicer):
+    def __init__(self, server: Server):
+        self.server = server
+
+    async def ReloadModel(self, request, context):
+        try:
+            changed, message = await self.server.reload(request.version or None)
+        except ModelDirError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except ReloadRefused as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return classifier_pb2.ReloadModelResponse(version=self.server.model.version, changed=changed,
+                                                  message=message)
+
+
+class ReloadRefused(Exception):
+    """The new version failed to load or warm; the current one keeps serving."""
+
+
 class Server:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, wrap_runner: Callable[[Runner], Runner] | None = None):
         self.settings = settings
-        self.version_dir = resolve_version_dir(Path(settings.model_dir), settings.version)
+        self.model_dir = Path(settings.model_dir)
+        self.version_dir = resolve_version_dir(self.model_dir, settings.version)
         self.metrics = Metrics(settings.max_batch_size)
         self.service = ClassifierService(self.metrics, {EngineError: grpc.StatusCode.INTERNAL,
                                                         WorkerDied: grpc.StatusCode.UNAVAILABLE},
                                          max_stream_in_flight=settings.max_stream_in_flight)
         self.health = health.aio.HealthServicer()
-        self.engine: Engine | None = None
-        self.batcher: Batcher | None = None
+        self.observer = HealthTrackingObserver(self.metrics, settings.unhealthy_after_failures,
+                                               self._engine_health_changed)
+        self.wrap_runner = wrap_runner
+        self.model: LoadedModel | None = None
         self.pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
@@ -76,75 +119,41 @@ class Server:
         self._metrics_http = None
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
+        self._draining = False
+        self._engine_ok = True
+        self._reload_lock = asyncio.Lock()
+        self._refused: dict[Path, float] = {}  # version dir -> manifest mtime when it was refused
+        self._tasks: set[asyncio.Task] = set()
 
-    async def _set_health(self, status) -> None:
+    @property
+    def engine(self) -> Engine | None:
+        return self.model.engine if self.model else None
+
+    @property
+    def batcher(self):
+        return self.model.batcher if self.model else None
+
+    # --- health --------------------------------------------------------------------------------------------
+    def _serving(self) -> bool:
+        engine = self.engine
+        return (self.ready.is_set() and not self.failed and not self._draining and self._engine_ok
+                and engine is not None and engine.alive_instances() > 0)
+
+    async def _update_health(self) -> None:
+        status = SERVING if self._serving() else NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def start(self) -> None:
-        """Listen at once (health NOT_SERVING), then load and warm the model in the background."""
-        s = self.settings
-        if s.metrics_port >= 0:
-            self._metrics_http, _ = self.metrics.serve_http(s.metrics_port)
-            self.metrics_port = self._metrics_http.server_port
-        options = [("grpc.max_receive_message_length", s.max_message_bytes),
-                   ("grpc.max_send_message_length", s.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
-        self.grpc_server = grpc.aio.server(options=options)
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(self.service, self.grpc_server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            self.grpc_server)
-        self.port = self.grpc_server.add_insecure_port(f"{s.host}:{s.port}")
-        if not self.port:
-            raise OSError(f"cannot listen on {s.host}:{s.port}")
-        await self._set_health(NOT_SERVING)
-        await self.grpc_server.start()
-        log.info("listening on %s:%d (gRPC), metrics on :%s; loading %s", s.host, self.port,
-                 self.metrics_port if s.metrics_port >= 0 else "off", self.version_dir)
-        print(json.dumps({"event": "listening", "port": self.port, "metrics_port": self.metrics_port}), flush=True)
-        self._loader = asyncio.create_task(self._load())
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _load(self) -> None:
-        s = self.settings
-        loop = asyncio.get_running_loop()
-        try:
-            engine = Engine(EngineConfig(version_dir=self.version_dir, instances=s.instances,
-                                         threads_per_instance=s.threads_per_instance, device=s.device,
-                                         precision=s.precision, engine=s.engine, max_batch_size=s.max_batch_size,
-                                         buckets=s.bucket_sizes(),
-                                         trt_cache_dir=Path(s.trt_cache_dir) if s.trt_cache_dir else None))
-            engine.on_worker_event = lambda event, i: loop.call_soon_threadsafe(self._worker_event, event, i)
-            self.engine = engine
-            await loop.run_in_executor(None, engine.start)
-            m = engine.manifest
-            self.metrics.model_load.set(engine.load_seconds)
-            self.metrics.model_warmup.set(engine.warmup_seconds)
-            self.metrics.workers_alive.set(engine.alive_instances())
-            self.metrics.model_info.info({"name": m.name, "version": str(m.version), "precision": s.precision
-                                          if s.precision != "fp32" else m.precision, "device": s.device,
-                                          "engine": s.engine if s.engine != "paddle" else m.engine,
-                                          "architecture": m.architecture})
-            self.batcher = Batcher(engine.runners(), BatchPolicy(s.max_batch_size, s.max_queue_delay_us,
-                                                                 s.max_queue_size, s.bucket_sizes()),
-                                   MetricsObserver(self.metrics))
-            await self.batcher.start()
-            model = ModelDescription(
-                name=m.name, version=str(m.version), architecture=m.architecture, input_shape=engine.input_shape,
-                num_classes=m.num_classes, precision=s.precision if s.precision != "fp32" else m.precision,
-                max_batch_size=s.max_batch_size, device=s.device, engine=s.engine, mean=tuple(m.mean),
-                std=tuple(m.std))
-            preprocessor = Preprocessor(tuple(m.input_size), tuple(m.mean), tuple(m.std), s.max_pixels)
-            self.service.pipeline = Pipeline(self.batcher, preprocessor, engine.labels, model, self.metrics,
-                                             self.pool)
-            await self._set_health(SERVING)
-            self.ready.set()
-            log.info("serving %s v%s (%s): load %.2f s, warm-up %.2f s of buckets %s", m.name, m.version,
-                     m.architecture, engine.load_seconds, engine.warmup_seconds, list(s.bucket_sizes()))
-        except BaseException as e:
-            self.failed = e
-            log.error("model failed to load: %s", e)
-            self.ready.set()
+    def _engine_health_changed(self, ok: bool) -> None:
+        self._engine_ok = ok
+        log.warning("engine %s", "recovered: batches succeed again" if ok else
+                    f"unhealthy: {self.settings.unhealthy_after_failures} consecutive batches failed")
+        self._spawn(self._update_health())
 
     def _worker_event(self, event: str, index: int) -> None:
         engine = self.engine
@@ -153,24 +162,137 @@ class Server:
         if event == "restarted":
             self.metrics.worker_restarts.inc()
         log.warning("engine worker %d %s; %d alive", index, event, alive)
-        if self.ready.is_set() and not self.failed and not getattr(self, "_draining", False):
-            asyncio.ensure_future(self._set_health(SERVING if alive else NOT_SERVING))
+        self._spawn(self._update_health())
 
+    # --- lifecycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Listen at once (health NOT_SERVING), then load and warm the model in the background."""
+        s = self.settings
+        if s.metrics_port >= 0:
+            self._metrics_http, _ = self.metrics.serve_http(s.metrics_port)
+            self.metrics_port = self._metrics_http.server_port
+        options = [("grpc.max_receive_message_length", s.max_message_bytes),
+                   ("grpc.max_send_message_length", s.max_message_bytes),
+                   ("grpc.max_concurrent_streams", s.max_concurrent_streams),
+                   ("grpc.so_reuseport", 0)]
+        tokens = load_tokens(s.auth_token_file)
+        interceptors = [BearerTokenInterceptor(tokens, s.auth_exempt_health)] if tokens else [AdminGuard()]
+        self.grpc_server = grpc.aio.server(options=options, interceptors=interceptors)
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(self.service, self.grpc_server)
+        classifier_pb2_grpc.add_AdminServicer_to_server(AdminService(self), self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self.grpc_server)
+        address = f"{s.host}:{s.port}"
+        if s.tls_cert:
+            self.port = self.grpc_server.add_secure_port(address, server_credentials(s.tls_cert, s.tls_key,
+                                                                                     s.tls_client_ca))
+        else:
+            self.port = self.grpc_server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        await self._update_health()
+        await self.grpc_server.start()
+        log.info("listening on %s:%d (gRPC%s%s, %s), metrics on :%s; loading %s", s.host, self.port,
+                 ", TLS" if s.tls_cert else "", ", mutual TLS" if s.tls_client_ca else "",
+                 f"{len(tokens)} bearer token(s)" if tokens else "no auth",
+                 self.metrics_port if s.metrics_port >= 0 else "off", self.version_dir)
+        print(json.dumps({"event": "listening", "port": self.port, "metrics_port": self.metrics_port}), flush=True)
+        self._loader = asyncio.create_task(self._load_first())
+
+    async def _load(self, version_dir: Path) -> LoadedModel:
+        loop = asyncio.get_running_loop()
+        return await serving_model.load(
+            self.settings, version_dir, self.observer, self.pool, self.metrics,
+            on_worker_event=lambda event, i: loop.call_soon_threadsafe(self._worker_event, event, i),
+            wrap_runner=self.wrap_runner)
+
+    def _publish(self, model: LoadedModel) -> None:
+        """Switch traffic: one reference assignment on the event loop, so each request sees one version."""
+        self.model = model
+        self.version_dir = model.version_dir
+        self.service.pipeline = model.pipeline
+        self.metrics.model_load.set(model.engine.load_seconds)
+        self.metrics.model_warmup.set(model.engine.warmup_seconds)
+        self.metrics.workers_alive.set(model.engine.alive_instances())
+        self.metrics.model_info.info(model.info_labels())
+
+    async def _load_first(self) -> None:
+        try:
+            self._publish(await self._load(self.version_dir))
+            self.ready.set()
+            await self._update_health()
+            if self.settings.poll_interval_s > 0 and self.settings.version is None:
+                self._spawn(self._poll())
+        except Exception as e:
+            self.failed = e
+            log.error("model failed to load: %s", e)
+            self.ready.set()
+
+    # --- reload --------------------------------------------------------------------------------------------
+    async def reload(self, version: int | None = None) -> tuple[bool, str]:
+        """Load `version` (default: the highest present), warm it, switch to it, retire the old one.
+
+        Raises ModelDirError when there is no such version and ReloadRefused when it fails to load; either
+        way the current version keeps serving."""
+        async with self._reload_lock:
+            if self._draining or self.model is None:
+                raise ReloadRefused("the server is not serving a model")
+            target = resolve_version_dir(self.model_dir, version)
+            if target.resolve() == self.model.version_dir.resolve():
+                return False, f"already serving version {self.model.version}"
+            log.info("reload: loading %s while version %s keeps serving", target, self.model.version)
+            try:
+                new = await self._load(target)
+            except Exception as e:
+                mtime = (target / MANIFEST).stat().st_mtime if (target / MANIFEST).exists() else 0.0
+                self._refused[target] = mtime
+                log.error("reload: refused %s, version %s keeps serving: %s", target, self.model.version, e)
+                raise ReloadRefused(f"version at {target} failed to load: {e}") from e
+            old = self.model
+            self._publish(new)
+            log.info("reload: switched from version %s to %s", old.version, new.version)
+            await old.retire()
+            return True, f"switched from version {old.version} to {new.version}"
+
+    def _newer_version(self) -> int | None:
+        versions = list_versions(self.model_dir)
+        if not versions or self.model is None or versions[-1] <= int(self.model.version):
+            return None
+        target = self.model_dir / str(versions[-1])
+        refused_at = self._refused.get(target)
+        if refused_at is not None and refused_at == (target / MANIFEST).stat().st_mtime:
+            return None  # already refused and unchanged since
+        return versions[-1]
+
+    async def _poll(self) -> None:
+        """Model-control mode 'poll': switch to a newer version when one appears."""
+        while not self._draining:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            await self.check_for_new_version()
+
+    async def check_for_new_version(self) -> None:
+        newer = self._newer_version()
+        if newer is not None:
+            with contextlib.suppress(ReloadRefused, ModelDirError):
+                await self.reload(newer)
+
+    # --- drain ---------------------------------------------------------------------------------------------
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new RPCs, answer everything accepted, then stop workers."""
         grace = self.settings.grace_period_s if grace is None else grace
         self._draining = True
-        await self._set_health(NOT_SERVING)
+        await self._update_health()
         t0 = time.perf_counter()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
-        if self.batcher is not None:
-            await self.batcher.drain()
-            await self.batcher.stop()
+        async with self._reload_lock:
+            if self.model is not None:
+                await self.model.retire()
         if hasattr(self, "_loader") and not self._loader.done():
             self._loader.cancel()
-        if self.engine is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+        for task in list(self._tasks):
+            task.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -178,7 +300,7 @@ class Server:
 
 
 async def run(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT, then drain; 0 on a clean exit."""
+    """Serve until SIGTERM/SIGINT, then drain; SIGHUP loads a newer model version. 0 on a clean exit."""
     import signal
 
     server = Server(settings)
@@ -186,6 +308,7 @@ async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: server._spawn(server.check_for_new_version()))
     await server.start()
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({stopper, server._loader}, return_when=asyncio.FIRST_COMPLETED)

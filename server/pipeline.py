@@ -55,11 +55,26 @@ def top_k(logits: np.ndarray, k: int, labels: list[str]) -> list[Prediction]:
     return [Prediction(int(i), labels[i], float(p[i])) for i in best]
 
 
+@dataclass(frozen=True)
+class Answer:
+    predictions: list[Prediction]
+    model_version: str  # the version that computed it (a reload may switch versions between two requests)
+
+
 class Pipeline:
+    """One model version's path. Counts the calls inside it so a reload can retire it once they are done."""
+
     def __init__(self, batcher: Batcher, preprocessor: Preprocessor, labels: list[str], model: ModelDescription,
                  metrics: Metrics, pool: Executor):
         self.batcher, self.preprocessor, self.labels = batcher, preprocessor, labels
         self.model, self.metrics, self.pool = model, metrics, pool
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no call is inside this pipeline (used to retire a replaced version)."""
+        await self._idle.wait()
 
     def resolve_top_k(self, requested: int) -> int:
         if requested == 0:
@@ -81,12 +96,19 @@ class Pipeline:
         self.metrics.preprocess.labels(image.kind).observe(time.perf_counter() - t0)
         return x
 
-    async def classify(self, image: ImageInput, k: int, deadline: float | None) -> list[Prediction]:
+    async def classify(self, image: ImageInput, k: int, deadline: float | None) -> Answer:
         """Raises InvalidInput, or the batcher's/engine's exceptions; the transport maps them to status codes."""
-        k = self.resolve_top_k(k)
-        if image.kind == "float32":
-            x = self._prepare(image)  # a bounds check and a view: cheaper inline than a thread hop
-        else:
-            x = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, image)
-        logits = await self.batcher.submit(x, deadline)
-        return top_k(logits, k, self.labels)
+        self.active += 1
+        self._idle.clear()
+        try:
+            k = self.resolve_top_k(k)
+            if image.kind == "float32":
+                x = self._prepare(image)  # a bounds check and a view: cheaper inline than a thread hop
+            else:
+                x = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, image)
+            logits = await self.batcher.submit(x, deadline)
+            return Answer(top_k(logits, k, self.labels), self.model.version)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()

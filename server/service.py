@@ -15,7 +15,7 @@ from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
 
 from .batcher import DeadlineExpired, QueueFull, ShuttingDown
 from .metrics import Metrics
-from .pipeline import ImageInput, Pipeline, Prediction
+from .pipeline import Answer, ImageInput, Pipeline
 from .preprocess import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         log.exception("unexpected error while classifying", exc_info=exc)
         return RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
-    async def _classify_one(self, request: pb.ClassifyRequest, deadline: float | None) -> list[Prediction]:
+    async def _classify_one(self, request: pb.ClassifyRequest, deadline: float | None) -> Answer:
         pipeline = self.pipeline
         if pipeline is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "model is loading, not serving yet")
@@ -88,10 +88,12 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         except Exception as e:
             raise self._to_error(e) from e
 
-    def _response(self, request_id: str, predictions: list[Prediction]) -> pb.ClassifyResponse:
+    @staticmethod
+    def _response(request_id: str, answer: Answer) -> pb.ClassifyResponse:
         return pb.ClassifyResponse(
-            request_id=request_id, model_version=self.pipeline.model.version if self.pipeline else "",
-            predictions=[pb.Prediction(class_id=p.class_id, label=p.label, score=p.score) for p in predictions])
+            request_id=request_id, model_version=answer.model_version,
+            predictions=[pb.Prediction(class_id=p.class_id, label=p.label, score=p.score)
+                         for p in answer.predictions])
 
     def _record(self, method: str, code: grpc.StatusCode, t0: float) -> None:
         self.metrics.requests.labels(method, code.name).inc()
@@ -106,7 +108,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         t0 = time.perf_counter()
         try:
-            predictions = await self._classify_one(request, self._deadline(context))
+            answer = await self._classify_one(request, self._deadline(context))
         except RequestError as e:
             self._record("Classify", e.code, t0)
             await context.abort(e.code, e.message)
@@ -114,7 +116,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             self._record("Classify", grpc.StatusCode.CANCELLED, t0)
             raise
         self._record("Classify", grpc.StatusCode.OK, t0)
-        return self._response(request.request_id, predictions)
+        return self._response(request.request_id, answer)
 
     async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:

@@ -39,6 +39,14 @@ class Settings:
     max_pixels: int = 40_000_000
     max_stream_in_flight: int = 128
     grace_period_s: float = 30.0
+    max_concurrent_streams: int = 1000  # per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)
+    tls_cert: str = ""  # PEM; with tls_key, serve TLS only
+    tls_key: str = ""
+    tls_client_ca: str = ""  # PEM CA bundle: require client certificates signed by it (mutual TLS)
+    auth_token_file: str = ""  # one bearer token per line (also RESNET_SERVE_AUTH_TOKENS); never logged
+    auth_exempt_health: bool = True  # health checks and reflection without a token (probes, load balancers)
+    poll_interval_s: float = 0.0  # > 0: look for a newer model version this often and switch to it
+    unhealthy_after_failures: int = 5  # consecutive failed batches that turn health NOT_SERVING
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
     def bucket_sizes(self) -> tuple[int, ...]:
@@ -65,6 +73,10 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_queue_delay_us < 0:
             raise ValueError("max_queue_delay_us must be >= 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         sizes = self.bucket_sizes()
         if sizes[0] != 1 or sizes[-1] != self.max_batch_size:
             raise ValueError(f"buckets {list(sizes)} must include 1 and max_batch_size {self.max_batch_size}")
@@ -82,6 +94,14 @@ def _coerce(name: str, value: Any) -> Any:
     default = getattr(Settings, name, None)
     if value is None or value == "":
         return None if name == "version" else value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
     if name == "version" or isinstance(default, int) and not isinstance(default, bool):
         return int(value)
     if isinstance(default, float):

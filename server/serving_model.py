@@ -1,0 +1,85 @@
+"""One served model version: its engine workers, batcher and pipeline, built, warmed and retired together.
+
+A reload builds the next LoadedModel beside the current one, switches traffic by replacing one reference, and
+retires the old one once the calls inside it are done, so no request is dropped across the switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .batcher import Batcher, BatcherObserver, BatchPolicy
+from .engine import Engine, EngineConfig
+from .pipeline import ModelDescription, Pipeline
+from .preprocess import Preprocessor
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class LoadedModel:
+    version_dir: Path
+    engine: Engine
+    batcher: Batcher
+    pipeline: Pipeline
+
+    @property
+    def version(self) -> str:
+        return self.pipeline.model.version
+
+    def info_labels(self) -> dict[str, str]:
+        m = self.pipeline.model
+        return {"name": m.name, "version": m.version, "precision": m.precision, "device": m.device,
+                "engine": m.engine, "architecture": m.architecture}
+
+    async def retire(self) -> None:
+        """Let every call that entered finish, then stop the batcher and the workers."""
+        await self.pipeline.wait_idle()
+        await self.batcher.drain()
+        await self.batcher.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+
+
+async def load(settings: Settings, version_dir: Path, observer: BatcherObserver, pool: Executor, metrics,
+               on_worker_event: Callable[[str, int], None] | None = None,
+               wrap_runner: Callable[[Runner], Runner] | None = None) -> LoadedModel:
+    """Spawn and warm the workers (off the event loop), then build batcher and pipeline. Raises on failure,
+    leaving no worker behind."""
+    s = settings
+    engine = Engine(EngineConfig(version_dir=version_dir, instances=s.instances,
+                                 threads_per_instance=s.threads_per_instance, device=s.device, precision=s.precision,
+                                 engine=s.engine, max_batch_size=s.max_batch_size, buckets=s.bucket_sizes(),
+                                 trt_cache_dir=Path(s.trt_cache_dir) if s.trt_cache_dir else None))
+    engine.on_worker_event = on_worker_event
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, engine.start)
+    except BaseException:
+        await loop.run_in_executor(None, engine.close)
+        raise
+    m = engine.manifest
+    runners = engine.runners()
+    if wrap_runner is not None:
+        runners = [wrap_runner(r) for r in runners]
+    batcher = Batcher(runners, BatchPolicy(s.max_batch_size, s.max_queue_delay_us, s.max_queue_size,
+                                           s.bucket_sizes()), observer)
+    await batcher.start()
+    model = ModelDescription(
+        name=m.name, version=str(m.version), architecture=m.architecture, input_shape=engine.input_shape,
+        num_classes=m.num_classes, precision=s.precision if s.precision != "fp32" else m.precision,
+        max_batch_size=s.max_batch_size, device=s.device, engine=s.engine if s.engine != "paddle" else m.engine,
+        mean=tuple(m.mean), std=tuple(m.std))
+    preprocessor = Preprocessor(tuple(m.input_size), tuple(m.mean), tuple(m.std), s.max_pixels)
+    pipeline = Pipeline(batcher, preprocessor, engine.labels, model, metrics, pool)
+    log.info("loaded %s v%s (%s) from %s: load %.2f s, warm-up %.2f s of buckets %s", m.name, m.version,
+             m.architecture, version_dir, engine.load_seconds, engine.warmup_seconds, list(s.bucket_sizes()))
+    return LoadedModel(version_dir, engine, batcher, pipeline)
