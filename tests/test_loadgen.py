@@ -1,0 +1,81 @@
+"""The load generator's bookkeeping without a server: which requests count as warm-up or measured, merging
+processes, percentiles, payloads, load splitting. (Runs against a real server are in test_client.py.)"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from resnet_serve.client import loadgen
+from resnet_serve.client.loadgen import LoadConfig, Recorder, Samples
+from resnet_serve.protos import classifier_pb2 as pb
+
+
+def test_recorder_sorts_requests_by_send_time_and_answers_by_window() -> None:
+    rec = Recorder(start=10.0, end=20.0)
+    events = [(9.0, 10.5, None),    # warm-up request answered in the window: throughput, no latency sample
+              (9.5, 9.8, None),     # warm-up entirely
+              (12.0, 12.5, None),   # measured
+              (15.0, 15.1, "RESOURCE_EXHAUSTED"),
+              (19.9, 20.4, None)]   # measured, answered after the window: latency, not throughput
+    for sent, done, code in events:
+        rec.sent(sent)
+        rec.done(sent, done, code)
+    s = rec.s
+    assert (s.warmup_requests, s.requests, s.ok_in_window) == (2, 3, 2)
+    assert s.latencies_s.tolist() == pytest.approx([0.5, 0.5])
+    assert s.errors == Counter({"RESOURCE_EXHAUSTED": 1}) and s.window_s == 10.0
+
+
+def test_merge_adds_processes_and_summary_has_the_documented_fields() -> None:
+    a = Samples(window_s=2.0, warmup_requests=1, requests=10, ok_in_window=9, errors=Counter({"UNAVAILABLE": 1}))
+    a.latencies_s.extend([0.001] * 9)
+    b = Samples(window_s=2.0, warmup_requests=2, requests=20, ok_in_window=20)
+    b.latencies_s.extend([0.003] * 20)
+    m = Samples.merge([a, b])
+    assert (m.warmup_requests, m.requests, m.ok_in_window, len(m.latencies_s)) == (3, 30, 29, 29)
+    config = LoadConfig(target="x:1", mode="stream", concurrency=(4,))
+    step = loadgen.summarize(config, "concurrency", 4, m)
+    assert step["concurrency"] == 4 and step["rate"] is None and step["mode"] == "stream"
+    assert step["images_per_s"] == 14.5 and step["errors"] == {"UNAVAILABLE": 1} and step["duration_s"] == 2.0
+    assert step["latency_ms"]["max"] == 3.0 and step["latency_ms"]["p50"] == 3.0
+    table = loadgen.format_table([step])
+    assert "c=4" in table.splitlines()[1] and "UNAVAILABLE=1" in table
+
+
+def test_percentiles() -> None:
+    p = loadgen.percentiles_ms([i / 1000 for i in range(1, 101)])
+    assert p == {"p50": 50.5, "p90": 90.1, "p99": 99.01, "max": 100.0}
+    assert loadgen.percentiles_ms([]) == {"p50": None, "p90": None, "p99": None, "max": None}
+
+
+@pytest.mark.parametrize("kind", ["raw", "jpeg"])
+def test_payloads_are_valid_requests_at_the_input_size(kind: str) -> None:
+    blobs = loadgen.payloads(kind, (24, 40), top_k=3, count=2)
+    assert len(set(blobs)) == 2
+    req = pb.ClassifyRequest.FromString(loadgen.with_id(blobs[0], "17"))
+    assert req.request_id == "17" and req.top_k == 3
+    if kind == "raw":
+        assert list(req.tensor.shape) == [24, 40, 3] and len(req.tensor.data) == 24 * 40 * 3
+    else:
+        assert Image.open(io.BytesIO(req.encoded)).size == (40, 24)
+
+
+def test_load_is_split_over_processes_without_loss() -> None:
+    for total, parts in [(1, 2), (16, 3), (7, 7)]:
+        shares = [loadgen._share(total, i, parts, "concurrency") for i in range(parts)]
+        assert sum(shares) == total and max(shares) - min(shares) <= 1
+    assert sum(loadgen._share(90.0, i, 4, "rate") for i in range(4)) == pytest.approx(90.0)
+
+
+def test_steps_and_validation() -> None:
+    assert LoadConfig(target="x:1", concurrency=(1, 4)).steps() == [("concurrency", 1), ("concurrency", 4)]
+    assert LoadConfig(target="x:1", rates=(50.0,)).steps() == [("rate", 50.0)]
+    for bad in (dict(mode="bidi"), dict(input="png"), dict(concurrency=(0,)), dict(rates=(-1.0,)),
+                dict(duration_s=0), dict(processes=0)):
+        with pytest.raises(ValueError):
+            LoadConfig(target="x:1", **bad).validate()
+
