@@ -474,3 +474,20 @@ def test_tiny_stream_timeout_is_deadline_exceeded(srv, client) -> None:
               error_of(lambda: aio(srv.address, lambda c: c.classify_many([picture(0)], timeout=1e-6)))]
     assert [type(e) for e in errors] == [ClassifierError] * 2
     assert [e.code for e in errors] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+
+
+def test_token_reaches_an_authenticating_server(tiny_model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "tokens").write_text("s3cret\n")
+    server = InProcessServer(model_dir=str(tiny_model_dir), threads_per_instance=1,
+                             auth_token_file=str(tmp_path / "tokens"))
+    try:
+        bearer = ChannelOptions(metadata=(("authorization", "Bearer s3cret"),))
+        assert aio(server.address, lambda c: c.classify(picture(0)), options=bearer).predictions
+        r = run_cli("resnet-client", "info", "--target", server.address, "--token", "s3cret")
+        assert r.returncode == 0, r.stderr
+        r = run_cli("resnet-client", "info", "--target", server.address, env={cli.TOKEN_ENV: "s3cret"})
+        assert r.returncode == 0, r.stderr
+        r = run_cli("resnet-client", "info", "--target", server.address, env={cli.TOKEN_ENV: ""})
+        assert r.returncode == 1 and r.stderr.startswith("error: UNAUTHENTICATED: ")
+    finally:
+        server.close()
