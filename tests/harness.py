@@ -33,7 +33,8 @@ class InProcessServer:
     """The real Server on 127.0.0.1, driven from a background event loop so tests can use blocking clients and
     still reach the server's parts (engine call log, batcher) directly."""
 
-    def __init__(self, wait_ready: bool = True, **settings):
+    def __init__(self, wait_ready: bool = True, wrap_runner=None, **settings):
+        self.wrap_runner = wrap_runner
         self.settings = Settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, **settings})
         self.settings.validate()
         self.loop = asyncio.new_event_loop()
@@ -53,7 +54,7 @@ class InProcessServer:
             raise RuntimeError(f"server failed to start: {self.server.failed}")
 
     async def _make(self) -> Server:
-        return Server(self.settings)
+        return Server(self.settings, wrap_runner=self.wrap_runner)
 
     def call(self, coro, timeout: float = 120):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -69,6 +70,14 @@ class InProcessServer:
         text = urlopen(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=10).read().decode()
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    def task_count(self) -> int:
+        """asyncio tasks alive on the server's loop (leak checks)."""
+
+        async def count() -> int:
+            return len(asyncio.all_tasks())
+
+        return self.call(count())
 
     def close(self) -> None:
         self.channel.close()
