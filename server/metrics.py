@@ -7,6 +7,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
     PlatformCollector,
@@ -17,7 +18,13 @@ from prometheus_client import (
 PREFIX = "resnet_serve"
 # Latencies from 0.5 ms to 30 s: loopback unary calls on tiny models through ResNet-50 batches on 2 cores.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# Queue waits start near zero (idle dispatch) and sit around max_queue_delay_us (default 2 ms) under load.
+QUEUE_WAIT_BUCKETS = (0.0001, 0.00025, *LATENCY_BUCKETS)
 PREPROCESS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+# Label values created at start so rate() and the dashboard have series before the first event of each kind.
+METHODS = ("Classify", "ClassifyStream", "GetModelInfo")
+FLUSH_REASONS = ("full", "delay", "idle", "drain")
+DROP_REASONS = ("deadline", "cancelled", "queue_full")
 
 
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -31,11 +38,14 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
 
 
 class Metrics:
+    """The server's metrics in their own registry (not the global one), so several servers fit in one test process."""
+
     def __init__(self, max_batch_size: int = 64, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.requests = Counter(f"{PREFIX}_requests_total", "Requests answered, by RPC method and gRPC status code "
                                 "(a stream item counts as one request of method ClassifyStream)",
                                 ["method", "code"], registry=r)
@@ -43,8 +53,9 @@ class Metrics:
                                          "End-to-end time of one image request inside the server",
                                          ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram(f"{PREFIX}_queue_wait_seconds",
-                                    "Time from entering the batch queue to being dispatched in a batch",
-                                    buckets=LATENCY_BUCKETS, registry=r)
+                                    "Time from entering the batch queue to being dispatched in a batch (requests "
+                                    "dropped while queued are counted in dropped_requests_total instead)",
+                                    buckets=QUEUE_WAIT_BUCKETS, registry=r)
         self.preprocess = Histogram(f"{PREFIX}_preprocess_duration_seconds",
                                     "Decode/validate/resize/normalise time of one image", ["kind"],
                                     buckets=PREPROCESS_BUCKETS, registry=r)
@@ -74,9 +85,11 @@ class Metrics:
         self.worker_restarts = Counter(f"{PREFIX}_worker_restarts_total", "Engine worker processes restarted",
                                        registry=r)
         self.model_info = Info(f"{PREFIX}_model", "The model being served", registry=r)
-        for reason in ("full", "delay", "idle", "drain"):
+        for method in METHODS:
+            self.requests.labels(method, "OK")
+        for reason in FLUSH_REASONS:
             self.batches.labels(reason)
-        for reason in ("deadline", "cancelled", "queue_full"):
+        for reason in DROP_REASONS:
             self.dropped.labels(reason)
 
     def serve_http(self, port: int, addr: str = "0.0.0.0"):
