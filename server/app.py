@@ -124,6 +124,10 @@ class Server:
         self._reload_lock = asyncio.Lock()
         self._refused: dict[Path, float] = {}  # version dir -> manifest mtime when it was refused
         self._tasks: set[asyncio.Task] = set()
+        self._live: tuple[LoadedModel, ...] = ()  # serving + retiring versions (both during a reload)
+        # Computed at scrape time over every live batcher, so a reload's two batchers never overwrite each other.
+        self.metrics.queue_depth.set_function(lambda: sum(m.batcher.queue_depth for m in self._live))
+        self.metrics.in_flight.set_function(lambda: sum(m.batcher.in_flight for m in self._live))
 
     @property
     def engine(self) -> Engine | None:
@@ -210,6 +214,7 @@ class Server:
     def _publish(self, model: LoadedModel) -> None:
         """Switch traffic: one reference assignment on the event loop, so each request sees one version."""
         self.model = model
+        self._live = (*self._live, model)
         self.version_dir = model.version_dir
         self.service.pipeline = model.pipeline
         self.metrics.model_load.set(model.engine.load_seconds)
@@ -253,6 +258,7 @@ class Server:
             self._publish(new)
             log.info("reload: switched from version %s to %s", old.version, new.version)
             await old.retire()
+            self._live = tuple(m for m in self._live if m is not old)
             return True, f"switched from version {old.version} to {new.version}"
 
     def _newer_version(self) -> int | None:

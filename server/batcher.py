@@ -226,7 +226,10 @@ class Batcher:
                 # asyncio.wait neither cancels fut on timeout nor when this task is cancelled.
                 await asyncio.wait((fut,), timeout=timeout)
             except asyncio.CancelledError:
-                self._abandon(req, "cancelled")
+                # gRPC cancels the handler when the caller's deadline passes, sometimes just before our own
+                # timer fires: a request cancelled at or after its deadline is a deadline drop.
+                expired = req.deadline is not None and time.monotonic() >= req.deadline
+                self._abandon(req, "deadline" if expired else "cancelled")
                 raise
             if fut.done():
                 return fut.result()

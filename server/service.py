@@ -38,6 +38,13 @@ class _ReadFailed:
         self.error = error
 
 
+def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The handler was cancelled: because the caller's deadline passed, or because the caller went away."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else \
+        grpc.StatusCode.CANCELLED
+
+
 class RequestError(Exception):
     """An answer that is an error: a status code and a message for the caller."""
 
@@ -113,7 +120,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             self._record("Classify", e.code, t0)
             await context.abort(e.code, e.message)
         except asyncio.CancelledError:
-            self._record("Classify", grpc.StatusCode.CANCELLED, t0)
+            self._record("Classify", _cancel_code(context), t0)
             raise
         self._record("Classify", grpc.StatusCode.OK, t0)
         return self._response(request.request_id, answer)
@@ -141,7 +148,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 response = pb.ClassifyResponse(request_id=request.request_id,
                                                error=pb.Error(code=e.code.value[0], message=e.message))
             except asyncio.CancelledError:
-                self._record("ClassifyStream", grpc.StatusCode.CANCELLED, t0)
+                self._record("ClassifyStream", _cancel_code(context), t0)
                 raise
             finally:
                 window.release()
@@ -182,6 +189,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         pipeline = self.pipeline
         if pipeline is None:
+            self.metrics.requests.labels("GetModelInfo", "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading, not serving yet")
         m = pipeline.model
         self.metrics.requests.labels("GetModelInfo", "OK").inc()

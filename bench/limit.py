@@ -1,0 +1,46 @@
+"""The in-process limit: the same predictor configuration a worker uses, called directly at each batch size.
+
+Run as a subprocess by bench/run.py (so the benchmark's own process never imports Paddle); prints JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def measure(version_dir: str, threads: int, sizes: list[int], seconds: float) -> dict:
+    from resnet_serve.modeldir import load_manifest
+    from resnet_serve.server.worker import build_predictor
+
+    manifest = load_manifest(version_dir)
+    predictor = build_predictor(version_dir, manifest, threads=threads, max_batch_size=max(sizes))
+    handle = predictor.get_input_handle(predictor.get_input_names()[0])
+    h, w = manifest.input_size
+    out: dict = {"threads": threads, "batches": {}}
+    for n in sizes:
+        x = np.random.default_rng(0).standard_normal((n, 3, h, w)).astype(np.float32)
+        handle.reshape(list(x.shape))
+        times = []
+        for i in range(10_000):
+            t0 = time.perf_counter()
+            handle.copy_from_cpu(x)
+            predictor.run()
+            predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+            if i > 0:  # the first run of a shape is the slow warm-up
+                times.append(time.perf_counter() - t0)
+            if sum(times) > seconds and len(times) >= 3:
+                break
+        med = float(np.median(times))
+        out["batches"][str(n)] = {"images_per_s": n / med, "batch_ms": 1000 * med, "runs": len(times)}
+    out["best_images_per_s"] = max(b["images_per_s"] for b in out["batches"].values())
+    out["batch1_ms"] = out["batches"]["1"]["batch_ms"]
+    return out
+
+
+if __name__ == "__main__":
+    version_dir, threads, sizes, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    print(json.dumps(measure(version_dir, threads, [int(s) for s in sizes.split(",")], seconds)))

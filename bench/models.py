@@ -1,0 +1,46 @@
+"""Models for `make bench`: ResNet-50 at 224x224 with random weights (speed does not depend on the weights)
+and a 'null' model whose compute is negligible, to measure what the serving front itself can carry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXPORT = """
+import sys
+from pathlib import Path
+import paddle
+from resnet_serve.modeldir import Manifest, sha256_file
+kind, out, size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+paddle.seed(0)
+if kind == "resnet50":
+    from paddle.vision.models import resnet50
+    model, arch = resnet50(num_classes=1000), "resnet50"
+else:
+    model = paddle.nn.Sequential(paddle.nn.AdaptiveAvgPool2D(1), paddle.nn.Flatten(), paddle.nn.Linear(3, 1000))
+    arch = "null (avgpool + linear)"
+model.eval()
+spec = [paddle.static.InputSpec([None, 3, size, size], "float32", "image")]
+d = out / "1"
+d.mkdir(parents=True, exist_ok=True)
+paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), str(d / "inference"))
+(d / "labels.txt").write_text("\\n".join(f"class_{i}" for i in range(1000)) + "\\n")
+fmt = "pir" if (d / "inference.json").exists() else "legacy"
+m = Manifest(name=kind, version=1, architecture=arch, num_classes=1000, input_size=[size, size],
+             mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], format=fmt,
+             model_file="inference.json" if fmt == "pir" else "inference.pdmodel")
+m.files = {p.name: sha256_file(p) for p in d.iterdir()}
+(d / "manifest.json").write_text(m.to_json())
+"""
+
+
+def ensure_model(kind: str, root: Path, size: int = 224, legacy: bool = False) -> Path:
+    """models/<kind>[-legacy]/1 under root, exported once and reused."""
+    out = root / (kind + ("-legacy" if legacy else ""))
+    if not (out / "1" / "manifest.json").is_file():
+        env = {**os.environ, **({"FLAGS_enable_pir_api": "0"} if legacy else {})}
+        subprocess.run([sys.executable, "-c", EXPORT, kind, str(out), str(size)], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out

@@ -1,0 +1,255 @@
+"""`make bench`: DESIGN.md's benchmark protocol in one run on one machine.
+
+1. limit      the predictor called in-process (bench/limit.py) at each batch size: best images/s
+2. batched    the server with dynamic batching under the load generator: unary and stream, raw uint8 tensors,
+              concurrency sweep, and one JPEG run
+3. unbatched  the same server with max_batch_size 1
+4. ceiling    the same server path with a 'null' model (compute negligible): what the Python front can feed
+Timings here drift +-15% run to run, so the configurations alternate within each round, rounds repeat (3 by
+default), every ratio is taken within a round, and the table shows medians with min-max. Writes
+bench/results/<date>-<commit>.json and docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from resnet_serve.client.loadgen import LoadConfig
+from resnet_serve.client.loadgen import run as run_load
+from resnet_serve.client.sync import ClassifierClient
+
+from .models import ensure_model
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ("limit", "batched", "unbatched", "ceiling")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) // 1024 // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip() or "unknown"
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, cwd=ROOT).stdout.strip())
+    paddle = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; print(m.version('paddlepaddle'))"],
+                            capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "python": platform.python_version(),
+            "paddlepaddle": paddle, "commit": commit + ("-dirty" if dirty else ""),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+class ServerProcess:
+    """resnet-serve as a subprocess on free loopback ports, ready (health SERVING) on entry."""
+
+    def __init__(self, model_dir: Path, *flags: str):
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "resnet-serve"), "--model-dir",
+                                      str(model_dir), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+                                      *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("server did not start")
+        self.target = f"127.0.0.1:{json.loads(line)['port']}"
+        with ClassifierClient(self.target) as client:
+            client.wait_until_ready(600)
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def load(target: str, hw: tuple[int, int], mode: str, concurrency: list[int], args, input_: str = "raw",
+         processes: int = 1) -> list[dict]:
+    cfg = LoadConfig(target=target, mode=mode, input=input_, concurrency=tuple(concurrency), warmup_s=args.warmup,
+                     duration_s=args.duration, input_hw=hw, processes=processes, streams=1)
+    return run_load(cfg)
+
+
+def run_config(name: str, models: dict[str, Path], args) -> dict:
+    hw = (args.size, args.size)
+    threads = str(args.threads)
+    if name == "limit":
+        sizes = ",".join(str(b) for b in buckets(args.max_batch))
+        r = subprocess.run([sys.executable, "-m", "bench.limit", str(models["resnet"] / "1"), threads, sizes,
+                            str(args.duration)], capture_output=True, text=True, cwd=ROOT, check=True)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    if name == "ceiling":
+        server = ServerProcess(models["null"], "--max-batch-size", "32", "--max-queue-delay-us", "0",
+                               "--threads-per-instance", "1", "--max-queue-size", "4096",
+                               "--max-stream-in-flight", "1024")
+        try:
+            return {"stream_raw": load(server.target, hw, "stream", [args.ceiling_concurrency], args,
+                                       processes=args.ceiling_processes)}
+        finally:
+            server.close()
+    max_batch = args.max_batch if name == "batched" else 1
+    server = ServerProcess(models["resnet"], "--max-batch-size", str(max_batch), "--max-queue-delay-us",
+                           str(args.delay_us), "--threads-per-instance", threads, "--max-queue-size", "1024")
+    try:
+        out = {"unary_raw": load(server.target, hw, "unary", args.unary_concurrency, args),
+               "stream_raw": load(server.target, hw, "stream", args.stream_concurrency, args)}
+        if name == "batched":
+            out["stream_jpeg"] = load(server.target, hw, "stream", [args.stream_concurrency[-1]], args, "jpeg")
+        return out
+    finally:
+        server.close()
+
+
+def buckets(max_batch: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, max_batch]
+
+
+def step(results: list[dict], concurrency: int) -> dict:
+    return next(s for s in results if s.get("concurrency") == concurrency)
+
+
+def headline(r: dict, args) -> dict:
+    """The ratios of one round (each from that round's own numbers)."""
+    limit, batched, unbatched = r["limit"], r["batched"], r["unbatched"]
+    best_stream = max(s["images_per_s"] for s in batched["stream_raw"])
+    best_any = max(s["images_per_s"] for k in ("unary_raw", "stream_raw") for s in batched[k])
+    c1 = step(batched["unary_raw"], 1)
+    c16 = args.unary_concurrency[-1]
+    return {
+        "limit_images_per_s": limit["best_images_per_s"],
+        "limit_batch1_ms": limit["batch1_ms"],
+        "server_best_images_per_s": best_any,
+        "server_best_stream_raw_images_per_s": best_stream,
+        "ratio_stream_raw_to_limit": best_stream / limit["best_images_per_s"],
+        "unary_c1_p50_ms": c1["latency_ms"]["p50"],
+        "added_ms_at_c1": c1["latency_ms"]["p50"] - limit["batch1_ms"],
+        f"batched_over_unbatched_unary_c{c16}": step(batched["unary_raw"], c16)["images_per_s"]
+        / step(unbatched["unary_raw"], c16)["images_per_s"],
+        "jpeg_stream_images_per_s": batched["stream_jpeg"][0]["images_per_s"],
+        "front_ceiling_images_per_s": r["ceiling"]["stream_raw"][0]["images_per_s"],
+    }
+
+
+def summarize(rounds: list[dict]) -> dict:
+    keys = rounds[0]["headline"].keys()
+    return {k: {"median": statistics.median(r["headline"][k] for r in rounds),
+                "min": min(r["headline"][k] for r in rounds), "max": max(r["headline"][k] for r in rounds)}
+            for k in keys}
+
+
+def sweep_table(rounds: list[dict]) -> list[str]:
+    """Median images/s and p50/p99 per (config, mode, concurrency) across rounds."""
+    rows: dict[tuple, list[dict]] = {}
+    for r in rounds:
+        for config in ("batched", "unbatched", "ceiling"):
+            for kind, steps in r[config].items():
+                for s in steps:
+                    rows.setdefault((config, kind, s["concurrency"]), []).append(s)
+    lines = ["| server | mode / input | concurrency | images/s (median, min–max) | p50 ms | p99 ms | errors |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for (config, kind, conc), steps in rows.items():
+        ips = [s["images_per_s"] for s in steps]
+        p50 = statistics.median(s["latency_ms"]["p50"] or 0 for s in steps)
+        p99 = statistics.median(s["latency_ms"]["p99"] or 0 for s in steps)
+        errors = sum(sum(s["errors"].values()) for s in steps)
+        lines.append(f"| {config} | {kind.replace('_', ' ')} | {conc} | {statistics.median(ips):.1f} "
+                     f"({min(ips):.1f}–{max(ips):.1f}) | {p50:.1f} | {p99:.1f} | {errors} |")
+    return lines
+
+
+def render(report: dict) -> str:
+    m, s, a = report["machine"], report["summary"], report["args"]
+    fmt = {"ratio": "{:.3f}", "ms": "{:.2f}", "images": "{:.1f}", "over": "{:.2f}"}
+
+    def f(key: str, v: float) -> str:
+        for tag, pattern in fmt.items():
+            if tag in key:
+                return pattern.format(v)
+        return f"{v:.3f}"
+
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}, "
+             f"paddlepaddle {m['paddlepaddle']}; commit {m['commit']}; {m['date']}.",
+             f"Model: ResNet-50 {a['size']}x{a['size']}, random weights, fp32 PIR, oneDNN, {a['threads']} threads; "
+             f"server max batch {a['max_batch']}, max queue delay {a['delay_us']} µs, 1 worker. "
+             f"{a['rounds']} rounds of {a['warmup']} s warm-up + {a['duration']} s per step.", "",
+             "| headline | median | min–max |", "| --- | ---: | ---: |"]
+    for key, v in s.items():
+        lines.append(f"| {key} | {f(key, v['median'])} | {f(key, v['min'])}–{f(key, v['max'])} |")
+    lines += ["", *sweep_table(report["rounds"])]
+    limit = [r["limit"]["batches"] for r in report["rounds"]]
+    lines += ["", "| in-process limit: batch size | images/s (median) | batch ms (median) |", "| ---: | ---: | ---: |"]
+    for n in limit[0]:
+        lines.append(f"| {n} | {statistics.median(b[n]['images_per_s'] for b in limit):.1f} | "
+                     f"{statistics.median(b[n]['batch_ms'] for b in limit):.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--duration", type=float, default=4.0)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--delay-us", type=int, default=2000)
+    p.add_argument("--unary-concurrency", default="1,4,16")
+    p.add_argument("--stream-concurrency", default="4,16")
+    p.add_argument("--ceiling-concurrency", type=int, default=128)
+    p.add_argument("--ceiling-processes", type=int, default=1)
+    p.add_argument("--models", type=Path, default=ROOT / "bench" / "models")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
+    args = p.parse_args(argv)
+    args.unary_concurrency = [int(c) for c in args.unary_concurrency.split(",")]
+    args.stream_concurrency = [int(c) for c in args.stream_concurrency.split(",")]
+
+    t0 = time.perf_counter()
+    log(f"exporting models under {args.models} (once)")
+    models = {"resnet": ensure_model("resnet50", args.models, args.size),
+              "null": ensure_model("null", args.models, args.size)}
+    rounds = []
+    for i in range(args.rounds):
+        order = CONFIGS[i % len(CONFIGS):] + CONFIGS[:i % len(CONFIGS)]  # alternate who goes first
+        result: dict = {"order": list(order)}
+        for name in order:
+            log(f"round {i + 1}/{args.rounds}: {name}")
+            result[name] = run_config(name, models, args)
+        result["headline"] = headline(result, args)
+        log("round {}: {}".format(i + 1, ", ".join(f"{k} {v:.3g}" for k, v in result["headline"].items())))
+        rounds.append(result)
+    report = {"machine": machine(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "rounds": rounds, "summary": summarize(rounds), "elapsed_s": time.perf_counter() - t0}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{time.strftime('%Y-%m-%d')}-{report['machine']['commit']}.json"
+    path.write_text(json.dumps(report, indent=1))
+    table = render(report)
+    print(table)
+    if not args.no_docs:
+        args.docs.write_text("# Benchmarks\n\nProduced by `make bench` (bench/run.py; protocol in its docstring and "
+                             "DESIGN.md). Rerun it to reproduce; raw numbers: `" + str(path.relative_to(ROOT)) +
+                             "`.\n\n" + table + "\n")
+    log(f"done in {report['elapsed_s'] / 60:.1f} min; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
