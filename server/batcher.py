@@ -28,7 +28,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-Runner = Callable[[np.ndarray], np.ndarray]
+# A runner gets the batch's items as a list (one array per request, in order; they need not share a dtype) and
+# returns outputs whose row i answers item i. It writes them where its engine wants them, with no stacking copy.
+Runner = Callable[[list[np.ndarray]], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -348,7 +350,7 @@ class Batcher:
             assert self._executor is not None
             try:
                 # Stack in the worker thread too: copying a large batch would otherwise block the loop.
-                out = await loop.run_in_executor(self._executor, _stack_and_run, runner, items)
+                out = await loop.run_in_executor(self._executor, _run_items, runner, items)
             except asyncio.CancelledError:
                 for req in batch:
                     if not req.future.done():
@@ -370,10 +372,10 @@ class Batcher:
                 self._notify()
 
 
-def _stack_and_run(runner: Runner, items: list[np.ndarray]) -> np.ndarray:
-    """Worker-thread body: stack, run, check that row i can answer request i."""
+def _run_items(runner: Runner, items: list[np.ndarray]) -> np.ndarray:
+    """Worker-thread body: run, check that row i can answer request i."""
     n = len(items)
-    out = np.asarray(runner(np.stack(items)))
+    out = np.asarray(runner(items))
     if out.ndim == 0 or out.shape[0] != n:
         raise RuntimeError(f"runner returned shape {out.shape} for a batch of {n}")
     return out

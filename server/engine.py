@@ -20,7 +20,7 @@ import contextlib
 import multiprocessing as mp
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
@@ -31,7 +31,7 @@ import numpy as np
 
 from resnet_serve.modeldir import Manifest, load_manifest, read_labels
 from resnet_serve.server.predictor_config import plan_config
-from resnet_serve.server.worker import worker_main
+from resnet_serve.server.worker import shm_bytes, shm_views, worker_main
 
 STOP_TIMEOUT_S = 10.0
 
@@ -62,7 +62,8 @@ class WorkerDied(RuntimeError):
 class _Instance:
     index: int
     shm: SharedMemory
-    view: np.ndarray  # float32 [max_batch, 3, H, W] over shm.buf
+    view: np.ndarray  # float32 [max_batch, 3, H, W] over shm.buf: the predictor's input
+    u8: np.ndarray  # uint8 [max_batch, H, W, 3] after it in shm.buf: raw pixels the worker normalises
     lock: threading.Lock = field(default_factory=threading.Lock)  # one batch in flight per instance
     proc: Any = None  # multiprocessing SpawnProcess
     conn: Connection | None = None
@@ -125,13 +126,11 @@ class Engine:
         """
         if self._instances:
             raise RuntimeError("Engine.start() called twice")
-        nbytes = self.cfg.max_batch_size * int(np.prod(self.input_shape)) * 4
         try:
             for i in range(self.cfg.instances):
-                shm = SharedMemory(create=True, size=nbytes)
-                view = np.ndarray((self.cfg.max_batch_size, *self.input_shape), dtype=np.float32,
-                                  buffer=shm.buf)
-                self._instances.append(_Instance(index=i, shm=shm, view=view))
+                shm = SharedMemory(create=True, size=shm_bytes(self.cfg.max_batch_size, self.input_shape))
+                view, u8 = shm_views(shm.buf, self.cfg.max_batch_size, self.input_shape)
+                self._instances.append(_Instance(index=i, shm=shm, view=view, u8=u8))
             for inst in self._instances:  # spawn all first: they load in parallel
                 inst.proc, inst.conn = self._spawn(inst)
             deadline = time.monotonic() + self.cfg.start_timeout_s
@@ -206,26 +205,39 @@ class Engine:
 
     # ---------------------------------------------------------------- running batches
 
-    def _make_runner(self, index: int) -> Callable[[np.ndarray], np.ndarray]:
-        def run(batch: np.ndarray) -> np.ndarray:
+    def _make_runner(self, index: int) -> Callable[[Sequence[np.ndarray] | np.ndarray], np.ndarray]:
+        def run(batch: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
             return self._run_batch(index, batch)
 
         run.__name__ = f"engine_runner_{index}"
         return run
 
-    def _run_batch(self, index: int, batch: np.ndarray) -> np.ndarray:
-        batch = np.asarray(batch)
-        n = batch.shape[0] if batch.ndim == 4 else -1
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
-            raise ValueError(f"batch must have shape [n, {', '.join(map(str, self.input_shape))}], "
-                             f"got {list(batch.shape)}")
+    def _run_batch(self, index: int, batch: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Items are uint8 [H, W, 3] pixels (normalised by the worker) or float32 [3, H, W] model input, in any
+        mix; a stacked array of either works too. They are written straight into the worker's shared memory."""
+        rows = list(batch)
+        n = len(rows)
         if n not in self.buckets:
             raise ValueError(f"batch size {n} is not a warmed bucket {self.buckets}")
+        c, h, w = self.input_shape
+        float_rows = []
+        for i, row in enumerate(rows):
+            row = np.asarray(row)
+            if row.dtype != np.uint8:
+                if row.shape != (c, h, w):
+                    raise ValueError(f"float item {i} must have shape [{c}, {h}, {w}], got {list(row.shape)}")
+                float_rows.append(i)
+            elif row.shape != (h, w, c):
+                raise ValueError(f"uint8 item {i} must have shape [{h}, {w}, {c}], got {list(row.shape)}")
         inst = self._instances[index]
         with inst.lock:
             self._await_instance(inst)
-            inst.view[:n] = batch  # casts to float32 if needed
-            reply = self._exchange(inst, ("run", n))
+            for i, row in enumerate(rows):
+                if i in float_rows:
+                    inst.view[i] = row  # casts to float32 if needed
+                else:
+                    inst.u8[i] = row
+            reply = self._exchange(inst, ("run", n, tuple(float_rows)))
         outputs, compute_s = self._unpack(reply)
         self.last_compute_seconds[index] = compute_s
         if self.on_batch is not None:

@@ -1,4 +1,5 @@
-"""Request payloads -> the model's float32 [3, H, W] input, or InvalidInput naming the problem.
+"""Request payloads -> uint8 [H, W, 3] pixels at the model's input size (the engine worker normalises them) or
+float32 [3, H, W] already-normalised input, or InvalidInput naming the problem.
 
 Runs off the event loop for encoded images (decoding is the expensive part). Oversized images are refused from
 their header, before any pixel is decoded. Knows numpy and PIL; nothing of gRPC or Paddle.
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from resnet_serve.imaging import normalise, resize_crop
+from resnet_serve.imaging import resize_crop
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -37,12 +38,10 @@ def sniff(data: bytes) -> str | None:
 @dataclass(frozen=True)
 class Preprocessor:
     input_size: tuple[int, int]  # (H, W) of the model
-    mean: Sequence[float]
-    std: Sequence[float]
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def encoded(self, data: bytes) -> np.ndarray:
-        """JPEG/PNG/WebP bytes -> float32 [3, H, W]."""
+        """JPEG/PNG/WebP bytes -> uint8 [H, W, 3] at the model's input size."""
         if not data:
             raise InvalidInput("image is empty")
         kind = sniff(data)
@@ -61,10 +60,10 @@ class Preprocessor:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise InvalidInput(f"cannot decode {kind} image: {e}") from e
-        return normalise(resize_crop(img, *self.input_size), self.mean, self.std)
+        return resize_crop(img, *self.input_size)
 
     def uint8_hwc(self, shape: Sequence[int], data: bytes) -> np.ndarray:
-        """Raw uint8 [H, W, 3] RGB -> float32 [3, H, W]; any H, W (resized like an encoded image)."""
+        """Raw uint8 [H, W, 3] RGB, any H, W (resized like an encoded image) -> uint8 [H, W, 3] at model size."""
         if len(shape) != 3 or shape[2] != 3 or shape[0] <= 0 or shape[1] <= 0:
             raise InvalidInput(f"uint8 tensor shape must be [H, W, 3], got {list(shape)}")
         h, w = int(shape[0]), int(shape[1])
@@ -74,7 +73,7 @@ class Preprocessor:
         arr = np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
         if (h, w) != tuple(self.input_size):
             arr = resize_crop(Image.fromarray(arr), *self.input_size)
-        return normalise(arr, self.mean, self.std)
+        return arr
 
     def float32_chw(self, shape: Sequence[int], data: bytes) -> np.ndarray:
         """Raw float32 [3, H, W], already normalised, exactly at the model's input size."""

@@ -78,7 +78,7 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
         num_classes=m.num_classes, precision=s.precision if s.precision != "fp32" else m.precision,
         max_batch_size=s.max_batch_size, device=s.device, engine=s.engine if s.engine != "paddle" else m.engine,
         mean=tuple(m.mean), std=tuple(m.std))
-    preprocessor = Preprocessor(tuple(m.input_size), tuple(m.mean), tuple(m.std), s.max_pixels)
+    preprocessor = Preprocessor(tuple(m.input_size), s.max_pixels)
     pipeline = Pipeline(batcher, preprocessor, engine.labels, model, metrics, pool)
     log.info("loaded %s v%s (%s) from %s: load %.2f s, warm-up %.2f s of buckets %s", m.name, m.version,
              m.architecture, version_dir, engine.load_seconds, engine.warmup_seconds, list(s.bucket_sizes()))

@@ -26,8 +26,21 @@ from typing import Any
 
 import numpy as np
 
+from resnet_serve.imaging import Normaliser
 from resnet_serve.modeldir import Manifest, load_manifest
 from resnet_serve.server.predictor_config import PIR_TRT_CONVERT, apply_plan, model_files, plan_config
+
+
+def shm_bytes(max_batch: int, input_shape: tuple[int, int, int]) -> int:
+    return max_batch * int(np.prod(input_shape)) * (4 + 1)
+
+
+def shm_views(buf, max_batch: int, input_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One worker's shared memory: float32 [max_batch, 3, H, W] model input, then uint8 [max_batch, H, W, 3]."""
+    c, h, w = input_shape
+    f32 = np.ndarray((max_batch, c, h, w), dtype=np.float32, buffer=buf)
+    u8 = np.ndarray((max_batch, h, w, c), dtype=np.uint8, buffer=buf, offset=f32.nbytes)
+    return f32, u8
 
 
 def build_predictor(version_dir: Path | str, manifest: Manifest | None = None, device: str = "cpu",
@@ -125,7 +138,8 @@ def worker_main(conn: Connection, shm_name: str, version_dir: str, plan_args: di
             output_name = predictor.get_output_names()[0]
             shm = SharedMemory(name=shm_name)
             max_batch = int(plan_args.get("max_batch_size", max(buckets)))
-            view = np.ndarray((max_batch, *input_shape), dtype=np.float32, buffer=shm.buf)
+            view, u8 = shm_views(shm.buf, max_batch, tuple(input_shape))
+            normalise = Normaliser(manifest.mean, manifest.std)
             t1 = time.perf_counter()
             for b in buckets:  # every new shape costs a slow first run: pay it before serving
                 _run(predictor, input_name, output_name, np.zeros((b, *input_shape), dtype=np.float32))
@@ -134,7 +148,7 @@ def worker_main(conn: Connection, shm_name: str, version_dir: str, plan_args: di
             conn.send(("error", f"loading {version_dir} failed: {type(e).__name__}: {e}"))
             return
         conn.send(("ready", t1 - t0, t2 - t1, input_name, output_name))
-        _serve(conn, predictor, input_name, output_name, view)
+        _serve(conn, predictor, input_name, output_name, view, u8, normalise)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the front went away: nothing left to serve
     finally:
@@ -144,7 +158,17 @@ def worker_main(conn: Connection, shm_name: str, version_dir: str, plan_args: di
         conn.close()
 
 
-def _serve(conn: Connection, predictor: Any, input_name: str, output_name: str, view: np.ndarray) -> None:
+def _prepare(view: np.ndarray, u8: np.ndarray, n: int, float_rows: Sequence[int], normalise: Normaliser) -> None:
+    """Normalise the uint8 rows of the batch into the model input; float rows are already there."""
+    if not float_rows:
+        normalise(u8[:n], view[:n])
+        return
+    for i in sorted(set(range(n)) - set(float_rows)):
+        normalise(u8[i], view[i])
+
+
+def _serve(conn: Connection, predictor: Any, input_name: str, output_name: str, view: np.ndarray,
+           u8: np.ndarray, normalise: Normaliser) -> None:
     while True:
         msg = conn.recv()
         cmd = msg[0]
@@ -156,6 +180,8 @@ def _serve(conn: Connection, predictor: Any, input_name: str, output_name: str, 
                 n = int(msg[1])
                 if not 1 <= n <= view.shape[0]:
                     raise ValueError(f"batch size {n} outside 1..{view.shape[0]}")
+                float_rows = msg[2] if len(msg) > 2 else range(n)  # ("run", n): all rows already float
+                _prepare(view, u8, n, float_rows, normalise)
                 out = _run(predictor, input_name, output_name, view[:n])
             elif cmd == "fail":
                 raise RuntimeError(str(msg[1]))

@@ -56,7 +56,8 @@ class FakeRunner:
         self.error = ValueError("boom")
         self._lock = threading.Lock()
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, items: list[np.ndarray]) -> np.ndarray:
+        x = np.stack(items)
         with self._lock:
             call = len(self.sizes)
             self.sizes.append(len(x))
@@ -454,7 +455,7 @@ def test_runner_exception_goes_to_that_batch_only() -> None:
 
 def test_bad_runner_output_shape_fails_batch() -> None:
     async def body() -> None:
-        b, _ = await make([lambda x: x[:1]], max_batch_size=8, max_queue_delay_us=0)
+        b, _ = await make([lambda items: np.stack(items)[:1]], max_batch_size=8, max_queue_delay_us=0)
         try:
             assert (await b.submit(item(1)))[0, 0, 0] == 1  # batch of one: one row back is fine
             results = await asyncio.gather(*(b.submit(item(v)) for v in range(8)), return_exceptions=True)

@@ -41,10 +41,10 @@ class FaultInjector:
         self.fail_all = False
 
     def wrap(self, runner):
-        def run(batch: np.ndarray) -> np.ndarray:
+        def run(batch: list[np.ndarray]) -> np.ndarray:
             with self.lock:
                 fail = self.fail_all or (len(self.batches) + 1) % 3 == 0
-                self.batches.append(([int(v) for v in batch[:, 0, 0, 0]], fail))
+                self.batches.append(([int(x[0, 0, 0]) for x in batch], fail))
             if fail:
                 raise EngineError("injected fault")
             return runner(batch)

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import InProcessServer
 from PIL import Image
 
+from resnet_serve.imaging import normalise
 from resnet_serve.modeldir import load_manifest, read_labels
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.server.pipeline import top_k
@@ -39,10 +40,12 @@ def reference(tiny_model_dir: Path):
     version_dir = tiny_model_dir / "1"
     manifest = load_manifest(version_dir)
     predictor = build_predictor(version_dir, manifest, threads=1)
-    pre = Preprocessor((SIZE, SIZE), manifest.mean, manifest.std)
+    pre = Preprocessor((SIZE, SIZE))
     labels = read_labels(version_dir, manifest)
 
     def run(x: np.ndarray, k: int = 5):
+        if x.dtype == np.uint8:  # pixels: normalised as the worker does
+            x = normalise(x, manifest.mean, manifest.std)
         h = predictor.get_input_handle(predictor.get_input_names()[0])
         h.reshape([1, *x.shape])
         h.copy_from_cpu(x[None])
