@@ -12,7 +12,7 @@ MODELS ?= models/$(NAME)
 PORT ?= 50051
 METRICS_PORT ?= 8000
 
-.PHONY: install proto train export serve demo test bench lint clean
+.PHONY: install proto train export serve demo test bench lint clean deploy-check
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -43,6 +43,9 @@ test: install  ## the whole test suite (CI runs this)
 
 bench: install  ## the DESIGN.md benchmark protocol; writes bench/results/
 	$(PY) -m bench.run
+
+deploy-check: install  ## validate deploy/k8s against the Kubernetes schemas (offline) and lint deploy/docker
+	$(PY) deploy/check.py
 
 lint: install
 	$(BIN)/ruff check .

