@@ -18,7 +18,9 @@ from grpc_health.v1 import health_pb2
 
 from resnet_serve.protos import classifier_pb2 as pb
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# Unary Classify is a pure function, so a retry is always safe. CANCELLED reaches a client only when the server
+# (not the caller) ended the call, e.g. a connection closed while the server drains (grpc/grpc#41785).
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 class ClassifierError(Exception):

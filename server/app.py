@@ -25,6 +25,7 @@ from .auth import AdminGuard, BearerTokenInterceptor, load_tokens, server_creden
 from .batcher import BatcherObserver
 from .engine import Engine, EngineError, WorkerDied
 from .metrics import Metrics
+from .oip_service import OIPService, add_oip_service
 from .service import ClassifierService
 from .serving_model import LoadedModel, Runner
 from .settings import Settings
@@ -179,14 +180,18 @@ class Server:
                    ("grpc.max_send_message_length", s.max_message_bytes),
                    ("grpc.max_concurrent_streams", s.max_concurrent_streams),
                    ("grpc.so_reuseport", 0)]
+        if s.max_connection_age_s > 0:
+            options += [("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(s.grace_period_s * 1000))]
         tokens = load_tokens(s.auth_token_file)
         interceptors = [BearerTokenInterceptor(tokens, s.auth_exempt_health)] if tokens else [AdminGuard()]
         self.grpc_server = grpc.aio.server(options=options, interceptors=interceptors)
         classifier_pb2_grpc.add_ClassifierServicer_to_server(self.service, self.grpc_server)
         classifier_pb2_grpc.add_AdminServicer_to_server(AdminService(self), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            self.grpc_server)
+        add_oip_service(OIPService(self), self.grpc_server)
+        reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME,
+                                             OIPService.SERVICE_NAME), self.grpc_server)
         address = f"{s.host}:{s.port}"
         if s.tls_cert:
             self.port = self.grpc_server.add_secure_port(address, server_credentials(s.tls_cert, s.tls_key,

@@ -40,6 +40,9 @@ class Settings:
     max_stream_in_flight: int = 128
     grace_period_s: float = 30.0
     max_concurrent_streams: int = 1000  # per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)
+    # > 0: close each client connection after this long (with a grace for calls in progress), so clients that
+    # balance over DNS (dns:///, headless Service) re-resolve and find replicas added by a scale-up.
+    max_connection_age_s: float = 0.0
     tls_cert: str = ""  # PEM; with tls_key, serve TLS only
     tls_key: str = ""
     tls_client_ca: str = ""  # PEM CA bundle: require client certificates signed by it (mutual TLS)
