@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -119,6 +120,21 @@ class WorkerGate:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+@contextlib.contextmanager
+def gated_workers(fifo: Path) -> Iterator[WorkerGate]:
+    """A WorkerGate whose variable is set for every worker process spawned while the context is open."""
+    import pytest
+
+    gate = WorkerGate(fifo)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in gate.env.items():
+                mp.setenv(k, v)
+            yield gate
+    finally:
+        gate.close()
 
 
 def start_subprocess_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from harness import InProcessServer, WorkerGate, wait_for
+from harness import InProcessServer, WorkerGate, gated_workers, wait_for
 
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.server.app import MetricsObserver
@@ -124,12 +124,8 @@ def wait_metrics(srv: InProcessServer, predicate: Callable[[Samples], bool], wha
 
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerGate]:
-    g = WorkerGate(tmp_path_factory.mktemp("gate") / "fifo")
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in g.env.items():
-            mp.setenv(k, v)  # inherited by the worker process the server spawns
+    with gated_workers(tmp_path_factory.mktemp("gate") / "fifo") as g:
         yield g
-    g.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import InProcessServer, WorkerGate, wait_for
+from harness import InProcessServer, WorkerGate, gated_workers, wait_for
 
 from resnet_serve.protos import classifier_pb2 as pb
 
@@ -27,12 +27,8 @@ def request(i: int = 0) -> pb.ClassifyRequest:
 
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory: pytest.TempPathFactory):
-    g = WorkerGate(tmp_path_factory.mktemp("gate") / "fifo")
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in g.env.items():
-            mp.setenv(k, v)  # inherited by the worker processes the servers spawn
+    with gated_workers(tmp_path_factory.mktemp("gate") / "fifo") as g:
         yield g
-    g.close()
 
 
 @pytest.fixture(scope="module")
