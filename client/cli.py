@@ -80,6 +80,10 @@ def build_parser() -> Parser:
     b.add_argument("--duration", type=float, default=5.0, metavar="S", help="measured seconds per step")
     b.add_argument("--streams", type=int, default=1, help="streams per process in --mode stream")
     b.add_argument("--processes", type=int, default=1, help="client processes sharing the load (for ceilings)")
+    b.add_argument("--protocol", choices=("classifier", "oip"), default="classifier",
+                   help="classifier.v1, or the Open Inference Protocol (KServe v2) through tritonclient.grpc.aio: "
+                        "the same load against us or a Triton server (needs --model)")
+    b.add_argument("--model", default="", help="model name for --protocol oip")
     b.set_defaults(func=cmd_bench)
     return p
 
@@ -234,19 +238,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise BadInput("--duration must be positive and --warmup non-negative")
     if args.streams < 1 or args.processes < 1:
         raise BadInput("--streams and --processes must be at least 1")
+    if args.protocol == "oip" and not args.model:
+        raise BadInput("--protocol oip needs --model NAME")
     with _client(args) as client:
-        info = client.model_info()
         target = client.target
+        info = client.model_info() if args.protocol == "classifier" else None
+    if info is None:
+        import asyncio
+
+        from .oip_bench import model_facts
+
+        model, input_hw = asyncio.run(model_facts(target, args.model, options_from(args)))
+    else:
+        model, input_hw = info_dict(info), (int(info.input_shape[1]), int(info.input_shape[2]))
     config = loadgen.LoadConfig(
         target=target, mode=args.mode, input=args.input, concurrency=concurrency, rates=rates,
         warmup_s=args.warmup, duration_s=args.duration, streams=args.streams, processes=args.processes,
         top_k=args.top_k, timeout_s=30.0 if args.timeout is None else args.timeout,
-        input_hw=(int(info.input_shape[1]), int(info.input_shape[2])), options=options_from(args))
+        input_hw=input_hw, options=options_from(args), protocol=args.protocol, model=args.model)
     total = len(config.steps()) * (args.warmup + args.duration)
     print(f"bench: {len(config.steps())} step(s) of {args.warmup:g} s warm-up + {args.duration:g} s, about "
           f"{total:.0f} s", file=sys.stderr)
     steps = loadgen.run(config)
-    doc = {"target": target, "model": info_dict(info), "mode": args.mode, "input": args.input,
+    doc = {"target": target, "model": model, "protocol": args.protocol, "mode": args.mode, "input": args.input,
            "processes": args.processes, "steps": steps}
     _emit(args, doc, loadgen.format_table(steps))
     return 0

@@ -41,6 +41,7 @@ from .common import ChannelOptions, _code, open_channel, target_string, text_tab
 CLASSIFY = "/classifier.v1.Classifier/Classify"
 CLASSIFY_STREAM = "/classifier.v1.Classifier/ClassifyStream"
 MODES = ("unary", "stream")
+PROTOCOLS = ("classifier", "oip")  # classifier.v1, or the Open Inference Protocol via tritonclient
 INPUTS = ("raw", "jpeg")
 
 
@@ -62,6 +63,8 @@ class LoadConfig:
     input_hw: tuple[int, int] = (224, 224)
     options: ChannelOptions = field(default_factory=ChannelOptions)
     seed: int = 0
+    protocol: str = "classifier"
+    model: str = ""  # the model name OIP requests carry (protocol "oip")
 
     def steps(self) -> list[tuple[str, float]]:
         """(kind, load) per step: ("concurrency", N) or ("rate", R)."""
@@ -72,6 +75,10 @@ class LoadConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
         if self.input not in INPUTS:
             raise ValueError(f"input must be one of {', '.join(INPUTS)}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}")
+        if self.protocol == "oip" and not self.model:
+            raise ValueError("protocol oip needs the model name")
         if not self.rates and (not self.concurrency or min(self.concurrency) < 1):
             raise ValueError("concurrency values must be at least 1")
         if self.rates and min(self.rates) <= 0:
@@ -141,7 +148,7 @@ def summarize(config: LoadConfig, kind: str, load: float, s: Samples) -> dict[st
     """One step as the JSON document reports it."""
     return {"concurrency": int(load) if kind == "concurrency" else None,
             "rate": float(load) if kind == "rate" else None,
-            "mode": config.mode, "input": config.input, "processes": config.processes,
+            "mode": config.mode, "input": config.input, "protocol": config.protocol, "processes": config.processes,
             "streams": config.streams if config.mode == "stream" else None,
             "warmup_s": config.warmup_s, "duration_s": round(s.window_s, 6),
             "warmup_requests": s.warmup_requests, "requests": s.requests,
@@ -308,7 +315,12 @@ class StepRunner:
 # --- whole runs ------------------------------------------------------------------------------------------------
 async def _run_steps(config: LoadConfig, share: Callable[[str, float], float], seed: int,
                      before_step: Callable[[], Awaitable[None]] | None = None) -> list[Samples]:
-    runner = StepRunner(config, seed)
+    if config.protocol == "oip":
+        from .oip_bench import OIPStepRunner
+
+        runner: StepRunner = OIPStepRunner(config, seed)
+    else:
+        runner = StepRunner(config, seed)
     try:
         out = []
         for kind, load in config.steps():

@@ -25,6 +25,7 @@ from .auth import AdminGuard, BearerTokenInterceptor, load_tokens, server_creden
 from .batcher import BatcherObserver
 from .engine import Engine, EngineError, WorkerDied
 from .metrics import Metrics
+from .oip_service import OIPService, add_oip_service
 from .service import ClassifierService
 from .serving_model import LoadedModel, Runner
 from .settings import Settings
@@ -188,8 +189,9 @@ class Server:
         classifier_pb2_grpc.add_ClassifierServicer_to_server(self.service, self.grpc_server)
         classifier_pb2_grpc.add_AdminServicer_to_server(AdminService(self), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            self.grpc_server)
+        add_oip_service(OIPService(self), self.grpc_server)
+        reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME,
+                                             OIPService.SERVICE_NAME), self.grpc_server)
         address = f"{s.host}:{s.port}"
         if s.tls_cert:
             self.port = self.grpc_server.add_secure_port(address, server_credentials(s.tls_cert, s.tls_key,

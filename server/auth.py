@@ -16,6 +16,8 @@ import grpc
 TOKENS_ENV = "RESNET_SERVE_AUTH_TOKENS"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIX = "/grpc.reflection."
+# The Open Inference Protocol's liveness/readiness probes: exempt exactly when health is.
+OIP_PROBES = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
 
 
 def load_tokens(token_file: str = "", environ: dict[str, str] | None = None) -> list[str]:
@@ -60,7 +62,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, tokens: Iterable[str], exempt_health: bool = True):
         self._tokens = [t.encode() for t in tokens]
-        self._exempt = (HEALTH_PREFIX, REFLECTION_PREFIX) if exempt_health else ()
+        self._exempt = (HEALTH_PREFIX, REFLECTION_PREFIX, *OIP_PROBES) if exempt_health else ()
 
     def _authorised(self, metadata) -> bool:
         for key, value in metadata or ():
