@@ -17,6 +17,7 @@ from .batcher import DeadlineExpired, QueueFull, ShuttingDown
 from .metrics import Metrics
 from .pipeline import Answer, ImageInput, Pipeline
 from .preprocess import InvalidInput
+from .streams import answer_each
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,6 @@ BASE_ERROR_CODES: dict[type[BaseException], grpc.StatusCode] = {
 }
 MESSAGES = {QueueFull: "server queue is full, retry later", DeadlineExpired: "deadline expired while queued",
             ShuttingDown: "server is shutting down"}
-
-
-_END = object()
-
-
-class _ReadFailed:
-    def __init__(self, error: Exception):
-        self.error = error
 
 
 def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
@@ -127,18 +120,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
-        """Items run concurrently (at most max_stream_in_flight); each answer goes out as soon as it is ready.
-
-        Every item puts exactly one response on `out`; the reader puts _END (or the transport error that ended
-        reading) last. The stream ends when reading has ended and every item read has been answered.
-        """
-        out: asyncio.Queue = asyncio.Queue()
-        window = asyncio.Semaphore(self.max_stream_in_flight)
+        """Items run concurrently (at most max_stream_in_flight); each answer goes out as soon as it is ready,
+        an item's error as a response carrying it; the stream goes on."""
         deadline = self._deadline(context)
-        items: set[asyncio.Task] = set()
-        read_count = 0
 
-        async def one(request: pb.ClassifyRequest) -> None:
+        async def handle(request: pb.ClassifyRequest) -> pb.ClassifyResponse:
             t0 = time.perf_counter()
             try:
                 response = self._response(request.request_id, await self._classify_one(request, deadline))
@@ -150,41 +136,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             except asyncio.CancelledError:
                 self._record("ClassifyStream", _cancel_code(context), t0)
                 raise
-            finally:
-                window.release()
             self._record("ClassifyStream", code, t0)
-            out.put_nowait(response)
+            return response
 
-        async def read() -> None:
-            nonlocal read_count
-            try:
-                async for request in request_iterator:
-                    await window.acquire()  # backpressure: stop reading while the window is full
-                    read_count += 1
-                    task = asyncio.create_task(one(request))
-                    items.add(task)
-                    task.add_done_callback(items.discard)
-                out.put_nowait(_END)
-            except Exception as e:  # the transport failed while reading: end the stream with it
-                out.put_nowait(_ReadFailed(e))
-
-        reader = asyncio.create_task(read())
-        answered, reading_ended = 0, False
-        try:
-            while not (reading_ended and answered == read_count):
-                response = await out.get()
-                if response is _END:
-                    reading_ended = True
-                elif isinstance(response, _ReadFailed):
-                    raise response.error
-                else:
-                    answered += 1
-                    yield response
-        finally:
-            reader.cancel()
-            for task in list(items):
-                task.cancel()
-            await asyncio.gather(reader, *items, return_exceptions=True)
+        async for response in answer_each(request_iterator, handle, self.max_stream_in_flight):
+            yield response
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         pipeline = self.pipeline
