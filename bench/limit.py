@@ -12,15 +12,19 @@ import time
 import numpy as np
 
 
-def measure(version_dir: str, threads: int, sizes: list[int], seconds: float) -> dict:
+def measure(version_dir: str, threads: int, sizes: list[int], seconds: float, engine: str = "paddle") -> dict:
     from resnet_serve.modeldir import load_manifest
+    from resnet_serve.server.predictor_config import effective_engine, effective_precision
     from resnet_serve.server.worker import build_predictor
 
     manifest = load_manifest(version_dir)
-    predictor = build_predictor(version_dir, manifest, threads=threads, max_batch_size=max(sizes))
+    precision, engine = effective_precision("fp32", manifest), effective_engine(engine, manifest)
+    predictor = build_predictor(version_dir, manifest, threads=threads, max_batch_size=max(sizes),
+                                precision=precision, engine=engine)
     handle = predictor.get_input_handle(predictor.get_input_names()[0])
     h, w = manifest.input_size
-    out: dict = {"threads": threads, "batches": {}}
+    out: dict = {"threads": threads, "precision": precision, "engine": engine, "format": manifest.format,
+                 "batches": {}}
     for n in sizes:
         x = np.random.default_rng(0).standard_normal((n, 3, h, w)).astype(np.float32)
         handle.reshape(list(x.shape))
@@ -43,4 +47,5 @@ def measure(version_dir: str, threads: int, sizes: list[int], seconds: float) ->
 
 if __name__ == "__main__":
     version_dir, threads, sizes, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-    print(json.dumps(measure(version_dir, threads, [int(s) for s in sizes.split(",")], seconds)))
+    engine = sys.argv[5] if len(sys.argv) > 5 else "paddle"
+    print(json.dumps(measure(version_dir, threads, [int(s) for s in sizes.split(",")], seconds, engine)))

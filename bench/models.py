@@ -1,5 +1,7 @@
 """Models for `make bench`: ResNet-50 at 224x224 with random weights (speed does not depend on the weights)
-and a 'null' model whose compute is negligible, to measure what the serving front itself can carry."""
+and a 'null' model whose compute is negligible, to measure what the serving front itself can carry; plus the
+legacy-format ResNet-50 (OpenVINO needs it) and its INT8 quantisation. The INT8 one is calibrated on digits images
+upscaled to 224: with random weights its accuracy means nothing, but its speed is that of any ResNet-50 INT8."""
 
 from __future__ import annotations
 
@@ -34,6 +36,36 @@ m = Manifest(name=kind, version=1, architecture=arch, num_classes=1000, input_si
 m.files = {p.name: sha256_file(p) for p in d.iterdir()}
 (d / "manifest.json").write_text(m.to_json())
 """
+
+
+QUANTIZE = """
+import sys
+from pathlib import Path
+from resnet_serve.export.quantize import quantize_model
+from resnet_serve.modeldir import load_manifest, sha256_file
+from resnet_serve.train.data import load_digits
+src, out, size = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+train, _ = load_digits(size)
+m = load_manifest(src)
+d = out / "1"
+figures = quantize_model(src, d, train.images[:64], m.mean, m.std)
+(d / "labels.txt").write_text((src / "labels.txt").read_text())
+m.name, m.precision, m.engine, m.verification = "resnet50-int8", "int8", "onednn", {"calibration": {
+    "source": "digits training split, first 64 images upscaled (random weights: for speed only)", **figures}}
+m.files = {p.name: sha256_file(p) for p in d.iterdir()}
+(d / "manifest.json").write_text(m.to_json())
+"""
+
+
+def ensure_int8_model(root: Path, size: int = 224) -> Path:
+    """models/resnet50-int8/1: the legacy ResNet-50 after post-training quantisation (export/quantize.py)."""
+    src = ensure_model("resnet50", root, size, legacy=True)
+    out = root / "resnet50-int8"
+    if not (out / "1" / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-c", QUANTIZE, str(src / "1"), str(out), str(size)], check=True,
+                       env={**os.environ, "FLAGS_enable_pir_api": "0"}, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    return out
 
 
 def ensure_model(kind: str, root: Path, size: int = 224, legacy: bool = False) -> Path:

@@ -5,6 +5,10 @@
               concurrency sweep, and one JPEG run
 3. unbatched  the same server with max_batch_size 1
 4. ceiling    the same server path with a 'null' model (compute negligible): what the Python front can feed
+5. fast_limits   the in-process limit of the CPU fast paths: fp32 legacy (oneDNN), INT8 (oneDNN VNNI; calibrated on
+                 upscaled digits, random weights: speed only), fp32 legacy on the OpenVINO engine
+6. fast_servers  the batched server (stream, raw) serving the INT8 model and the OpenVINO engine
+Each fast path is reported as a ratio to fp32 (the PIR model of 1 and 2) taken within the round.
 Timings here drift +-15% run to run, so the configurations alternate within each round, rounds repeat (3 by
 default), every ratio is taken within a round, and the table shows medians with min-max. Writes
 bench/results/<date>-<commit>.json and docs/BENCHMARKS.md.
@@ -28,10 +32,12 @@ from resnet_serve.client.loadgen import LoadConfig
 from resnet_serve.client.loadgen import run as run_load
 from resnet_serve.client.sync import ClassifierClient
 
-from .models import ensure_model
+from .models import ensure_int8_model, ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("limit", "batched", "unbatched", "ceiling")
+CONFIGS = ("limit", "batched", "unbatched", "ceiling", "fast_limits", "fast_servers")
+# variant -> (model, --engine): the CPU fast paths beside fp32 (docs/precision.md)
+FAST = {"fp32_legacy": ("legacy", "onednn"), "int8": ("int8", "paddle"), "openvino": ("legacy", "openvino")}
 
 
 def log(msg: str) -> None:
@@ -91,6 +97,24 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
         r = subprocess.run([sys.executable, "-m", "bench.limit", str(models["resnet"] / "1"), threads, sizes,
                             str(args.duration)], capture_output=True, text=True, cwd=ROOT, check=True)
         return json.loads(r.stdout.strip().splitlines()[-1])
+    if name == "fast_limits":
+        sizes = ",".join(str(b) for b in buckets(args.max_batch))
+        return {v: json.loads(subprocess.run(
+            [sys.executable, "-m", "bench.limit", str(models[model] / "1"), threads, sizes, str(args.duration), engine],
+            capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip().splitlines()[-1])
+            for v, (model, engine) in FAST.items()}
+    if name == "fast_servers":
+        out = {}
+        for v in ("int8", "openvino"):
+            model, engine = FAST[v]
+            server = ServerProcess(models[model], "--max-batch-size", str(args.max_batch), "--max-queue-delay-us",
+                                   str(args.delay_us), "--threads-per-instance", threads, "--max-queue-size", "1024",
+                                   "--engine", engine)
+            try:
+                out[v] = load(server.target, hw, "stream", args.stream_concurrency, args)
+            finally:
+                server.close()
+        return out
     if name == "ceiling":
         server = ServerProcess(models["null"], "--max-batch-size", "32", "--max-queue-delay-us", "0",
                                "--threads-per-instance", "1", "--max-queue-size", "4096",
@@ -144,7 +168,21 @@ def headline(r: dict, args) -> dict:
         / step(unbatched["unary_raw"], c16)["images_per_s"],
         "jpeg_stream_images_per_s": batched["stream_jpeg"][0]["images_per_s"],
         "front_ceiling_images_per_s": r["ceiling"]["stream_raw"][0]["images_per_s"],
+        **fast_headline(r, limit["best_images_per_s"], best_stream),
     }
+
+
+def fast_headline(r: dict, fp32_limit: float, fp32_stream: float) -> dict:
+    """The fast paths as images/s and as ratios to fp32 (PIR, oneDNN) of the same round."""
+    out = {}
+    for v, lim in r["fast_limits"].items():
+        out[f"limit_{v}_images_per_s"] = lim["best_images_per_s"]
+        out[f"limit_{v}_over_fp32"] = lim["best_images_per_s"] / fp32_limit
+    for v, steps in r["fast_servers"].items():
+        best = max(s["images_per_s"] for s in steps)
+        out[f"server_{v}_best_stream_raw_images_per_s"] = best
+        out[f"server_{v}_over_fp32"] = best / fp32_stream
+    return out
 
 
 def summarize(rounds: list[dict]) -> dict:
@@ -174,6 +212,32 @@ def sweep_table(rounds: list[dict]) -> list[str]:
     return lines
 
 
+def fast_table(report: dict) -> list[str]:
+    """fp32 beside the CPU fast paths: best images/s in-process and through the server, medians over rounds, with
+    the median of the per-round ratios to fp32 (PIR, oneDNN)."""
+    s = report["summary"]
+    rows = [("fp32, PIR, oneDNN", "limit_images_per_s", None, "server_best_stream_raw_images_per_s", None),
+            ("fp32, legacy, oneDNN", "limit_fp32_legacy_images_per_s", "limit_fp32_legacy_over_fp32", None, None),
+            ("int8, legacy, oneDNN VNNI", "limit_int8_images_per_s", "limit_int8_over_fp32",
+             "server_int8_best_stream_raw_images_per_s", "server_int8_over_fp32"),
+            ("fp32, legacy, OpenVINO", "limit_openvino_images_per_s", "limit_openvino_over_fp32",
+             "server_openvino_best_stream_raw_images_per_s", "server_openvino_over_fp32")]
+    lines = ["| precision, format, engine | in-process best images/s | / fp32 | server best stream raw images/s "
+             "| / fp32 |", "| --- | ---: | ---: | ---: | ---: |"]
+
+    def cell(key: str | None, pattern: str) -> str:
+        if key is None:
+            return "1" if pattern == "ratio" else "–"
+        v = s[key]
+        fmt = "{:.2f}" if pattern == "ratio" else "{:.1f}"
+        return f"{fmt.format(v['median'])} ({fmt.format(v['min'])}–{fmt.format(v['max'])})"
+
+    for label, lim, lim_ratio, srv, srv_ratio in rows:
+        lines.append(f"| {label} | {cell(lim, 'images')} | {cell(lim_ratio, 'ratio')} | "
+                     f"{cell(srv, 'images') if srv else '–'} | {cell(srv_ratio, 'ratio') if srv else '–'} |")
+    return lines
+
+
 def render(report: dict) -> str:
     m, s, a = report["machine"], report["summary"], report["args"]
     fmt = {"ratio": "{:.3f}", "ms": "{:.2f}", "images": "{:.1f}", "over": "{:.2f}"}
@@ -192,6 +256,7 @@ def render(report: dict) -> str:
              "| headline | median | min–max |", "| --- | ---: | ---: |"]
     for key, v in s.items():
         lines.append(f"| {key} | {f(key, v['median'])} | {f(key, v['min'])}–{f(key, v['max'])} |")
+    lines += ["", *fast_table(report)]
     lines += ["", *sweep_table(report["rounds"])]
     limit = [r["limit"]["batches"] for r in report["rounds"]]
     lines += ["", "| in-process limit: batch size | images/s (median) | batch ms (median) |", "| ---: | ---: | ---: |"]
@@ -225,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     log(f"exporting models under {args.models} (once)")
     models = {"resnet": ensure_model("resnet50", args.models, args.size),
-              "null": ensure_model("null", args.models, args.size)}
+              "null": ensure_model("null", args.models, args.size),
+              "legacy": ensure_model("resnet50", args.models, args.size, legacy=True),
+              "int8": ensure_int8_model(args.models, args.size)}
     rounds = []
     for i in range(args.rounds):
         order = CONFIGS[i % len(CONFIGS):] + CONFIGS[:i % len(CONFIGS)]  # alternate who goes first

@@ -22,16 +22,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, help="override the square input side")
     p.add_argument("--format", choices=["pir", "legacy"], default="pir",
                    help="pir: inference.json (default); legacy: inference.pdmodel (INT8, OpenVINO, classic TRT)")
-    p.add_argument("--precision", default="fp32", help="fp32 (fp16 runs through TensorRT at serve time)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                   help="fp32, or int8 (oneDNN VNNI; legacy format, needs --calibration; gated on top-1 agreement "
+                        "with fp32). fp16 runs through TensorRT at serve time")
+    p.add_argument("--calibration", metavar="digits|DIR",
+                   help="int8: calibration images: 'digits' (its training split) or a folder of images")
+    p.add_argument("--calibration-samples", type=int, default=256, help="int8: calibration images used (256)")
+    p.add_argument("--eval", dest="eval_dir", type=Path, metavar="DIR",
+                   help="int8: labelled held-out images in DIR/<label>/ (default: the checkpoint's held-out split)")
+    p.add_argument("--threshold", type=float, default=0.99,
+                   help="int8: minimum top-1 agreement with fp32 on the held-out images (default 0.99)")
     p.add_argument("--no-master-weights", action="store_true",
                    help="AMP-O2: ignore the fp32 master weights in .pdopt and cast the fp16 weights")
     p.add_argument("--rtol", type=float, default=1e-3, help="verification bound, relative to max |logit|")
-    p.add_argument("--force", action="store_true", help="replace an existing version folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing version folder; int8: write it even if under --threshold")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.precision == "int8":
+        args.format = "legacy"  # INT8 works only through the legacy program
     if args.format == "legacy":
         os.environ["FLAGS_enable_pir_api"] = "0"  # must precede `import paddle`
     setup_logging()
@@ -47,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = ExportOptions(checkpoint=args.checkpoint, out=args.out, name=args.name, arch=args.arch,
                          num_classes=args.num_classes, input_size=args.input_size, format=args.format,
                          precision=args.precision, use_master_weights=not args.no_master_weights,
-                         force=args.force, rtol=args.rtol)
+                         force=args.force, rtol=args.rtol, calibration=args.calibration,
+                         calibration_samples=args.calibration_samples, eval_dir=args.eval_dir,
+                         threshold=args.threshold)
     try:
         out = export(opts)
     except (ExportError, CheckpointError, CheckpointReadError, UnknownArchitecture) as e:

@@ -26,6 +26,8 @@ from .checkpoint_reader import check_against, read_weights
 
 log = logging.getLogger(__name__)
 FORMATS = ("pir", "legacy")
+INT8_THRESHOLD = 0.99  # minimum top-1 agreement of int8 with fp32 on held-out images
+CALIBRATION_SAMPLES = 256
 
 
 class ExportError(ValueError):
@@ -45,6 +47,10 @@ class ExportOptions:
     use_master_weights: bool = True
     force: bool = False
     rtol: float = verify.DEFAULT_RTOL
+    calibration: str | None = None  # int8: 'digits' (its training split) or a folder of images
+    calibration_samples: int = CALIBRATION_SAMPLES
+    eval_dir: Path | None = None  # int8: labelled held-out images (<label>/*); default: the checkpoint's hold-out
+    threshold: float = INT8_THRESHOLD
 
 
 def target_dir(out: Path) -> Path:
@@ -63,6 +69,10 @@ def export(opts: ExportOptions) -> Path:
     """Export, verify, write the manifest; returns the version folder."""
     if opts.format not in FORMATS:
         raise ExportError(f"unknown format {opts.format!r}; choose pir or legacy")
+    if opts.precision == "int8":
+        from .quantize import export_int8  # post-training quantisation of a legacy fp32 export, gated
+
+        return export_int8(opts)
     if opts.precision != "fp32":
         raise ExportError(f"precision {opts.precision!r} is not available on this target: CPU Paddle has no fp16 "
                           "conv kernels; export fp32 and serve it with --device gpu --precision fp16 (TensorRT)")

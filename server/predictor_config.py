@@ -28,7 +28,7 @@ from resnet_serve.modeldir import Manifest
 
 DEVICES = ("cpu", "gpu")
 PRECISIONS = ("fp32", "fp16", "int8")
-ENGINES = ("paddle", "openvino")
+ENGINES = ("paddle", "onednn", "openvino")  # paddle: Paddle's own kernels (oneDNN on CPU); onednn: the same, by name
 
 # A plan step that is not a Config method: the worker converts the PIR model with PIR-TensorRT before
 # building the Config, then loads the converted files (args: one dict, see pir_trt_step).
@@ -60,6 +60,32 @@ _PIR_TRT_PRECISION = {"fp32": "FP32", "fp16": "FP16"}
 def is_pir(manifest: Manifest) -> bool:
     """PIR (``.json``) vs legacy (``.pdmodel``) program, decided by the file actually served."""
     return manifest.model_file.endswith(".json")
+
+
+def effective_precision(setting: str, manifest: Manifest) -> str:
+    """What the predictor computes in: an int8 export always runs int8 (without ``enable_mkldnn_int8`` a quantised
+    model is ~5x slower); ``int8`` asked of a model that was not quantised is refused."""
+    if manifest.precision == "int8":
+        if setting not in ("fp32", "int8"):
+            raise ValueError(f"{manifest.name} v{manifest.version} is an int8 export; it cannot run as {setting}")
+        return "int8"
+    if setting == "int8":
+        raise ValueError(f"precision int8 needs an int8 export (resnet-export --precision int8 --calibration ...); "
+                         f"{manifest.name} v{manifest.version} is {manifest.precision}")
+    return setting
+
+
+def effective_engine(setting: str, manifest: Manifest) -> str:
+    """The engine that computes the answers: an explicit setting (onednn | openvino) wins; the default ``paddle``
+    defers to the manifest. OpenVINO cannot convert Paddle's quantised (QDQ) program (measured: 'Can't convert
+    paddle model to openvino model'), so int8 exports run on oneDNN only."""
+    engine = setting if setting != "paddle" else (manifest.engine or "paddle")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "openvino" and manifest.precision == "int8":
+        raise ValueError("the OpenVINO engine cannot run Paddle's quantised int8 program; serve int8 exports with "
+                         "--engine onednn (the default)")
+    return engine
 
 
 def default_trt_cache_dir(version_dir: Path) -> Path:
@@ -104,20 +130,25 @@ def plan_config(
         if pir:
             raise ValueError("the OpenVINO engine needs a legacy .pdmodel export; "
                              f"{manifest.model_file} is PIR")
+    if engine == "onednn" and device != "cpu":
+        raise ValueError("the oneDNN engine runs on CPU only")
+    cache = Path(trt_cache_dir) if trt_cache_dir is not None else default_trt_cache_dir(version_dir)
     if device == "cpu":
         if precision == "fp16":
             raise ValueError("fp16 is a GPU precision: Paddle has no CPU fp16 conv kernel")
-        return _plan_cpu(pir, precision, threads, engine)
-    cache = Path(trt_cache_dir) if trt_cache_dir is not None else default_trt_cache_dir(version_dir)
+        return _plan_cpu(pir, precision, threads, engine, cache)
     return _plan_gpu(version_dir, manifest, pir, precision, max_batch_size, cache, gpu_id, gpu_memory_mb)
 
 
-def _plan_cpu(pir: bool, precision: str, threads: int, engine: str) -> Plan:
+def _plan_cpu(pir: bool, precision: str, threads: int, engine: str, cache: Path) -> Plan:
     plan: Plan = [("disable_glog_info", ())]
     if engine == "openvino":
         # OpenVINO takes over the whole graph; oneDNN passes would only rewrite ops it then replaces.
         plan.append(("set_cpu_math_library_num_threads", (threads,)))
         plan.append(("enable_openvino_engine", (_OPENVINO_PRECISION[precision],)))
+        # OpenVINO caches compiled models (~100 MB for ResNet-50) in ./__cache__ of whatever directory the server
+        # runs in, unless given a directory: the same one TensorRT uses (--trt-cache-dir, else <version>/_opt_cache).
+        plan.append(("set_optim_cache_dir", (str(cache),)))
     else:
         plan.append(("enable_mkldnn", ()))  # default in 3.x, said explicitly: 0.4-0.6x speed without it
         if precision == "int8":

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from resnet_serve.modeldir import load_manifest
+
 from .batcher import Batcher, BatcherObserver, BatchPolicy
 from .engine import Engine, EngineConfig
 from .pipeline import ModelDescription, Pipeline
+from .predictor_config import effective_engine, effective_precision
 from .preprocess import Preprocessor
 from .settings import Settings
 
@@ -55,9 +58,13 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
     """Spawn and warm the workers (off the event loop), then build batcher and pipeline. Raises on failure,
     leaving no worker behind."""
     s = settings
+    # What actually computes the answers (an int8 export runs int8; --engine overrides the manifest's engine):
+    # the same values configure the workers and are reported by GetModelInfo and the info metric.
+    manifest = load_manifest(version_dir)
+    precision, engine_name = effective_precision(s.precision, manifest), effective_engine(s.engine, manifest)
     engine = Engine(EngineConfig(version_dir=version_dir, instances=s.instances,
-                                 threads_per_instance=s.threads_per_instance, device=s.device, precision=s.precision,
-                                 engine=s.engine, max_batch_size=s.max_batch_size, buckets=s.bucket_sizes(),
+                                 threads_per_instance=s.threads_per_instance, device=s.device, precision=precision,
+                                 engine=engine_name, max_batch_size=s.max_batch_size, buckets=s.bucket_sizes(),
                                  trt_cache_dir=Path(s.trt_cache_dir) if s.trt_cache_dir else None))
     engine.on_worker_event = on_worker_event
     loop = asyncio.get_running_loop()
@@ -75,8 +82,8 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
     await batcher.start()
     model = ModelDescription(
         name=m.name, version=str(m.version), architecture=m.architecture, input_shape=engine.input_shape,
-        num_classes=m.num_classes, precision=s.precision if s.precision != "fp32" else m.precision,
-        max_batch_size=s.max_batch_size, device=s.device, engine=s.engine if s.engine != "paddle" else m.engine,
+        num_classes=m.num_classes, precision=precision, max_batch_size=s.max_batch_size, device=s.device,
+        engine=engine_name,
         mean=tuple(m.mean), std=tuple(m.std))
     preprocessor = Preprocessor(tuple(m.input_size), s.max_pixels)
     pipeline = Pipeline(batcher, preprocessor, engine.labels, model, metrics, pool)

@@ -68,6 +68,9 @@ class Settings:
             raise ValueError(f"device must be cpu or gpu, not {self.device!r}")
         if self.precision not in ("fp32", "fp16", "int8"):
             raise ValueError(f"precision must be fp32, fp16 or int8, not {self.precision!r}")
+        if self.engine not in ("paddle", "onednn", "openvino"):
+            raise ValueError(f"engine must be onednn or openvino (paddle: Paddle's default, oneDNN on CPU), "
+                             f"not {self.engine!r}")
         if self.precision == "fp16" and self.device != "gpu":
             raise ValueError("precision fp16 needs --device gpu (TensorRT); CPU serves fp32 or int8")
         for name in ("max_batch_size", "max_queue_size", "instances", "threads_per_instance", "preprocess_threads",
@@ -138,7 +141,9 @@ def parser() -> argparse.ArgumentParser:
                  "max_queue_size": "queued requests beyond which new ones get RESOURCE_EXHAUSTED",
                  "instances": "engine worker processes (one predictor each)",
                  "buckets": "batch sizes to warm and run, e.g. 1,2,4,8",
-                 "metrics_port": "-1 disables /metrics, 0 picks a free port"}
+                 "metrics_port": "-1 disables /metrics, 0 picks a free port",
+                 "precision": "fp32 | int8 (int8 exports run int8 anyway) | fp16 (GPU)",
+                 "engine": "onednn | openvino (CPU, fp32 legacy exports); default paddle: as the manifest says"}
     for name in FIELDS:
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text.get(name))
     return p
