@@ -31,6 +31,7 @@ from pathlib import Path
 from resnet_serve.client.loadgen import LoadConfig
 from resnet_serve.client.loadgen import run as run_load
 from resnet_serve.client.sync import ClassifierClient
+from resnet_serve.server.batcher import default_buckets
 
 from .models import ensure_int8_model, ensure_model
 
@@ -93,12 +94,12 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
     hw = (args.size, args.size)
     threads = str(args.threads)
     if name == "limit":
-        sizes = ",".join(str(b) for b in buckets(args.max_batch))
+        sizes = ",".join(str(b) for b in default_buckets(args.max_batch))
         r = subprocess.run([sys.executable, "-m", "bench.limit", str(models["resnet"] / "1"), threads, sizes,
                             str(args.duration)], capture_output=True, text=True, cwd=ROOT, check=True)
         return json.loads(r.stdout.strip().splitlines()[-1])
     if name == "fast_limits":
-        sizes = ",".join(str(b) for b in buckets(args.max_batch))
+        sizes = ",".join(str(b) for b in default_buckets(args.max_batch))
         return {v: json.loads(subprocess.run(
             [sys.executable, "-m", "bench.limit", str(models[model] / "1"), threads, sizes, str(args.duration), engine],
             capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip().splitlines()[-1])
@@ -135,14 +136,6 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
         return out
     finally:
         server.close()
-
-
-def buckets(max_batch: int) -> list[int]:
-    sizes, b = [], 1
-    while b < max_batch:
-        sizes.append(b)
-        b *= 2
-    return [*sizes, max_batch]
 
 
 def step(results: list[dict], concurrency: int) -> dict:

@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 Runner = Callable[[list[np.ndarray]], np.ndarray]
 
 
+def default_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below max_batch_size, plus max_batch_size itself: few shapes to warm, none padded."""
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, max_batch_size)
+
+
 @dataclass(frozen=True)
 class BatchPolicy:
     """Batching knobs; buckets default to powers of two up to max_batch_size plus max_batch_size."""
@@ -57,12 +66,7 @@ class BatchPolicy:
                     f"[1, max_batch_size], got {self.buckets}"
                 )
         else:
-            sizes = {self.max_batch_size}
-            b = 1
-            while b < self.max_batch_size:
-                sizes.add(b)
-                b *= 2
-            buckets = tuple(sorted(sizes))
+            buckets = default_buckets(self.max_batch_size)
         # Frozen dataclass: normalise the field in place once, so everyone sees the effective buckets.
         object.__setattr__(self, "buckets", buckets)
 

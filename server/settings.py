@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .batcher import default_buckets
+
 ENV_PREFIX = "RESNET_SERVE_"
 
 
@@ -55,11 +57,7 @@ class Settings:
     def bucket_sizes(self) -> tuple[int, ...]:
         if self.buckets.strip():
             return tuple(sorted({int(b) for b in self.buckets.split(",") if b.strip()}))
-        sizes, b = [], 1
-        while b < self.max_batch_size:
-            sizes.append(b)
-            b *= 2
-        return (*sizes, self.max_batch_size)
+        return default_buckets(self.max_batch_size)
 
     def validate(self) -> None:
         if not self.model_dir:
