@@ -16,9 +16,9 @@ from pathlib import Path
 import paddle
 
 from resnet_serve import __version__
+from resnet_serve.imaging import IMAGENET_MEAN, IMAGENET_STD
 from resnet_serve.modeldir import LABELS, Manifest, list_versions, sha256_file
 from resnet_serve.train import checkpoint as ckpt
-from resnet_serve.train.data import IMAGENET_MEAN, IMAGENET_STD
 from resnet_serve.train.models import build_model
 
 from . import verify

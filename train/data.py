@@ -1,7 +1,7 @@
 """Training data: scikit-learn's handwritten digits (real images shipped inside the package) or an image folder.
 
 Both yield uint8 RGB images at the model input size plus an integer label; normalisation happens in
-`to_model_input`, with the same mean/std that the manifest records for serving.
+`resnet_serve.imaging.normalise`, with the same mean/std that the manifest records for serving.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from resnet_serve.imaging import IMAGENET_MEAN, IMAGENET_STD, normalise, resize_crop
+from resnet_serve.imaging import resize_crop
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 DIGITS = "digits"
@@ -31,9 +31,13 @@ class Split:
     classes: list[str]
 
 
-def resize_rgb(img: Image.Image, size: int) -> np.ndarray:
-    """Resize the shorter side to `size`, centre-crop to size x size: the same rule the server applies."""
-    return resize_crop(img, size, size)
+def split(images: np.ndarray, labels: np.ndarray, classes: list[str], holdout: float,
+          seed: int) -> tuple[Split, Split]:
+    """(train, held-out): a seeded permutation, so training, export and the demo agree on the hold-out."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_test = int(round(len(labels) * holdout))
+    test, train = order[:n_test], order[n_test:]
+    return Split(images[train], labels[train], classes), Split(images[test], labels[test], classes)
 
 
 def load_digits(size: int, holdout: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
@@ -42,13 +46,8 @@ def load_digits(size: int, holdout: float = 0.2, seed: int = 0) -> tuple[Split, 
 
     d = sk_digits()
     raw = (d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    images = np.stack([resize_rgb(Image.fromarray(im, "L"), size) for im in raw])
-    labels = d.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_test = int(round(len(labels) * holdout))
-    test, train = order[:n_test], order[n_test:]
-    classes = [str(i) for i in range(10)]
-    return Split(images[train], labels[train], classes), Split(images[test], labels[test], classes)
+    images = np.stack([resize_crop(Image.fromarray(im, "L"), size, size) for im in raw])
+    return split(images, d.target.astype(np.int64), [str(i) for i in range(10)], holdout, seed)
 
 
 def load_image_folder(root: Path, size: int, holdout: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
@@ -65,26 +64,16 @@ def load_image_folder(root: Path, size: int, holdout: float = 0.2, seed: int = 0
     for f, _ in files:
         try:
             with Image.open(f) as im:
-                images.append(resize_rgb(im, size))
+                images.append(resize_crop(im, size, size))
         except OSError as e:
             raise DatasetError(f"cannot read image {f}: {e}") from e
-    labels = np.array([i for _, i in files], dtype=np.int64)
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_test = int(round(len(labels) * holdout))
-    test, train = order[:n_test], order[n_test:]
-    stacked = np.stack(images)
-    return Split(stacked[train], labels[train], classes), Split(stacked[test], labels[test], classes)
+    return split(np.stack(images), np.array([i for _, i in files], dtype=np.int64), classes, holdout, seed)
 
 
 def load_dataset(data: str, size: int, holdout: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
     if data == DIGITS:
         return load_digits(size, holdout, seed)
     return load_image_folder(Path(data), size, holdout, seed)
-
-
-def to_model_input(images: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] normalised, exactly as the server does it."""
-    return normalise(images, mean, std)
 
 
 def write_images(split: Split, out: Path) -> int:

@@ -18,8 +18,10 @@ import paddle
 import paddle.nn.functional as F
 from tqdm import tqdm
 
+from resnet_serve.imaging import IMAGENET_MEAN, IMAGENET_STD, normalise
+
 from . import checkpoint as ckpt
-from .data import IMAGENET_MEAN, IMAGENET_STD, Split, load_dataset, to_model_input
+from .data import Split, load_dataset
 from .models import build_model, init_from
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ class ArrayDataset(paddle.io.Dataset):
         return len(self.split.labels)
 
     def __getitem__(self, i: int):
-        return to_model_input(self.split.images[i], self.mean, self.std), self.split.labels[i]
+        return normalise(self.split.images[i], self.mean, self.std), self.split.labels[i]
 
 
 def gpu_available() -> bool:
@@ -81,7 +83,7 @@ def evaluate(model: paddle.nn.Layer, split: Split, cfg: TrainConfig, amp: str) -
     correct = 0
     with paddle.no_grad():
         for start in range(0, len(split.labels), 256):
-            x = paddle.to_tensor(to_model_input(split.images[start:start + 256], cfg.mean, cfg.std))
+            x = paddle.to_tensor(normalise(split.images[start:start + 256], cfg.mean, cfg.std))
             with paddle.amp.auto_cast(enable=amp != "O0", level=amp if amp != "O0" else "O1"):
                 logits = model(x)
             correct += int((logits.argmax(axis=1).numpy() == split.labels[start:start + 256]).sum())
