@@ -30,6 +30,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "
         time.sleep(0.005)
 
 
+def scrape(metrics_port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample of a server's /metrics by (name, sorted labels), parsed with prometheus_client's own parser."""
+    from urllib.request import urlopen
+
+    text = urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
 class InProcessServer:
     """The real Server on 127.0.0.1, driven from a background event loop so tests can use blocking clients and
     still reach the server's parts (engine call log, batcher) directly."""
@@ -65,12 +74,7 @@ class InProcessServer:
         return self.server.engine
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
-        """Every sample of /metrics by (name, sorted labels), parsed with prometheus_client's own parser."""
-        from urllib.request import urlopen
-
-        text = urlopen(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=10).read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for fam in text_string_to_metric_families(text) for s in fam.samples}
+        return scrape(self.server.metrics_port)
 
     def task_count(self) -> int:
         """asyncio tasks alive on the server's loop (leak checks)."""

@@ -16,12 +16,10 @@ import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.request import urlopen
 
 import numpy as np
 import pytest
-from harness import start_subprocess_server
-from prometheus_client.parser import text_string_to_metric_families
+from harness import scrape, start_subprocess_server
 
 from resnet_serve.client.common import RetryPolicy
 from resnet_serve.client.sync import ClassifierClient
@@ -33,13 +31,8 @@ IMAGE = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 
 def classify_ok(metrics_port: int) -> int:
     """This replica's resnet_serve_requests_total{method="Classify",code="OK"}."""
-    text = urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if (s.name == "resnet_serve_requests_total" and s.labels.get("method") == "Classify"
-                    and s.labels.get("code") == "OK"):
-                return int(s.value)
-    return 0
+    return int(scrape(metrics_port).get(("resnet_serve_requests_total", (("code", "OK"), ("method", "Classify"))),
+                                        0))
 
 
 @pytest.fixture

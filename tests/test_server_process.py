@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from harness import WorkerGate, start_subprocess_server, wait_for
+from harness import WorkerGate, scrape, start_subprocess_server, wait_for
 
 from resnet_serve.client.sync import ClassifierClient
 from resnet_serve.export.exporter import ExportOptions, export
@@ -25,12 +25,8 @@ def request(i: int) -> pb.ClassifyRequest:
                               request_id=str(i))
 
 
-def in_flight(client: ClassifierClient, metrics_port: int) -> float:
-    from urllib.request import urlopen
-
-    text = urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return next(float(line.split()[1]) for line in text.splitlines()
-                if line.startswith("resnet_serve_in_flight_requests "))
+def in_flight(metrics_port: int) -> float:
+    return scrape(metrics_port)[("resnet_serve_in_flight_requests", ())]
 
 
 def test_sigterm_under_load_answers_everything_accepted_and_exits_0(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -45,7 +41,7 @@ def test_sigterm_under_load_answers_everything_accepted_and_exits_0(tiny_model_d
         client.wait_until_ready(300)
         gate.hold()
         accepted = [stub.Classify.future(request(i), timeout=120) for i in range(20)]
-        wait_for(lambda: in_flight(client, ports["metrics_port"]) == 20, what="20 requests inside the server")
+        wait_for(lambda: in_flight(ports["metrics_port"]) == 20, what="20 requests inside the server")
         proc.send_signal(signal.SIGTERM)
 
         def refused() -> bool:  # the server has begun draining: new calls are turned away
