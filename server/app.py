@@ -37,13 +37,11 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 
 class MetricsObserver(BatcherObserver):
-    """The batcher's events -> Prometheus."""
+    """The batcher's events -> Prometheus. Queue depth and in-flight are not pushed from here: the Server reads
+    them at scrape time across every live batcher (two during a reload)."""
 
     def __init__(self, metrics: Metrics):
         self.m = metrics
-
-    def on_queue_depth(self, depth: int) -> None:
-        self.m.queue_depth.set(depth)
 
     def on_dropped(self, reason: str) -> None:
         self.m.dropped.labels(reason).inc()
@@ -58,9 +56,6 @@ class MetricsObserver(BatcherObserver):
         self.m.inference.observe(seconds)
         if not ok:
             self.m.batch_failures.inc()
-
-    def on_in_flight(self, n: int) -> None:
-        self.m.in_flight.set(n)
 
 
 class HealthTrackingObserver(MetricsObserver):
