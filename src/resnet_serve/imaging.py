@@ -13,16 +13,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resize_crop(img: Image.Image, height: int, width: int) -> np.ndarray:
-    """PIL image -> uint8 [height, width, 3]: shorter side scaled to fit, then a centre crop."""
-    img = img.convert("RGB")
+    """PIL image -> uint8 [height, width, 3]: shorter side scaled to fit, then a centre crop.
+
+    Only the source region that survives the crop is resampled (Pillow's `box`), straight to the output size: no
+    intermediate is larger than the output, whatever the aspect ratio (resizing a 1x300000 strip whole, then
+    cropping, would build a 9600000x32 image on the way)."""
+    if img.mode not in ("RGB", "L"):  # grey is resized as is and expanded after: cheaper, the same pixels
+        img = img.convert("RGB")
     w, h = img.size
     if (w, h) != (width, height):
         scale = max(height / h, width / w)
-        nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR)
-        left, top = (nw - width) // 2, (nh - height) // 2
-        img = img.crop((left, top, left + width, top + height))
-    return np.asarray(img, dtype=np.uint8)
+        box_w, box_h = width / scale, height / scale  # the part of the source the output shows
+        left, top = (w - box_w) / 2, (h - box_h) / 2
+        img = img.resize((width, height), Image.BILINEAR, box=(left, top, left + box_w, top + box_h))
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 def normalise(images: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
