@@ -74,11 +74,11 @@ def _split_bytes(raw: bytes, n: int) -> list[bytes]:
             raise _invalid(f"input {ENCODED!r} needs {n} elements, the data holds more")
         if i + 4 > len(raw):
             raise _invalid("BYTES tensor is malformed: truncated element length")
-        (n,) = struct.unpack_from("<I", raw, i)
-        if i + 4 + n > len(raw):
+        (size,) = struct.unpack_from("<I", raw, i)
+        if i + 4 + size > len(raw):
             raise _invalid("BYTES tensor is malformed: element runs past the end of the data")
-        out.append(raw[i + 4:i + 4 + n])
-        i += 4 + n
+        out.append(raw[i + 4:i + 4 + size])
+        i += 4 + size
     return out
 
 

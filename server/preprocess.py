@@ -22,7 +22,7 @@ from resnet_serve.imaging import resize_crop
 FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_PIXELS = 16_777_216  # 4096 x 4096: bounds the decode work (about 0.5 s) one small PNG can ask for
 DEFAULT_MAX_ASPECT_RATIO = 100.0
-_ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")  # Pillow's texts name the BytesIO: no addresses to callers
+_OBJECT = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # Pillow's texts name the BytesIO: no addresses to callers
 
 
 class InvalidInput(ValueError):
@@ -64,7 +64,7 @@ class Preprocessor:
         except InvalidInput:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise InvalidInput(f"cannot decode {kind} image: {_ADDRESS.sub('', str(e))}") from e
+            raise InvalidInput(f"cannot decode {kind} image: {_OBJECT.sub('', str(e))}") from e
         return resize_crop(img, *self.input_size)
 
     def uint8_hwc(self, shape: Sequence[int], data: bytes) -> np.ndarray:

@@ -97,11 +97,12 @@ def check_infer_request(buf: memoryview) -> None:
     for number, wire_type, start, end in _fields(buf, 64, "request (parameters, inputs, outputs)"):
         if number != 5 or wire_type != 2:
             continue
-        for n, w, s, e in _fields(buf[start:end], 64, "input tensor"):
+        tensor = buf[start:end]
+        for n, w, s, e in _fields(tensor, 64, "input tensor"):
             if n == 3 and w == 2 and e - s > 40:  # 4 dimensions take at most 40 bytes
                 raise _OverLimit(f"input shape must have 4 dimensions ([N, ...]), got about {e - s} or more")
             if n == 5 and w == 2:
-                for cn, _, cs, ce in _fields(buf[s:e], MAX_CONTENTS_ELEMENTS, "typed contents"):
+                for cn, _, cs, ce in _fields(tensor[s:e], MAX_CONTENTS_ELEMENTS, "typed contents"):
                     if cn != 8 and ce - cs > MAX_TYPED_CONTENTS_BYTES:
                         raise _OverLimit(f"typed contents of {ce - cs} bytes exceed {MAX_TYPED_CONTENTS_BYTES}; "
                                          "send large tensors in raw_input_contents")
