@@ -34,12 +34,23 @@ class PreprocessPool:
         self.images = 0  # waiting for a thread or running on one
         self.bytes = 0  # their payload sizes
 
+    def admits(self, size: int) -> bool:
+        """Whether an image of `size` bytes would be admitted now; a refusal is counted (for callers that refuse
+        before doing anything else with the request)."""
+        if self._full(size):
+            self.on_refused()
+            return False
+        return True
+
+    def _full(self, size: int) -> bool:
+        return bool(self.images) and (self.images >= self.max_images or self.bytes + size > self.max_bytes)
+
     async def run(self, fn: Callable[..., T], *args, size: int) -> T:
         """fn(*args) on a preprocess thread; raises PreprocessQueueFull at once when the stage is full.
 
         An image leaves the count when its thread work ends (or is cancelled before it started), not when its
         caller stops waiting: a cancelled call whose decode already runs still occupies a thread."""
-        if self.images and (self.images >= self.max_images or self.bytes + size > self.max_bytes):
+        if self._full(size):
             self.on_refused()
             raise PreprocessQueueFull(f"preprocessing is full ({self.images} images, {self.bytes} bytes waiting)")
         loop = asyncio.get_running_loop()

@@ -24,6 +24,7 @@ from .admission import PreprocessPool
 from .auth import AdminGuard, BearerTokenInterceptor, load_tokens, server_credentials
 from .batcher import BatcherObserver
 from .engine import Engine, EngineError, WorkerDied
+from .memory import MemorySweeper
 from .metrics import Metrics
 from .oip_service import OIPService, add_oip_service
 from .service import ClassifierService
@@ -128,6 +129,7 @@ class Server:
         # Computed at scrape time over every live batcher, so a reload's two batchers never overwrite each other.
         self.metrics.queue_depth.set_function(lambda: sum(m.batcher.queue_depth for m in self._live))
         self.metrics.in_flight.set_function(lambda: sum(m.batcher.in_flight for m in self._live))
+        self.sweeper = MemorySweeper()
         self.metrics.preprocess_queue.set_function(lambda: self.pool.images)
         self.metrics.preprocess_queue_bytes.set_function(lambda: self.pool.bytes)
 
@@ -187,7 +189,7 @@ class Server:
         tokens = load_tokens(s.auth_token_file)
         # Auth first: a request without a valid token is refused before its bytes are even parsed.
         interceptors = [BearerTokenInterceptor(tokens, s.auth_exempt_health) if tokens else AdminGuard(),
-                        RequestGuard()]
+                        RequestGuard(self.sweeper.note, self.pool.admits)]
         self.grpc_server = grpc.aio.server(options=options, interceptors=interceptors)
         classifier_pb2_grpc.add_ClassifierServicer_to_server(self.service, self.grpc_server)
         classifier_pb2_grpc.add_AdminServicer_to_server(AdminService(self), self.grpc_server)
@@ -205,6 +207,7 @@ class Server:
             raise OSError(f"cannot listen on {address}")
         await self._update_health()
         await self.grpc_server.start()
+        self._spawn(self.sweeper.run())
         log.info("listening on %s:%d (gRPC%s%s, %s), metrics on :%s; loading %s", s.host, self.port,
                  ", TLS" if s.tls_cert else "", ", mutual TLS" if s.tls_client_ca else "",
                  f"{len(tokens)} bearer token(s)" if tokens else "no auth",
@@ -233,6 +236,7 @@ class Server:
     async def _load_first(self) -> None:
         try:
             self._publish(await self._load(self.version_dir))
+            self.sweeper.freeze_startup()
             self.ready.set()
             await self._update_health()
             if self.settings.poll_interval_s > 0 and self.settings.version is None:

@@ -266,7 +266,7 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         """One ModelInferRequest: its N images go to the batcher as N items; raises RequestError."""
         if isinstance(request, Malformed):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            raise RequestError(request.code, request.reason)
         check_request_id(request.id, self.server.settings.max_request_id_length)
         pipeline = self._pipeline()
         try:

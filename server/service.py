@@ -111,7 +111,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def _classify_one(self, request: pb.ClassifyRequest, deadline: float | None) -> Answer:
         pipeline = self.pipeline
         if isinstance(request, Malformed):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            raise RequestError(request.code, request.reason)
         check_request_id(request.request_id, self.max_request_id_length)
         if pipeline is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "model is loading, not serving yet")
