@@ -147,6 +147,12 @@ def parser() -> argparse.ArgumentParser:
                  "instances": "engine worker processes (one predictor each)",
                  "buckets": "batch sizes to warm and run, e.g. 1,2,4,8",
                  "metrics_port": "-1 disables /metrics, 0 picks a free port",
+                 "max_pixels": "pixels decoded per image (a JPEG's after reduced-scale decoding); beyond: "
+                               "INVALID_ARGUMENT",
+                 "max_aspect_ratio": "longer / shorter side of an image; beyond: INVALID_ARGUMENT",
+                 "max_preprocess_queue": "images waiting for or in a preprocess thread; beyond: RESOURCE_EXHAUSTED",
+                 "max_preprocess_queue_bytes": "payload bytes of those images; beyond: RESOURCE_EXHAUSTED",
+                 "max_request_id_length": "characters of a request id (echoed in every answer)",
                  "precision": "fp32 | int8 (int8 exports run int8 anyway) | fp16 (GPU)",
                  "engine": "onednn | openvino (CPU, fp32 legacy exports); default paddle: as the manifest says"}
     for name in FIELDS:

@@ -4,8 +4,9 @@ bearer-token auth), attacked over both APIs one attack after another.
 Each attack is a function in ATTACKS: it builds its payloads first (serialised here, so the client's own work
 is done before the clock runs) and returns the `fire` step, which sends them and asserts the answers. While
 `fire` runs, another process checks health again and again; every check must answer within 100 ms (an
-event-loop stall shows up there; one attack has a documented larger budget, see decode_backlog). After every attack: the server is SERVING, the RSS of its front
-and worker processes grew by less than 100 MB over the module, and a normal request answers exactly as before.
+event-loop stall shows up there; one attack has a documented larger budget, see decode_backlog). After every
+attack: the server is SERVING, the RSS of its front and worker processes grew by less than 100 MB over the
+module, and a normal request answers exactly as before.
 
 To add an attack, append a function to ATTACKS.
 """
