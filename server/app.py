@@ -236,7 +236,6 @@ class Server:
     async def _load_first(self) -> None:
         try:
             self._publish(await self._load(self.version_dir))
-            self.sweeper.freeze_startup()
             self.ready.set()
             await self._update_health()
             if self.settings.poll_interval_s > 0 and self.settings.version is None:
@@ -333,6 +332,7 @@ async def run(settings: Settings) -> int:
     if server.failed:
         await server.stop(0)
         return 1
+    MemorySweeper.freeze_startup()  # the process's own start-up state: not in an embedding process (tests)
     await stop.wait()
     log.info("signal received: draining (grace %.0f s)", settings.grace_period_s)
     await server.stop()

@@ -302,6 +302,10 @@ def garbage_flood(target: Target) -> Callable[[], None]:
             expect(target, methods[i % 4], garbage, grpc.StatusCode.UNAUTHENTICATED, metadata=())
             expect(target, methods[i % 4], garbage, grpc.StatusCode.INVALID_ARGUMENT, "not a valid protobuf")
         assert len(target.log_lines) - logged <= 3, target.log_lines[logged:logged + 20]
+        # An image that is garbage after its PNG signature: the error names no memory address (defect 13).
+        corrupt = pb.ClassifyRequest(encoded=b"\x89PNG\r\n\x1a\n" + bytes(64)).SerializeToString()
+        code, details = target.code_of(CLASSIFY, corrupt)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "cannot decode PNG" in details and "0x" not in details
 
     return fire
 
