@@ -52,6 +52,18 @@ class LoadedModel:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
 
+def _log_build(info: dict) -> None:
+    """The precision actually built: PIR-TensorRT silently builds fp32 on GPUs without fast fp16."""
+    log.info("GPU engine %s on %s: precision %s (asked %s), %s TensorRT engine(s), %s cache %s",
+             info.get("engine"), info.get("gpu", "?"), info.get("precision_built"), info.get("precision_asked"),
+             info.get("engines", 0), "reused" if info.get("cached") else "new", info.get("cache", "-"))
+    if info.get("precision_built") != info.get("precision_asked"):
+        log.warning("asked for %s but the GPU lacks fast %s: TensorRT built %s", info.get("precision_asked"),
+                    info.get("precision_asked"), info.get("precision_built"))
+    if info.get("engine") != "cuda" and not info.get("engines"):
+        log.warning("TensorRT built no engine: the model runs on Paddle's GPU kernels (cache %s)", info.get("cache"))
+
+
 async def load(settings: Settings, version_dir: Path, observer: BatcherObserver, pool: Executor, metrics,
                on_worker_event: Callable[[str, int], None] | None = None,
                wrap_runner: Callable[[Runner], Runner] | None = None) -> LoadedModel:
@@ -61,11 +73,13 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
     # What actually computes the answers (an int8 export runs int8; --engine overrides the manifest's engine):
     # the same values configure the workers and are reported by GetModelInfo and the info metric.
     manifest = load_manifest(version_dir)
-    precision, engine_name = effective_precision(s.precision, manifest), effective_engine(s.engine, manifest)
+    precision, engine_name = (effective_precision(s.precision, manifest),
+                              effective_engine(s.engine, manifest, s.device))
     engine = Engine(EngineConfig(version_dir=version_dir, instances=s.instances,
                                  threads_per_instance=s.threads_per_instance, device=s.device, precision=precision,
                                  engine=engine_name, max_batch_size=s.max_batch_size, buckets=s.bucket_sizes(),
-                                 trt_cache_dir=Path(s.trt_cache_dir) if s.trt_cache_dir else None))
+                                 trt_cache_dir=Path(s.trt_cache_dir) if s.trt_cache_dir else None,
+                                 start_timeout_s=s.worker_start_timeout_s, gpus=s.gpu_ids()))
     engine.on_worker_event = on_worker_event
     loop = asyncio.get_running_loop()
     try:
@@ -89,4 +103,6 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
     pipeline = Pipeline(batcher, preprocessor, engine.labels, model, metrics, pool)
     log.info("loaded %s v%s (%s) from %s: load %.2f s, warm-up %.2f s of buckets %s", m.name, m.version,
              m.architecture, version_dir, engine.load_seconds, engine.warmup_seconds, list(s.bucket_sizes()))
+    if engine.build_info:
+        _log_build(engine.build_info)
     return LoadedModel(version_dir, engine, batcher, pipeline)

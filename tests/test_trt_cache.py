@@ -1,0 +1,225 @@
+"""The TensorRT cache and the one-time PIR-TensorRT conversion (server/trt_cache.py).
+
+No GPU here and no Paddle GPU wheel: what only a GPU build has (``paddle.tensorrt.export`` and NVIDIA's
+``tensorrt``) is replaced, in the conversion child only, by the recording stand-ins in tests/trt_standin/ (their
+signatures are those of Paddle 3.x's python/paddle/tensorrt/export.py; see that file). Tests that use them say
+``standin`` in their name. Everything else is real: the tiny PIR model, Paddle's loader, the file lock, the child
+process, the marker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from harness import wait_for
+
+from resnet_serve.modeldir import load_manifest
+from resnet_serve.server import trt_cache
+from resnet_serve.server.predictor_config import plan_config
+from resnet_serve.server.trt_cache import MARKER, CacheKey, cache_key, ensure_pir_converted
+
+STANDIN_DIR = Path(__file__).parent / "trt_standin"
+ENV = {"paddle": "3.3.1+7688495538f4", "tensorrt": "10.5.0.18/py-10.5.0", "gpu_name": "NVIDIA L4",
+       "compute_capability": "8.9"}
+
+
+def standin_env(record: Path, **extra: str) -> dict[str, str]:
+    return {"PYTHONPATH": os.pathsep.join([str(STANDIN_DIR), os.environ.get("PYTHONPATH", "")]),
+            trt_cache.TRT_EXPORT_MODULE_ENV: "paddle_trt_export_standin", "STANDIN_RECORD": str(record), **extra}
+
+
+def events(record: Path, kind: str = "convert") -> list[dict]:
+    if not record.exists():
+        return []
+    return [e for e in map(json.loads, record.read_text().splitlines()) if e["event"] == kind]
+
+
+@pytest.fixture()
+def job(tiny_model_dir: Path, tmp_path: Path) -> dict:
+    """The conversion step, cache directory and key a GPU worker would use for the tiny PIR model (fp16, batch 4)."""
+    vdir = tiny_model_dir / "1"
+    m = load_manifest(vdir)
+    key = cache_key("pir_trt", vdir, m, ENV, "fp16", 4)
+    cache = tmp_path / "trt" / key.dirname()
+    plan = plan_config(vdir, m, device="gpu", precision="fp16", max_batch_size=4, trt_cache_dir=cache)
+    return {"step": plan[0][1][0], "cache": cache, "key": key, "record": tmp_path / "record.jsonl"}
+
+
+def test_conversion_prefix_has_no_suffix_and_loads_with_paddle_under_pir_guard(job: dict) -> None:
+    """Real Paddle: the exact path handed to convert() loads; the .json path (the old bug) does not."""
+    prefix = job["step"]["model_prefix"]
+    assert not prefix.endswith(".json") and Path(prefix + ".json").is_file() and Path(prefix).is_absolute()
+    code = textwrap.dedent(f"""
+        import paddle
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        with paddle.pir_utils.IrGuard():
+            _, feeds, _ = paddle.static.io.load_inference_model({prefix!r}, executor=exe)
+        print("FEEDS", feeds)
+        try:
+            with paddle.pir_utils.IrGuard():
+                paddle.static.io.load_inference_model({prefix + '.json'!r}, executor=exe)
+            print("JSON-LOADED")
+        except Exception as e:
+            print("JSON-FAILED", type(e).__name__)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "FEEDS ['image']" in r.stdout
+    assert "JSON-FAILED" in r.stdout, r.stdout
+
+
+def test_standin_conversion_gets_prefix_paddle_names_and_records_what_was_built(job: dict, monkeypatch) -> None:
+    for k, v in standin_env(job["record"], STANDIN_LOAD="1").items():
+        monkeypatch.setenv(k, v)
+    result = ensure_pir_converted(job["step"], job["cache"], job["key"])
+    [call] = events(job["record"])
+    assert call["model_path"] == job["step"]["model_prefix"]  # no .json: Paddle's loader appends it
+    assert events(job["record"], "loaded") == [{"pid": call["pid"], "event": "loaded", "feeds": ["image"]}]
+    assert call["pid"] != os.getpid()  # converted in a short-lived child, not in the worker
+    assert call["save_model_dir"] == str(job["cache"] / "inference")
+    assert call["precision_mode"] == "FP16" and call["workspace_size"] == 1 << 30
+    assert call["inputs"] == [{"name": "image", "min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [4, 3, 32, 32]}]
+    assert result["cached"] is False and result["precision_built"] == "fp16" and result["engines"] == 1
+    assert (job["cache"] / MARKER).is_file()
+    assert ensure_pir_converted(job["step"], job["cache"], job["key"])["cached"] is True
+    assert len(events(job["record"])) == 1
+
+
+def test_standin_gpu_without_fast_fp16_reports_the_fp32_it_built(job: dict, monkeypatch) -> None:
+    for k, v in standin_env(job["record"], STANDIN_FAST_FP16="0").items():
+        monkeypatch.setenv(k, v)
+    result = ensure_pir_converted(job["step"], job["cache"], job["key"])
+    assert (result["precision_asked"], result["precision_built"]) == ("fp16", "fp32")
+
+
+WORKER = """
+import json, sys
+from resnet_serve.server.trt_cache import CacheKey, ensure_pir_converted
+from pathlib import Path
+job = json.loads(sys.argv[1])
+r = ensure_pir_converted(job["step"], Path(job["cache"]), CacheKey(**job["key"]))
+print(json.dumps({"cached": r["cached"], "files": r["files"]}))
+"""
+
+
+def start_worker(job: dict, env: dict[str, str]) -> subprocess.Popen:
+    arg = json.dumps({"step": job["step"], "cache": str(job["cache"]), "key": dataclasses.asdict(job["key"])})
+    return subprocess.Popen([sys.executable, "-c", WORKER, arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **env})
+
+
+def test_standin_two_workers_starting_at_once_convert_once(job: dict) -> None:
+    env = standin_env(job["record"])
+    workers = [start_worker(job, env), start_worker(job, env)]
+    outs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [o[1][-1500:] for o in outs]
+    results = [json.loads(o[0].splitlines()[-1]) for o in outs]
+    assert len(events(job["record"])) == 1
+    assert sorted(r["cached"] for r in results) == [False, True]
+    assert results[0]["files"] == results[1]["files"]
+
+
+def test_standin_lock_is_held_for_the_whole_conversion(job: dict, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    worker = start_worker(job, standin_env(job["record"], STANDIN_GATE=str(gate)))
+    try:
+        wait_for(lambda: len(events(job["record"])) == 1, timeout=120, what="the conversion to start")
+        fd = os.open(job["cache"].parent / (job["cache"].name + ".lock"), os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # a second worker would wait here
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with open(gate, "wb") as g:
+                g.write(b"x")
+            assert worker.wait(timeout=120) == 0
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released once the build is complete
+        finally:
+            os.close(fd)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.communicate()
+    assert json.loads((job["cache"] / MARKER).read_text())["key"] == dataclasses.asdict(job["key"])
+
+
+def test_standin_conversion_killed_midway_is_detected_and_rebuilt(job: dict, monkeypatch) -> None:
+    for k, v in standin_env(job["record"], STANDIN_MODE="die").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(RuntimeError, match="PIR-TensorRT conversion failed"):
+        ensure_pir_converted(job["step"], job["cache"], job["key"])
+    assert (job["cache"] / "inference.json").is_file()  # what the killed build left: it once passed "converted"
+    assert not (job["cache"] / MARKER).exists()
+    (job["cache"] / "stale-from-killed-build").write_text("x")
+    monkeypatch.setenv("STANDIN_MODE", "ok")
+    result = ensure_pir_converted(job["step"], job["cache"], job["key"])
+    assert result["cached"] is False and len(events(job["record"])) == 2
+    assert not (job["cache"] / "stale-from-killed-build").exists()
+    assert all((job["cache"] / f).is_file() for f in result["files"])
+
+
+def test_standin_cache_missing_a_listed_file_is_rebuilt(job: dict, monkeypatch) -> None:
+    for k, v in standin_env(job["record"]).items():
+        monkeypatch.setenv(k, v)
+    first = ensure_pir_converted(job["step"], job["cache"], job["key"])
+    engine_file = next(f for f in first["files"] if f.endswith(".trt"))
+    (job["cache"] / engine_file).unlink()
+    assert ensure_pir_converted(job["step"], job["cache"], job["key"])["cached"] is False
+    assert len(events(job["record"])) == 2
+
+
+def test_conversion_without_tensorrt_module_says_what_to_install(job: dict, monkeypatch) -> None:
+    """No stand-in: on this CPU wheel the child finds no `tensorrt` and says so in one line."""
+    monkeypatch.delenv(trt_cache.TRT_EXPORT_MODULE_ENV, raising=False)
+    with pytest.raises(RuntimeError) as e:
+        ensure_pir_converted(job["step"], job["cache"], job["key"])
+    assert "tensorrt" in str(e.value) and "pip install tensorrt-cu12" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+BASE_KEY = CacheKey(kind="pir_trt", model="resnet50", version=1, model_digest="abc", paddle="3.3.1+x",
+                    tensorrt="10.5/py-10.5", gpu_name="NVIDIA L4", compute_capability="8.9", precision="fp16",
+                    max_batch=8, input_size="224x224")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("kind", "classic_trt"), ("model", "resnet18"), ("version", 2), ("model_digest", "abd"),
+    ("paddle", "3.3.2+y"), ("tensorrt", "10.6/py-10.6"), ("gpu_name", "NVIDIA A100"),
+    ("compute_capability", "8.0"), ("precision", "fp32"), ("max_batch", 16), ("input_size", "256x256"),
+    ("workspace_bytes", 1 << 31), ("min_subgraph", 5),
+])
+def test_cache_key_changes_with_each_input(field: str, value: object) -> None:
+    changed = dataclasses.replace(BASE_KEY, **{field: value})
+    assert changed.dirname() != BASE_KEY.dirname()
+    assert dataclasses.replace(BASE_KEY).dirname() == BASE_KEY.dirname()  # and is stable
+
+
+def test_cache_key_of_a_model_uses_its_checksums(tiny_model_dir: Path) -> None:
+    vdir = tiny_model_dir / "1"
+    m = load_manifest(vdir)
+    key = cache_key("pir_trt", vdir, m, ENV, "fp32", 8)
+    assert (key.input_size, key.max_batch, key.gpu_name, key.compute_capability) == ("32x32", 8, "NVIDIA L4", "8.9")
+    other = dataclasses.replace(m, files={**m.files, m.params_file: "0" * 64})
+    assert cache_key("pir_trt", vdir, other, ENV, "fp32", 8) != key
+
+
+@pytest.mark.parametrize("cc,fast", [("6.1", False), ("5.3", True), ("6.0", True), ("7.5", True), ("8.9", True),
+                                     ("5.2", False)])
+def test_fast_fp16_follows_compute_capability(cc: str, fast: bool) -> None:
+    assert trt_cache.fast_fp16(cc) is fast
+
+
+def test_select_gpu_sets_cuda_visible_devices_and_device_zero(monkeypatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    args = trt_cache.select_gpu({"device": "gpu", "visible_gpu": 3, "gpu_id": 7})
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3" and args == {"device": "gpu", "gpu_id": 0}
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert trt_cache.select_gpu({"device": "cpu"}) == {"device": "cpu"}
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
