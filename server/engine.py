@@ -308,15 +308,18 @@ class Engine:
 
     # ---------------------------------------------------------------- processes
 
+    def worker_plan_args(self, index: int) -> dict[str, Any]:
+        """Instance ``index``'s predictor settings; on GPU its device, round-robin over ``cfg.gpus``."""
+        if self.cfg.device == "gpu" and self.cfg.gpus:
+            return {**self._plan_args, "visible_gpu": self.cfg.gpus[index % len(self.cfg.gpus)]}
+        return self._plan_args
+
     def _spawn(self, inst: _Instance) -> tuple[Any, Connection]:
         parent, child = self._ctx.Pipe()
-        plan_args = self._plan_args
-        if self.cfg.device == "gpu" and self.cfg.gpus:
-            plan_args = {**plan_args, "visible_gpu": self.cfg.gpus[inst.index % len(self.cfg.gpus)]}
         proc = self._ctx.Process(
             target=worker_main, name=f"resnet-serve-worker-{inst.index}", daemon=True,
-            args=(child, inst.shm.name, str(self.version_dir), plan_args, list(self.buckets),
-                  self.input_shape))
+            args=(child, inst.shm.name, str(self.version_dir), self.worker_plan_args(inst.index),
+                  list(self.buckets), self.input_shape))
         proc.start()
         child.close()  # only the worker holds its end: its death then reads as EOF here
         return proc, parent

@@ -223,3 +223,59 @@ def test_select_gpu_sets_cuda_visible_devices_and_device_zero(monkeypatch) -> No
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert trt_cache.select_gpu({"device": "cpu"}) == {"device": "cpu"}
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def test_instances_spread_over_the_gpus_setting(tiny_model_dir: Path) -> None:
+    from resnet_serve.server.engine import Engine, EngineConfig
+    from resnet_serve.server.settings import load_settings
+
+    s = load_settings(["--model-dir", str(tiny_model_dir), "--device", "gpu", "--gpus", "1,3", "--instances", "3",
+                       "--worker-start-timeout-s", "840"], environ={})
+    assert s.gpu_ids() == (1, 3) and s.worker_start_timeout_s == 840.0
+    engine = Engine(EngineConfig(version_dir=tiny_model_dir / "1", instances=3, device="gpu", gpus=s.gpu_ids()))
+    assert [engine.worker_plan_args(i)["visible_gpu"] for i in range(3)] == [1, 3, 1]
+    cpu = Engine(EngineConfig(version_dir=tiny_model_dir / "1", gpus=(1,)))
+    assert "visible_gpu" not in cpu.worker_plan_args(0)
+
+
+@pytest.mark.parametrize("flags,match", [(["--gpus", "0,x"], "gpus"), (["--gpus", "-1"], "gpus"),
+                                         (["--worker-start-timeout-s", "0"], "worker_start_timeout_s"),
+                                         (["--engine", "trt"], "engine")])
+def test_gpu_settings_are_checked(flags: list[str], match: str) -> None:
+    from resnet_serve.server.settings import load_settings
+
+    with pytest.raises(ValueError, match=match):
+        load_settings(["--model-dir", "m", *flags], environ={})
+
+
+def test_device_gpu_on_cpu_only_paddle_is_one_line_and_exit_2(tiny_model_dir: Path) -> None:
+    from conftest import run_cli
+
+    r = run_cli("resnet-serve", "--model-dir", str(tiny_model_dir), "--device", "gpu", "--port", "0",
+                "--metrics-port", "-1", timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert "CPU-only" in lines[0] and "pip install paddlepaddle-gpu==" in lines[0]
+    assert trt_cache.PADDLE_GPU_INDEX in lines[0]
+
+
+def test_gpu_support_problem_by_build(monkeypatch) -> None:
+    build = {"full_version": "3.3.1", "cuda_version": "12.6", "tensorrt_version": "None"}
+    monkeypatch.setattr(trt_cache, "paddle_build", lambda: build)
+    assert "--engine cuda" in trt_cache.gpu_support_problem("paddle")
+    assert trt_cache.gpu_support_problem("cuda") is None  # Paddle's own GPU kernels need no TensorRT
+    build["tensorrt_version"] = "10.5.0.18"
+    assert trt_cache.gpu_support_problem("tensorrt") is None
+    assert trt_cache.tensorrt_install_hint().startswith("pip install tensorrt-cu12==10.5.0.18")
+    monkeypatch.setattr(trt_cache, "paddle_build", lambda: None)
+    assert "no paddle is installed" in trt_cache.gpu_support_problem("cuda")
+
+
+def test_paddle_build_is_read_without_importing_paddle() -> None:
+    code = ("import sys; from resnet_serve.server.trt_cache import paddle_build; b = paddle_build(); "
+            "print(b['full_version'], b['cuda_version'], 'paddle' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    from importlib.metadata import version
+
+    assert r.stdout.split() == [version("paddlepaddle"), "False", "False"], r.stderr
