@@ -83,6 +83,10 @@ class Settings:
         if self.engine not in ("paddle", "onednn", "openvino", "tensorrt", "cuda"):
             raise ValueError(f"engine must be onednn or openvino (CPU), tensorrt or cuda (GPU), or paddle (the "
                              f"default: oneDNN on CPU, TensorRT on GPU), not {self.engine!r}")
+        if self.engine in ("tensorrt", "cuda") and self.device != "gpu":
+            raise ValueError(f"engine {self.engine} runs on GPU only: add --device gpu")
+        if self.engine in ("onednn", "openvino") and self.device == "gpu":
+            raise ValueError(f"engine {self.engine} runs on CPU only; on GPU use tensorrt (default) or cuda")
         if self.worker_start_timeout_s <= 0:
             raise ValueError("worker_start_timeout_s must be > 0")
         self.gpu_ids()

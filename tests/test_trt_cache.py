@@ -240,7 +240,9 @@ def test_instances_spread_over_the_gpus_setting(tiny_model_dir: Path) -> None:
 
 @pytest.mark.parametrize("flags,match", [(["--gpus", "0,x"], "gpus"), (["--gpus", "-1"], "gpus"),
                                          (["--worker-start-timeout-s", "0"], "worker_start_timeout_s"),
-                                         (["--engine", "trt"], "engine")])
+                                         (["--engine", "trt"], "engine"),
+                                         (["--engine", "cuda"], "GPU only"),
+                                         (["--device", "gpu", "--engine", "openvino"], "CPU only")])
 def test_gpu_settings_are_checked(flags: list[str], match: str) -> None:
     from resnet_serve.server.settings import load_settings
 
@@ -279,3 +281,67 @@ def test_paddle_build_is_read_without_importing_paddle() -> None:
     from importlib.metadata import version
 
     assert r.stdout.split() == [version("paddlepaddle"), "False", "False"], r.stderr
+
+
+def fake_gpu_predictor(calls: list) -> object:
+    """Stands in for trt_cache._create, which would build a GPU predictor: records the files the Config would load
+    and, for classic TensorRT, writes an engine file where Paddle serializes it (<optim cache>/trt_serialized_<key>)."""
+    from resnet_serve.server.predictor_config import model_files
+
+    def create(version_dir, manifest, plan):
+        calls.append((model_files(version_dir, manifest, plan), plan))
+        cache_dirs = [args[0] for name, args in plan if name == "set_optim_cache_dir"]
+        if cache_dirs:
+            (Path(cache_dirs[0]) / "trt_serialized_42").write_bytes(b"engine")
+        return "predictor"
+
+    return create
+
+
+def test_standin_gpu_build_pir_converts_once_then_loads_the_converted_program(job: dict, tiny_model_dir: Path,
+                                                                               tmp_path: Path, monkeypatch) -> None:
+    for k, v in standin_env(job["record"]).items():
+        monkeypatch.setenv(k, v)
+    calls: list = []
+    monkeypatch.setattr(trt_cache, "gpu_environment", lambda: ENV)  # GPU-only query
+    monkeypatch.setattr(trt_cache, "_create", fake_gpu_predictor(calls))
+    vdir = tiny_model_dir / "1"
+    for expect_cached in (False, True):
+        predictor, info = trt_cache.build_gpu_predictor(vdir, load_manifest(vdir), precision="fp16",
+                                                        max_batch_size=4, trt_cache_dir=tmp_path / "trt")
+        assert info["cached"] is expect_cached and info["precision_built"] == "fp16" and info["engines"] == 1
+    assert len(events(job["record"])) == 1
+    cache = Path(info["cache"])
+    assert cache.parent == tmp_path / "trt" and cache.name == job["key"].dirname()
+    assert calls[0][0] == (str(cache / "inference.json"), str(cache / "inference.pdiparams"))
+
+
+def test_standin_gpu_build_classic_builds_under_the_lock_once(tmp_path: Path, monkeypatch) -> None:
+    from resnet_serve.modeldir import Manifest
+
+    vdir = tmp_path / "m" / "1"
+    vdir.mkdir(parents=True)
+    for f in ("inference.pdmodel", "inference.pdiparams"):
+        (vdir / f).write_bytes(b"x")
+    m = Manifest(name="m", version=1, architecture="resnet18", num_classes=10, input_size=[32, 32], mean=[0.5] * 3,
+                 std=[0.5] * 3, format="legacy", model_file="inference.pdmodel")
+    calls: list = []
+    monkeypatch.setattr(trt_cache, "gpu_environment", lambda: {**ENV, "compute_capability": "6.1"})
+    monkeypatch.setattr(trt_cache, "_create", fake_gpu_predictor(calls))
+    (tmp_path / "trt").mkdir()
+    infos = [trt_cache.build_gpu_predictor(vdir, m, precision="fp16", trt_cache_dir=tmp_path / "trt")[1]
+             for _ in range(2)]
+    assert [i["cached"] for i in infos] == [False, True]
+    assert infos[0]["engine"] == "classic_trt" and infos[0]["engines"] == 1
+    assert infos[0]["precision_built"] == "fp32"  # compute capability 6.1 has no fast fp16
+    assert dict(calls[0][1])["set_optim_cache_dir"] == (infos[0]["cache"],)
+    assert "sm61" in infos[0]["cache"]
+
+
+def test_gpu_build_cuda_engine_needs_no_cache(tiny_model_dir: Path, monkeypatch) -> None:
+    calls: list = []
+    monkeypatch.setattr(trt_cache, "_create", fake_gpu_predictor(calls))
+    vdir = tiny_model_dir / "1"
+    _, info = trt_cache.build_gpu_predictor(vdir, load_manifest(vdir), precision="fp16", engine="cuda")
+    assert info == {"engine": "cuda", "precision_asked": "fp16", "precision_built": "fp16"}
+    assert calls[0][0][0] == str(vdir / "inference.json")
