@@ -83,6 +83,9 @@ class Settings:
         if self.engine not in ("paddle", "onednn", "openvino", "tensorrt", "cuda"):
             raise ValueError(f"engine must be onednn or openvino (CPU), tensorrt or cuda (GPU), or paddle (the "
                              f"default: oneDNN on CPU, TensorRT on GPU), not {self.engine!r}")
+        if self.precision == "int8" and self.device == "gpu":
+            raise ValueError("int8 runs on CPU only: int8 exports are oneDNN programs that no GPU engine runs; "
+                             "use --device cpu, or --precision fp16 on GPU")
         if self.engine in ("tensorrt", "cuda") and self.device != "gpu":
             raise ValueError(f"engine {self.engine} runs on GPU only: add --device gpu")
         if self.engine in ("onednn", "openvino") and self.device == "gpu":

@@ -198,8 +198,12 @@ def cache_key(kind: str, version_dir: Path, manifest: Manifest, env: dict[str, s
 def cache_lock(cache: Path) -> Iterator[None]:
     """Exclusive across processes (flock on ``<cache>.lock`` beside the directory, which a rebuild deletes);
     released by the kernel if the holder dies, so a killed build never blocks the next start."""
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cache.parent / (cache.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache.parent / (cache.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # e.g. the default <version>/_opt_cache on a read-only model volume
+        raise RuntimeError(f"the TensorRT cache directory {cache.parent} is not writable ({e.strerror}): "
+                           f"set --trt-cache-dir to a writable directory") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -242,7 +242,8 @@ def test_instances_spread_over_the_gpus_setting(tiny_model_dir: Path) -> None:
                                          (["--worker-start-timeout-s", "0"], "worker_start_timeout_s"),
                                          (["--engine", "trt"], "engine"),
                                          (["--engine", "cuda"], "GPU only"),
-                                         (["--device", "gpu", "--engine", "openvino"], "CPU only")])
+                                         (["--device", "gpu", "--engine", "openvino"], "CPU only"),
+                                         (["--device", "gpu", "--precision", "int8"], "int8 runs on CPU only")])
 def test_gpu_settings_are_checked(flags: list[str], match: str) -> None:
     from resnet_serve.server.settings import load_settings
 
@@ -345,3 +346,12 @@ def test_gpu_build_cuda_engine_needs_no_cache(tiny_model_dir: Path, monkeypatch)
     _, info = trt_cache.build_gpu_predictor(vdir, load_manifest(vdir), precision="fp16", engine="cuda")
     assert info == {"engine": "cuda", "precision_asked": "fp16", "precision_built": "fp16"}
     assert calls[0][0][0] == str(vdir / "inference.json")
+
+
+def test_unwritable_cache_directory_says_which_setting_to_change(job: dict, tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the cache root should be")
+    with pytest.raises(RuntimeError, match="not writable .*--trt-cache-dir") as e:
+        ensure_pir_converted({**job["step"], "save_model_dir": str(blocked / "k" / "inference")}, blocked / "k",
+                             job["key"])
+    assert "\n" not in str(e.value)
