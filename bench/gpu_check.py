@@ -42,6 +42,7 @@ CONFIGS = {
     "classic_trt_fp32": ("tensorrt", "fp32", "legacy"),
     "classic_trt_fp16": ("tensorrt", "fp16", "legacy"),
 }
+DEVICE = "gpu"
 BATCHES = (1, 8, 32)
 SERVER_CONFIG = "pir_trt_fp16"
 SERVER_CONCURRENCY = (1, 16, 64)
@@ -214,7 +215,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         log(f"CPU fp32 reference: {model}")
         logits = work / f"cpu-{model}.npy"
         child({"model_dir": str(models[model]), "device": "cpu", "engine": "paddle", "precision": "fp32",
-               "max_batch": 32, "inputs": str(inputs[model]), "logits": str(logits)})
+               "max_batch": max(BATCHES), "inputs": str(inputs[model]), "logits": str(logits)})
         refs[model] = np.load(logits)
     for name, (engine, precision, fmt) in CONFIGS.items():
         entry: dict[str, Any] = {"engine": engine, "precision": precision, "format": fmt}
@@ -222,8 +223,8 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
             vdir = models[model if fmt == "pir" else model + "-legacy"]
             cache = work / "cache" / f"{name}-{model}"
             shutil.rmtree(cache, ignore_errors=True)
-            spec = {"model_dir": str(vdir), "device": "gpu", "engine": engine, "precision": precision,
-                    "max_batch": 32, "cache": str(cache), "inputs": str(inputs[model]),
+            spec = {"model_dir": str(vdir), "device": DEVICE, "engine": engine, "precision": precision,
+                    "max_batch": max(BATCHES), "cache": str(cache), "inputs": str(inputs[model]),
                     "logits": str(work / f"{name}-{model}.npy")}
             log(f"{name} {model}: cold start")
             cold = child({**spec, "batches": list(BATCHES), "throughput_s": args.seconds if model == "resnet50" else 0})
@@ -258,8 +259,8 @@ def server_run(vdir: Path, cache: Path, args: argparse.Namespace, in_process: di
 
     engine, precision, _ = CONFIGS[SERVER_CONFIG]
     log(f"server end to end: {SERVER_CONFIG} on ResNet-50, unary at concurrency {list(SERVER_CONCURRENCY)}")
-    server = ServerProcess(vdir.parent, "--device", "gpu", "--engine", engine, "--precision", precision,
-                           "--max-batch-size", "32", "--buckets", ",".join(map(str, BATCHES)),
+    server = ServerProcess(vdir.parent, "--device", DEVICE, "--engine", engine, "--precision", precision,
+                           "--max-batch-size", str(max(BATCHES)), "--buckets", ",".join(map(str, BATCHES)),
                            "--trt-cache-dir", str(cache.parent / "server"), "--max-queue-size", "1024")
     try:
         steps = run_load(LoadConfig(target=server.target, mode="unary", input="raw",
