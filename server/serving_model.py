@@ -52,8 +52,11 @@ class LoadedModel:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
 
-def _log_build(info: dict) -> None:
-    """The precision actually built: PIR-TensorRT silently builds fp32 on GPUs without fast fp16."""
+def log_build(info: dict, asked: str) -> str:
+    """Log what a GPU worker built and return the precision actually built (reported by GetModelInfo and the info
+    metric): PIR-TensorRT silently builds fp32 on GPUs without fast fp16."""
+    if not info:
+        return asked
     log.info("GPU engine %s on %s: precision %s (asked %s), %s TensorRT engine(s), %s cache %s",
              info.get("engine"), info.get("gpu", "?"), info.get("precision_built"), info.get("precision_asked"),
              info.get("engines", 0), "reused" if info.get("cached") else "new", info.get("cache", "-"))
@@ -62,6 +65,7 @@ def _log_build(info: dict) -> None:
                     info.get("precision_asked"), info.get("precision_built"))
     if info.get("engine") != "cuda" and not info.get("engines"):
         log.warning("TensorRT built no engine: the model runs on Paddle's GPU kernels (cache %s)", info.get("cache"))
+    return str(info.get("precision_built") or asked)
 
 
 async def load(settings: Settings, version_dir: Path, observer: BatcherObserver, pool: Executor, metrics,
@@ -88,6 +92,7 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
         await loop.run_in_executor(None, engine.close)
         raise
     m = engine.manifest
+    precision = log_build(engine.build_info, precision)
     runners = engine.runners()
     if wrap_runner is not None:
         runners = [wrap_runner(r) for r in runners]
@@ -103,6 +108,4 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
     pipeline = Pipeline(batcher, preprocessor, engine.labels, model, metrics, pool)
     log.info("loaded %s v%s (%s) from %s: load %.2f s, warm-up %.2f s of buckets %s", m.name, m.version,
              m.architecture, version_dir, engine.load_seconds, engine.warmup_seconds, list(s.bucket_sizes()))
-    if engine.build_info:
-        _log_build(engine.build_info)
     return LoadedModel(version_dir, engine, batcher, pipeline)

@@ -355,3 +355,19 @@ def test_unwritable_cache_directory_says_which_setting_to_change(job: dict, tmp_
         ensure_pir_converted({**job["step"], "save_model_dir": str(blocked / "k" / "inference")}, blocked / "k",
                              job["key"])
     assert "\n" not in str(e.value)
+
+
+def test_the_precision_actually_built_is_logged_and_reported(caplog) -> None:
+    from resnet_serve.server.serving_model import log_build
+
+    info = {"engine": "pir_trt", "gpu": "GTX 1080 (sm 6.1)", "precision_asked": "fp16", "precision_built": "fp32",
+            "engines": 2, "cached": False, "cache": "/c/k"}
+    with caplog.at_level("INFO", logger="resnet_serve.server.serving_model"):
+        assert log_build(info, "fp16") == "fp32"
+    assert "precision fp32 (asked fp16), 2 TensorRT engine(s)" in caplog.text
+    assert any(r.levelname == "WARNING" and "TensorRT built fp32" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="resnet_serve.server.serving_model"):
+        assert log_build({**info, "precision_built": "fp16", "engines": 0}, "fp16") == "fp16"
+    assert any("TensorRT built no engine" in r.getMessage() for r in caplog.records)
+    assert log_build({}, "fp32") == "fp32"  # CPU workers build nothing to report
