@@ -129,8 +129,10 @@ def trt_proof(info: dict[str, Any]) -> dict[str, Any]:
     cache = info.get("cache")
     if not cache or not Path(cache).is_dir():
         return {"tensorrt_engine_ops": 0, "engine_files": 0}
+    from resnet_serve.server.trt_cache import tensorrt_engine_ops
+
     program = Path(cache) / "inference.json"
-    ops = program.read_text(errors="replace").count("pd_op.tensorrt_engine") if program.is_file() else 0
+    ops = tensorrt_engine_ops(program.read_text(errors="replace")) if program.is_file() else 0
     files = [p for p in Path(cache).rglob("*") if p.is_file() and (p.suffix == ".trt" or "trt_serialized" in p.name)]
     return {"tensorrt_engine_ops": ops, "engine_files": len(files)}
 

@@ -279,6 +279,12 @@ def _last_line(path: Path) -> str:
     return ""
 
 
+def tensorrt_engine_ops(program_json: str) -> int:
+    """How many ``pd_op.tensorrt_engine`` ops a PIR program file holds: the proof that TensorRT took part. The
+    file names ops by dialect number ("1.conv2d" is pd_op.conv2d), the full name is counted too."""
+    return program_json.count('"1.tensorrt_engine"') + program_json.count('"pd_op.tensorrt_engine"')
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """Linux: be killed when the worker dies (a timed-out start), so no orphan keeps writing into the cache."""
     with contextlib.suppress(OSError, AttributeError):
@@ -319,7 +325,7 @@ def _convert(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "precision_asked": asked,
         "precision_built": "fp16" if asked == "fp16" and fast else "fp32",
-        "engines": program.read_text(errors="replace").count("pd_op.tensorrt_engine"),
+        "engines": tensorrt_engine_ops(program.read_text(errors="replace")),
         "files": [prefix.name + ".json", prefix.name + ".pdiparams", *engine_files],
     }
 

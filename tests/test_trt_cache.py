@@ -371,3 +371,10 @@ def test_the_precision_actually_built_is_logged_and_reported(caplog) -> None:
         assert log_build({**info, "precision_built": "fp16", "engines": 0}, "fp16") == "fp16"
     assert any("TensorRT built no engine" in r.getMessage() for r in caplog.records)
     assert log_build({}, "fp32") == "fp32"  # CPU workers build nothing to report
+
+
+def test_tensorrt_engine_ops_are_counted_in_paddles_own_program_format(tiny_model_dir: Path) -> None:
+    program = (tiny_model_dir / "1" / "inference.json").read_text()
+    assert '"1.conv2d"' in program  # PIR files name pd_op.* ops "1.*"
+    assert trt_cache.tensorrt_engine_ops(program) == 0
+    assert trt_cache.tensorrt_engine_ops(program.replace('"1.conv2d"', '"1.tensorrt_engine"', 2)) == 2

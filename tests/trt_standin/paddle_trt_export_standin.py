@@ -7,10 +7,10 @@ snapshot at commit 7357bc7f, which has ``use_cuda_graph``; the names match the v
 ``convert`` does what Paddle's does to the path it is given: with STANDIN_LOAD=1 it loads it with the real
 ``paddle.static.io.load_inference_model`` under ``paddle.pir_utils.IrGuard()`` (CPU executor instead of
 CUDAPlace(0)); otherwise it reads ``model_path + ".json"``, the file Paddle's loader opens. Then it writes what
-Paddle writes: ``<save_model_dir>.json`` (with a ``pd_op.tensorrt_engine`` op), ``.pdiparams`` and the engine files
-in the directory ``<save_model_dir>/``. Each call is appended to STANDIN_RECORD (one JSON line). STANDIN_MODE=die
-stops the process after the program file, as a conversion killed midway; STANDIN_GATE names a FIFO to read one
-byte from before writing anything (the test decides when the conversion may finish).
+Paddle writes: ``<save_model_dir>.json`` (one op turned into ``pd_op.tensorrt_engine``), ``.pdiparams`` and the
+engine files in the directory ``<save_model_dir>/``. Each call is appended to STANDIN_RECORD (one JSON line).
+STANDIN_MODE=die stops the process after the program file, as a conversion killed midway; STANDIN_GATE names a FIFO
+to read one byte from before writing anything (the test decides when the conversion may finish).
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def convert(model_path, config):
         with open(gate, "rb") as f:
             f.read(1)
     save = Path(config.save_model_dir)
-    save.with_name(save.name + ".json").write_text(program + '\n{"op": "pd_op.tensorrt_engine"}\n')
+    # Paddle's PIR files name ops by dialect number: "1.tensorrt_engine" is pd_op.tensorrt_engine.
+    save.with_name(save.name + ".json").write_text(program.replace('"1.conv2d"', '"1.tensorrt_engine"', 1))
     if os.environ.get("STANDIN_MODE") == "die":
         os._exit(9)
     shutil.copyfile(model_path + ".pdiparams", save.with_name(save.name + ".pdiparams"))
