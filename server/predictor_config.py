@@ -5,7 +5,7 @@ there), so settings are planned as an ordered list of ``(Config method name, arg
 check against a recording fake Config, and ``apply_plan`` replays them on a real
 ``paddle.inference.Config``. Nothing here imports Paddle at module level (the front stays Paddle-free).
 
-Rules encoded here (see shared/PADDLE_FACTS.md):
+Rules encoded here (measured on Paddle 3.3.1; docs/precision.md, docs/gpu.md):
 - CPU: oneDNN explicitly on (0.4-0.6x the speed without it), math threads per instance, IR optim on.
 - ``enable_memory_optim`` only for legacy ``.pdmodel``: it makes ``create_predictor`` fail for ``.json``.
 - INT8 (oneDNN ``enable_mkldnn_int8``), OpenVINO and classic TensorRT need a legacy ``.pdmodel`` model.
