@@ -173,16 +173,16 @@ def prepare_models(root: Path) -> dict[str, Path]:
 
     models = {"resnet50": ensure_model("resnet50", root, 224) / "1",
               "resnet50-legacy": ensure_model("resnet50", root, 224, legacy=True) / "1"}
-    bins = Path(sys.executable).parent
     ckpt = root / "digits-checkpoints"
     if not ckpt.is_dir():
         log("training the digits model (ResNet-18, 32x32, 3 epochs)")
-        subprocess.run([str(bins / "resnet-train"), "--arch", "resnet18", "--input-size", "32", "--epochs", "3",
-                        "--out", str(ckpt), "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "resnet_serve.train.cli", "--arch", "resnet18", "--input-size", "32",
+                        "--epochs", "3", "--out", str(ckpt), "--no-progress"], check=True, stdout=subprocess.DEVNULL)
     for name, fmt in (("digits", "pir"), ("digits-legacy", "legacy")):
         if not (root / name / "1" / "manifest.json").is_file():
-            subprocess.run([str(bins / "resnet-export"), "--checkpoint", str(ckpt), "--out", str(root / name),
-                            "--name", "digits", "--format", fmt], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run([sys.executable, "-m", "resnet_serve.export.cli", "--checkpoint", str(ckpt),
+                            "--out", str(root / name), "--name", "digits", "--format", fmt], check=True,
+                            stdout=subprocess.DEVNULL)
         models[name] = root / name / "1"
     return models
 
@@ -256,20 +256,32 @@ def two_at_once(spec: dict[str, Any], cache: Path) -> dict[str, Any]:
 def server_run(vdir: Path, cache: Path, args: argparse.Namespace, in_process: dict[str, float]) -> dict[str, Any]:
     from resnet_serve.client.loadgen import LoadConfig
     from resnet_serve.client.loadgen import run as run_load
-
-    from .run import ServerProcess
+    from resnet_serve.client.sync import ClassifierClient
 
     engine, precision, _ = CONFIGS[SERVER_CONFIG]
     log(f"server end to end: {SERVER_CONFIG} on ResNet-50, unary at concurrency {list(SERVER_CONCURRENCY)}")
-    server = ServerProcess(vdir.parent, "--device", DEVICE, "--engine", engine, "--precision", precision,
-                           "--max-batch-size", str(max(BATCHES)), "--buckets", ",".join(map(str, BATCHES)),
-                           "--trt-cache-dir", str(cache.parent / "server"), "--max-queue-size", "1024")
+    # `python -m`, not the console script: it works whatever directory pip put the scripts in.
+    server = subprocess.Popen([sys.executable, "-m", "resnet_serve.server.cli", "--model-dir", str(vdir.parent),
+                               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--device", DEVICE,
+                               "--engine", engine, "--precision", precision, "--max-batch-size", str(max(BATCHES)),
+                               "--buckets", ",".join(map(str, BATCHES)), "--max-queue-size", "1024",
+                               "--trt-cache-dir", str(cache.parent / "server")],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        steps = run_load(LoadConfig(target=server.target, mode="unary", input="raw",
-                                    concurrency=SERVER_CONCURRENCY, warmup_s=2.0, duration_s=args.seconds * 2,
-                                    input_hw=(224, 224)))
+        line = server.stdout.readline()
+        if not line:
+            raise RuntimeError(f"resnet-serve exited with code {server.wait()} before listening")
+        target = f"127.0.0.1:{json.loads(line)['port']}"
+        with ClassifierClient(target) as client:
+            client.wait_until_ready(1800)
+        steps = run_load(LoadConfig(target=target, mode="unary", input="raw", concurrency=SERVER_CONCURRENCY,
+                                    warmup_s=2.0, duration_s=args.seconds * 2, input_hw=(224, 224)))
     finally:
-        server.close()
+        server.terminate()  # SIGTERM: the server drains and exits
+        try:
+            server.wait(120)
+        except subprocess.TimeoutExpired:
+            server.kill()
     best = max(in_process.values(), default=0.0)
     return {"config": SERVER_CONFIG, "in_process_best_images_per_s": best,
             "steps": [{"concurrency": s["concurrency"], "images_per_s": s["images_per_s"],
