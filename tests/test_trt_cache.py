@@ -378,3 +378,12 @@ def test_tensorrt_engine_ops_are_counted_in_paddles_own_program_format(tiny_mode
     assert '"1.conv2d"' in program  # PIR files name pd_op.* ops "1.*"
     assert trt_cache.tensorrt_engine_ops(program) == 0
     assert trt_cache.tensorrt_engine_ops(program.replace('"1.conv2d"', '"1.tensorrt_engine"', 2)) == 2
+
+
+def test_worker_module_leaves_paddle_unimported_so_cuda_visible_devices_can_still_apply() -> None:
+    """A spawned worker imports its module before worker_main runs select_gpu: Paddle must not be loaded by then,
+    or CUDA_VISIBLE_DEVICES would come too late to choose the worker's GPU."""
+    code = ("import sys, resnet_serve.server.worker, resnet_serve.server.trt_cache; "
+            "print('paddle' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
