@@ -237,8 +237,8 @@ def test_gpu_image_installs_the_package_providing_tensorrt_and_asserts_the_impor
     assert "paddle.version.tensorrt()" in steps[version_step]  # the version Paddle was built with
     install = next(i for i, st in enumerate(steps) if '"tensorrt-cu12==${TRT_VERSION}.*"' in st)
     check = steps.index('python3 -c "import tensorrt, paddle.tensorrt"')
-    paddle_install = next(i for i, st in enumerate(steps) if '"paddlepaddle-gpu==${PADDLE_VERSION}"' in st)
-    assert paddle_install < version_step < install < check
+    paddle_check = next(i for i, st in enumerate(steps) if "paddle.is_compiled_with_cuda()" in st)
+    assert paddle_check < version_step < install < check
 
 
 def test_gpu_image_tensorrt_version_step_fails_on_a_paddle_without_tensorrt() -> None:
@@ -251,16 +251,20 @@ def test_gpu_image_tensorrt_version_step_fails_on_a_paddle_without_tensorrt() ->
 
 
 def test_gpu_image_base_and_paddle_follow_the_tested_paddle() -> None:
-    """Paddle's GPU wheel at the major.minor we test, from Paddle's CUDA 12.6 index, on a CUDA 12.6 base."""
+    """Paddle's own GPU image (the registry its 3.x install docs give) at the Paddle series we test, CUDA 12.6; the
+    build checks that the base's paddle is that series and compiled with CUDA."""
     from importlib.metadata import version
 
     text = DOCKERFILE_GPU.read_text()
-    paddle_version = re.search(r"^ARG PADDLE_VERSION=(\S+)$", text, re.M).group(1)
-    assert paddle_version.split(".")[:2] == version("paddlepaddle").split(".")[:2]
-    assert re.search(r"^ARG PADDLE_INDEX=https://www\.paddlepaddle\.org\.cn/packages/stable/cu126/$", text, re.M)
-    base = re.search(r"^ARG CUDA_IMAGE=(\S+)$", text, re.M).group(1)
-    assert base.startswith("nvidia/cuda:12.6.") and "cudnn" in base and "runtime" in base
-    assert "paddlepaddle/paddle:" not in re.sub(r"#.*", "", text)  # Docker Hub's old path is gone
+    base = re.search(r"^ARG PADDLE_GPU_IMAGE=(\S+)$", text, re.M).group(1)
+    registry, tag = base.rsplit(":", 1)
+    assert registry == "ccr-2vdh3abv-pub.cnc.bj.baidubce.com/paddlepaddle/paddle"
+    assert tag.split(".")[:2] == version("paddlepaddle").split(".")[:2] and "-gpu-cuda12.6-" in tag
+    series = re.search(r"^ARG PADDLE_SERIES=(\S+)$", text, re.M).group(1)
+    assert tag.startswith(series + ".")
+    assert "startswith('${PADDLE_SERIES}.')" in "\n".join(dockerfile_runs(DOCKERFILE_GPU))
+    trusted = yaml.safe_load((DEPLOY / "docker" / "hadolint.yaml").read_text())["trustedRegistries"]
+    assert registry.split("/")[0] in trusted
     env = dict(re.findall(r"\b(RESNET_SERVE_\w+)=(\S+)", text))
     start_period = int(re.search(r"--start-period=(\d+)s", text).group(1))
     assert env["RESNET_SERVE_DEVICE"] == "gpu" and float(env["RESNET_SERVE_WORKER_START_TIMEOUT_S"]) < start_period
