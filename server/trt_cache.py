@@ -268,6 +268,9 @@ def ensure_pir_converted(step: dict[str, Any], cache: Path, key: CacheKey) -> di
         if code != 0 or "error" in result or not result:
             reason = result.get("error") or _last_line(log_path) or f"exit code {code}"
             raise RuntimeError(f"PIR-TensorRT conversion failed: {reason} (log: {log_path})")
+        missing = [f for f in result.get("files", []) if not (cache / f).is_file()]
+        if missing or not result.get("files"):
+            raise RuntimeError(f"PIR-TensorRT conversion wrote no {missing or 'files'} in {cache} (log: {log_path})")
         record = write_marker(cache, key, result)
     return {**record, "cached": False}
 

@@ -387,3 +387,11 @@ def test_worker_module_leaves_paddle_unimported_so_cuda_visible_devices_can_stil
             "print('paddle' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_standin_conversion_that_returns_without_its_files_is_not_marked_complete(job: dict, monkeypatch) -> None:
+    for k, v in standin_env(job["record"], STANDIN_MODE="no_params").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(RuntimeError, match="wrote no .*inference.pdiparams"):
+        ensure_pir_converted(job["step"], job["cache"], job["key"])
+    assert not (job["cache"] / MARKER).exists()
