@@ -1,17 +1,19 @@
 """Recording stand-in for ``paddle.tensorrt.export`` (absent from Paddle's CPU wheel).
 
-Signatures copied from PaddlePaddle/Paddle ``python/paddle/tensorrt/export.py`` of the 3.x line (the stored
-snapshot at commit 7357bc7f, which has ``use_cuda_graph``; the names match the v3.0 API reference "Paddle-TensorRT
-接口类", paddlepaddle.org.cn/inference/v3.0): a call with a wrong keyword fails here as it would there.
+Parameter names from PaddlePaddle/Paddle ``python/paddle/tensorrt/export.py`` as stored at commit 7357bc7f (a Paddle
+3.x revision: ``TensorRTConfig`` has ``use_cuda_graph`` and ``refit_params_path``). ``Input``, ``TensorRTConfig``,
+``PrecisionMode`` and ``convert(model_path, config)`` have the same names at commit 02a5e4e0 and in the v3.0 API
+reference ("Paddle-TensorRT 接口类", paddlepaddle.org.cn/inference/v3.0). A call with a wrong keyword fails here as
+it would there.
 
 ``convert`` does what Paddle's does to the path it is given: with STANDIN_LOAD=1 it loads it with the real
 ``paddle.static.io.load_inference_model`` under ``paddle.pir_utils.IrGuard()`` (CPU executor instead of
 CUDAPlace(0)); otherwise it reads ``model_path + ".json"``, the file Paddle's loader opens. Then it writes what
 Paddle writes: ``<save_model_dir>.json`` (one op turned into ``pd_op.tensorrt_engine``), ``.pdiparams`` and the
 engine files in the directory ``<save_model_dir>/``. Each call is appended to STANDIN_RECORD (one JSON line).
-STANDIN_MODE=die stops the process after the program file, as a conversion killed midway (no_params:
-returns without the params file); STANDIN_GATE names a FIFO
-to read one byte from before writing anything (the test decides when the conversion may finish).
+STANDIN_MODE=die stops the process after the program file, as a conversion killed midway; STANDIN_MODE=no_params
+returns without writing the params file; STANDIN_GATE names a FIFO to read one byte from before writing anything
+(the test decides when the conversion may finish).
 """
 
 from __future__ import annotations
