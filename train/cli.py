@@ -226,12 +226,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_holdout(args: argparse.Namespace) -> int:
-    from .data import materialise, write_images
+    from .data import held_out, write_images
 
     run = _fresh(args)[0]
-    source = open_source(run["data"])
-    _, held = split_indices(len(source), run["holdout"], run["seed"])
-    n = write_images(materialise(source, held, run["input_size"]), args.write_holdout)
+    _check_settings(run, args, None)
+    n = write_images(held_out(run["data"], run["input_size"], run["holdout"], run["seed"]), args.write_holdout)
     log.info("wrote %d held-out images under %s", n, args.write_holdout)
     return 0
 

@@ -246,6 +246,12 @@ def load_dataset(data: str, size: int, holdout: float = 0.2, seed: int = 0) -> t
     return materialise(src, train, size), materialise(src, test, size)
 
 
+def held_out(data: str, size: int, holdout: float = 0.2, seed: int = 0) -> Split:
+    """The held-out split alone, in memory, at the serving transform (the demo's and export's evaluation set)."""
+    src = open_source(data, report=False)
+    return materialise(src, split_indices(len(src), holdout, seed)[1], size)
+
+
 def load_digits(size: int, holdout: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
     return load_dataset(DIGITS, size, holdout, seed)
 
