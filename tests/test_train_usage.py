@@ -120,3 +120,17 @@ def test_profile_output_goes_under_out(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert list(cwd.iterdir()) == []
     assert any((out / "profile").iterdir())
+
+
+def test_image_that_fails_to_decode_in_a_worker_is_one_line(tmp_path: Path) -> None:
+    """Its header is fine (the scan passes it), its pixels are cut short: the worker process that meets it must not
+    end the run with Paddle's traceback."""
+    data = _folder(tmp_path / "d", 6)
+    whole = tmp_path / "whole.jpg"
+    Image.new("RGB", (300, 300), (1, 2, 3)).save(whole)
+    (data / "red" / "bad.jpg").write_bytes(whole.read_bytes()[:200])
+    r = run_cli("resnet-train", "--data", str(data), "--batch-size", "2", "--epochs", "1", "--input-size", "16",
+                "--num-workers", "2", "--out", str(tmp_path / "c"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == [f"error: cannot read image {data / 'red' / 'bad.jpg'}: Truncated File Read"]

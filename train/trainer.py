@@ -26,7 +26,7 @@ from tqdm import tqdm
 from resnet_serve.imaging import IMAGENET_MEAN, IMAGENET_STD, normalise
 
 from . import checkpoint as ckpt
-from .data import Augment, Source, open_source, split_indices
+from .data import Augment, DatasetError, Source, open_source, split_indices
 from .models import build_model, init_from
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,19 @@ class ImageDataset(paddle.io.Dataset):
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, self.epoch, int(i)]) if self.augment else None
-        pixels = self.source.pixels(int(i), self.size, self.augment, rng)
+        try:
+            pixels = self.source.pixels(int(i), self.size, self.augment, rng)
+        except DatasetError:  # raised in a worker it would reach the user as Paddle's traceback: flag the image
+            return np.zeros((3, self.size, self.size), np.float32), np.int64(-1 - int(i))
         return normalise(pixels, self.mean, self.std), self.source.labels[i]
+
+
+def check_batch(labels: paddle.Tensor, source: Source) -> None:
+    """A batch holding an image a worker could not decode -> that image's DatasetError, raised here."""
+    lowest = int(labels.min())
+    if lowest < 0:
+        source.pixels(-1 - lowest, 16)  # decodes it again in this process: raises the DatasetError naming it
+        raise DatasetError(f"image {-1 - lowest} of the data set could not be read")
 
 
 def gpu_available() -> bool:
@@ -116,6 +127,7 @@ def evaluate(model: paddle.nn.Layer, data: paddle.io.DataLoader, amp: str) -> fl
     correct = seen = 0
     with paddle.no_grad():
         for x, y in data:
+            check_batch(y, data.dataset.source)
             with paddle.amp.auto_cast(enable=amp != "O0", level=amp if amp != "O0" else "O1"):
                 logits = model(x)
             correct += int((logits.argmax(axis=1) == y).astype("int64").sum())
@@ -183,6 +195,7 @@ def train(cfg: TrainConfig, source: Source | None = None) -> Path:
         for step, (x, y) in enumerate(train_data):
             if step >= steps:
                 break
+            check_batch(y, source)
             with paddle.amp.auto_cast(enable=amp != "O0", level=amp if amp != "O0" else "O1"):
                 loss = F.cross_entropy(model(x), y)
             scaled = scaler.scale(loss)
