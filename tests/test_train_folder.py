@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,17 @@ def test_one_class_is_refused(tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: dataset folder {tmp_path / 'data'} has a single class (only): a classifier needs at least 2 "
         "class subfolders with images"]
+
+
+def test_resume_refuses_a_folder_whose_classes_changed(image_folder: Path, tmp_path: Path) -> None:
+    data = tmp_path / "pets"
+    shutil.copytree(image_folder, data)
+    out = tmp_path / "ck"
+    r = run_cli("resnet-train", "--data", str(data), "--epochs", "1", "--batch-size", "3", "--holdout", "0.25",
+                "--num-workers", "0", "--input-size", str(SIZE), "--out", str(out), "--amp", "O0")
+    assert r.returncode == 0, r.stderr
+    shutil.copy(data / "cat" / "a_plain.jpg", data / "empty" / "now_a_class.jpg")
+    r = run_cli("resnet-train", "--resume", str(out), "--epochs", "2")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: the classes of {data} (cat, dog, empty) are no longer the resumed run's (cat, dog): the data set "
+        "changed since the run began"]

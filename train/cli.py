@@ -125,14 +125,11 @@ def _from_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Au
     if run["epochs"] <= saved:
         raise UsageError(f"nothing left to train: {prefix} is epoch {saved} and the run ends at epoch "
                          f"{run['epochs']}; pass --epochs N with N > {saved} to train further")
-    if run["epochs"] != meta.get("epochs"):
-        log.warning("extending the run from %s to %d epochs: the cosine schedule now spans %d epochs",
-                    meta.get("epochs"), run["epochs"], run["epochs"])
     if "augment" not in meta:  # metadata of an older resnet-train
         return run, prefix.parent, _augment(args, run["data"])
     recorded_aug = Augment(**meta["augment"]) if meta["augment"] else None
     if args.no_augment or args.crop_scale is not None or args.flip is not None:
-        base = recorded_aug or _augment(argparse.Namespace(no_augment=False, crop_scale=None, flip=None), run["data"])
+        base = recorded_aug or (DIGITS_AUGMENT if run["data"] == DIGITS else FOLDER_AUGMENT)
         wanted = None if args.no_augment else Augment(
             args.crop_scale if args.crop_scale is not None else base.crop_scale,
             args.flip if args.flip is not None else base.flip)
@@ -170,8 +167,11 @@ def _check_settings(run: dict[str, Any], args: argparse.Namespace, augment: Augm
         raise UsageError(f"--crop-scale must be in (0, 1], got {augment.crop_scale}")
 
 
-def _check_data(source: Source, run: dict[str, Any]) -> None:
+def _check_data(source: Source, run: dict[str, Any], resumed: dict[str, Any]) -> None:
     n = len(source)
+    if resumed.get("labels") and list(source.classes) != resumed["labels"]:
+        raise UsageError(f"the classes of {run['data']} ({', '.join(source.classes)}) are no longer the resumed "
+                         f"run's ({', '.join(resumed['labels'])}): the data set changed since the run began")
     train_idx, test_idx = split_indices(n, run["holdout"], run["seed"])
     if len(test_idx) == 0 or len(train_idx) == 0:
         raise UsageError(f"--holdout {run['holdout']} of {n} images leaves {len(train_idx)} for training and "
@@ -179,7 +179,11 @@ def _check_data(source: Source, run: dict[str, Any]) -> None:
     if run["batch_size"] > len(train_idx):
         raise UsageError(f"--batch-size {run['batch_size']} is larger than the training split ({len(train_idx)} of "
                          f"{n} images with --holdout {run['holdout']}): an epoch would be 0 steps")
-    if len(train_idx) // run["batch_size"] == 1:
+    steps = len(train_idx) // run["batch_size"]
+    if resumed.get("steps_per_epoch") and min(steps, run["max_steps_per_epoch"] or steps) != resumed["steps_per_epoch"]:
+        log.warning("the data set's size changed since the run began (an epoch is now %d steps, was %d): the "
+                    "resumed run will differ from an uninterrupted one", steps, resumed["steps_per_epoch"])
+    if steps == 1:
         log.warning("--batch-size %d on %d training images makes every epoch a single step: the model will barely "
                     "train; lower --batch-size", run["batch_size"], len(train_idx))
 
@@ -204,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         _check_settings(run, args, augment)
         _check_init(args, run["arch"])
         source = open_source(run["data"], report=False)
-        _check_data(source, run)  # before the report: a refused run prints its one line and nothing else
+        resumed = ckpt.read_meta(ckpt.resolve(args.resume)) if args.resume else {}
+        _check_data(source, run, resumed)  # before the report: a refused run prints its one line and nothing else
         report_source(source)
+        if resumed and run["epochs"] != resumed.get("epochs"):
+            log.warning("extending the run from %s to %d epochs: the cosine schedule now spans %d epochs",
+                        resumed.get("epochs"), run["epochs"], run["epochs"])
         if args.profile:
             log.info("profiler trace: %s", Path(out) / "profile")
     except (UsageError, DatasetError, ckpt.CheckpointError) as e:
