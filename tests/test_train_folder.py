@@ -162,3 +162,35 @@ def test_resume_refuses_a_folder_whose_classes_changed(image_folder: Path, tmp_p
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: the classes of {data} (cat, dog, empty) are no longer the resumed run's (cat, dog): the data set "
         "changed since the run began"]
+
+
+def test_a_real_server_sees_the_training_pixels(image_folder: Path, tiny_model_dir: Path) -> None:
+    """Each image sent as file bytes to a real server scores exactly as the training evaluation's pixels for it
+    (sent as a model-sized uint8 tensor, which the server passes through untouched)."""
+    from harness import InProcessServer
+
+    from resnet_serve.protos import classifier_pb2 as pb
+
+    size = 32  # the tiny model's input
+    src = scan_folder(image_folder)
+    srv = InProcessServer(model_dir=str(tiny_model_dir), max_batch_size=1, threads_per_instance=1)
+    try:
+        def scores(request: pb.ClassifyRequest) -> np.ndarray:
+            response = srv.stub.Classify(request, timeout=60)
+            return np.array(sorted((p.class_id, p.score) for p in response.predictions))[:, 1]
+
+        def as_tensor(pixels: np.ndarray) -> pb.ClassifyRequest:
+            return pb.ClassifyRequest(tensor=pb.Tensor(dtype=pb.Tensor.UINT8, shape=[size, size, 3],
+                                                       data=pixels.tobytes()), top_k=10)
+
+        for i, path in enumerate(src.paths):
+            served = scores(pb.ClassifyRequest(encoded=Path(path).read_bytes(), top_k=10))
+            np.testing.assert_allclose(served, scores(as_tensor(src.pixels(i, size))), rtol=0, atol=1e-6,
+                                       err_msg=path)
+        # the control: ignoring the EXIF orientation would have scored differently
+        rotated = src.paths.index(str(image_folder / "cat" / "d_rotated.jpg"))
+        with Image.open(src.paths[rotated]) as stored:
+            sideways = np.asarray(stored.convert("RGB").resize((size, size), Image.BILINEAR))
+        assert np.abs(scores(as_tensor(sideways)) - scores(as_tensor(src.pixels(rotated, size)))).max() > 1e-5
+    finally:
+        srv.close()
