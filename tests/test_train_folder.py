@@ -194,3 +194,11 @@ def test_a_real_server_sees_the_training_pixels(image_folder: Path, tiny_model_d
         assert np.abs(scores(as_tensor(sideways)) - scores(as_tensor(src.pixels(rotated, size)))).max() > 1e-5
     finally:
         srv.close()
+
+
+def test_a_symlink_loop_is_walked_once(image_folder: Path, tmp_path: Path) -> None:
+    data = tmp_path / "pets"
+    shutil.copytree(image_folder, data)
+    (data / "cat" / "again").symlink_to(data / "cat", target_is_directory=True)
+    src = scan_folder(data)
+    assert src.counts() == {"cat": 4, "dog": 4} and ("cat/again", "symlink loop") in src.skipped

@@ -127,7 +127,7 @@ def scan_folder(root: Path) -> FolderSource:
     image in a supported format is reported now, by name, rather than by a DataLoader worker mid-epoch."""
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist")
+        raise DatasetError(f"dataset folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
     skipped: list[tuple[str, str]] = []
     class_dirs = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
@@ -141,9 +141,14 @@ def scan_folder(root: Path) -> FolderSource:
     paths: list[str] = []
     labels: list[int] = []
     for name in class_dirs:
-        found = []
+        found, visited = [], set()
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
             rel = Path(dirpath).relative_to(root)
+            if os.path.realpath(dirpath) in visited:  # a symlink back up the tree: once is enough
+                skipped.append((str(rel), "symlink loop"))
+                dirnames[:] = []
+                continue
+            visited.add(os.path.realpath(dirpath))
             for d in sorted(dirnames):
                 if _hidden(d):
                     skipped.append((str(rel / d), "hidden"))
