@@ -17,6 +17,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(argv)
     except (ValueError, OSError) as e:
         return fail(str(e))
+    if settings.device == "gpu":
+        from .trt_cache import gpu_support_problem
+
+        problem = gpu_support_problem(settings.engine)
+        if problem:
+            return fail(problem)
     from .app import main_with
 
     try:
