@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from resnet_serve.imaging import resize_crop
+from resnet_serve.imaging import FORMAT_NAMES, decode, resize_crop, sniff
 
-FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_PIXELS = 16_777_216  # 4096 x 4096: bounds the decode work (about 0.5 s) one small PNG can ask for
 DEFAULT_MAX_ASPECT_RATIO = 100.0
 _OBJECT = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # Pillow's texts name the BytesIO: no addresses to callers
@@ -29,16 +28,6 @@ class InvalidInput(ValueError):
     """The request's image cannot be used; the message says why (it goes back to the caller)."""
 
 
-def sniff(data: bytes) -> str | None:
-    if data[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "PNG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
-
-
 @dataclass(frozen=True)
 class Preprocessor:
     input_size: tuple[int, int]  # (H, W) of the model
@@ -46,21 +35,17 @@ class Preprocessor:
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO  # longer side / shorter side
 
     def encoded(self, data: bytes) -> np.ndarray:
-        """JPEG/PNG/WebP bytes -> uint8 [H, W, 3] at the model's input size."""
+        """Encoded bytes in one of the formats training reads (resnet_serve.imaging.FORMATS) -> uint8 [H, W, 3] at
+        the model's input size, decoded by the same function as training (EXIF orientation, 16-bit, alpha)."""
         if not data:
             raise InvalidInput("image is empty")
         kind = sniff(data)
         if kind is None:
-            raise InvalidInput("image is not a JPEG, PNG or WebP file (unrecognised header)")
+            raise InvalidInput(f"image is not a {FORMAT_NAMES} file (unrecognised header)")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data), formats=[kind])
-                self._check_aspect(*img.size)
-                if kind == "JPEG":
-                    img.draft("RGB", (self.input_size[1], self.input_size[0]))  # decode at reduced scale: faster
-                self._check_pixels(*img.size)
-                img.load()
+                img = decode(io.BytesIO(data), kind, self.input_size, self._check_size)
         except InvalidInput:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -74,8 +59,7 @@ class Preprocessor:
         if shape[2] != 3 or shape[0] <= 0 or shape[1] <= 0:
             raise InvalidInput(f"uint8 tensor shape must be [H, W, 3], got {list(shape)}")
         h, w = int(shape[0]), int(shape[1])
-        self._check_aspect(w, h)
-        self._check_pixels(w, h)
+        self._check_size(w, h)
         if len(data) != h * w * 3:
             raise InvalidInput(f"uint8 tensor of shape {list(shape)} needs {h * w * 3} bytes, got {len(data)}")
         arr = np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
@@ -98,6 +82,12 @@ class Preprocessor:
         if not np.isfinite(arr).all():
             raise InvalidInput("float32 tensor holds NaN or infinite values")
         return arr.astype(np.float32, copy=False)
+
+    def _check_size(self, w: int, h: int) -> None:
+        """Before any pixel is decoded: an encoded image's size from its header (a JPEG's at the reduced scale
+        it will be decoded at), a raw tensor's from its shape."""
+        self._check_aspect(w, h)
+        self._check_pixels(w, h)
 
     def _check_pixels(self, w: int, h: int) -> None:
         if w * h > self.max_pixels:
