@@ -242,11 +242,12 @@ def decode_backlog(target: Target) -> Callable[[], None]:
     return fire
 
 
-# Known gap, measured on the loaded 2-core test machine: while 320 MB arrive at once, health checks took up to
-# 200-350 ms. grpc.aio turns each message into Python bytes on the event loop, and an admitted image is copied
-# twice more there (protobuf parse, field access): ~10 ms per 8 MB, more under memory pressure. Admission refuses
-# large requests before the parse, which halves it, not enough; this attack gets a budget that still catches a
-# stall of the seconds the issue measured.
+# Known gap, measured on the shared 2-core test machine: while 320 MB arrive at once, health checks took 150-470
+# ms (load 1.4) and up to 600 ms (load 5). asyncio's debug mode reports no callback over 100 ms: the checks wait
+# behind the burst's message callbacks (grpc.aio turns each message into Python bytes on the event loop, ~3 ms per
+# 8 MB, and an admitted one is copied twice more: parse, field access) and for CPU taken by gRPC's receiving
+# threads and the decode threads. Admission refuses large requests before the parse, which helps, not enough;
+# this attack gets a budget that still catches a stall of the seconds the issue measured.
 decode_backlog.health_budget_s = 0.5  # type: ignore[attr-defined]
 
 
