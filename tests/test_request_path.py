@@ -405,3 +405,22 @@ def test_garbage_bytes_to_any_method(srv: InProcessServer, caplog: pytest.LogCap
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     check = health_pb2_grpc.HealthStub(srv.channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
     assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_oip_stream_answers_a_huge_id_and_garbage_in_stream_and_goes_on(srv: InProcessServer) -> None:
+    def item(request_id: str) -> bytes:
+        r = _infer_request("encoded", "BYTES", [1, 1])
+        r.id = request_id
+        r.inputs[0].contents.bytes_contents.append(encode(picture()))
+        return r.SerializeToString()
+
+    stream = srv.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+    items = [item("a"), item("i" * (5 * MiB)), b"\xff\xff\xff\xff not a protobuf", item("b")]
+    answers = [oip.ModelStreamInferResponse.FromString(a) for a in stream(iter(items), metadata=AUTH, timeout=60)]
+    assert len(answers) == 4
+    assert sorted(a.infer_response.id for a in answers if not a.error_message) == ["a", "b"]
+    errors = sorted(a.error_message for a in answers if a.error_message)
+    assert errors[0].startswith("INVALID_ARGUMENT: request to ModelStreamInfer is not a valid protobuf")
+    assert errors[1].startswith("[request id: 'iiii") and "(5242880 characters)] INVALID_ARGUMENT: request id is " \
+        "5242880 characters, over the limit of 1024" in errors[1]
+    assert all(len(a.SerializeToString()) < 4096 for a in answers if a.error_message)
