@@ -134,3 +134,27 @@ def test_image_that_fails_to_decode_in_a_worker_is_one_line(tmp_path: Path) -> N
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert errors == [f"error: cannot read image {data / 'red' / 'bad.jpg'}: Truncated File Read"]
+
+
+def test_fresh_run_into_another_runs_folder_is_refused(trained_checkpoint: Path) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in trained_checkpoint.iterdir()}
+    r = run_cli("resnet-train", "--out", str(trained_checkpoint), "--epochs", "1", "--max-steps-per-epoch", "1")
+    line = _one_error_line(r)
+    assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
+    assert {p.name: p.stat().st_mtime_ns for p in trained_checkpoint.iterdir()} == before
+
+
+def test_second_run_writing_the_same_folder_at_once_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "c"
+    out.mkdir()
+    with open(out / ".train.lock", "w") as held:  # what a running resnet-train holds for its whole run
+        held.write("4242")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run_cli("resnet-train", "--out", str(out), "--epochs", "1", "--max-steps-per-epoch", "1",
+                    "--num-workers", "0")
+    line = _one_error_line(r)
+    assert "another resnet-train (pid 4242) is writing to" in line
+    assert not list(out.glob("epoch_*"))

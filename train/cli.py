@@ -7,9 +7,13 @@ a mistake costs one line on stderr and exit 2, not a traceback or a silently use
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import math
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -51,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mixed precision level on GPU (default O1; CPU always trains fp32)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes decoding images (2)")
     p.add_argument("--out", type=Path, help="checkpoint folder (default checkpoints/<digits or the folder's name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --out folder that already holds another run's checkpoints")
     p.add_argument("--resume", type=Path,
                    help="continue a run from its checkpoint (file, prefix or folder): data, architecture, sizes, "
                         "schedule and output folder come from it")
@@ -188,6 +194,35 @@ def _check_data(source: Source, run: dict[str, Any], resumed: dict[str, Any]) ->
                     "train; lower --batch-size", run["batch_size"], len(train_idx))
 
 
+def _check_out(out: Path, args: argparse.Namespace) -> None:
+    """A fresh run never silently overwrites another run's epochs (export would later take the mixture)."""
+    if args.resume or args.overwrite or not Path(out).is_dir():
+        return
+    with contextlib.suppress(ckpt.CheckpointError):
+        last = ckpt.resolve(out)
+        raise UsageError(f"{out} already holds a run (latest {last.name}): continue it with --resume {out}, "
+                         "choose another --out, or pass --overwrite to start over there")
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """One training run per checkpoint folder at a time: a second one writing the same epochs would interleave."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(out) / ".train.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+            raise UsageError(f"another resnet-train (pid {holder}) is writing to {out}: wait for it, or choose "
+                             "another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
+
+
 def _check_init(args: argparse.Namespace, arch: str) -> None:
     if args.init is None:
         return
@@ -206,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             return _write_holdout(args)
         run, out, augment = _from_checkpoint(args) if args.resume else _fresh(args)
         _check_settings(run, args, augment)
+        _check_out(out, args)
         _check_init(args, run["arch"])
         source = open_source(run["data"], report=False)
         resumed = ckpt.read_meta(ckpt.resolve(args.resume)) if args.resume else {}
@@ -219,6 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DatasetError, ckpt.CheckpointError) as e:
         return fail(str(e))
 
+    try:
+        with run_lock(out):  # before Paddle is imported: a refused second run costs one line, nothing else
+            return _train(args, run, out, augment, source)
+    except UsageError as e:
+        return fail(str(e))
+
+
+def _train(args: argparse.Namespace, run: dict[str, Any], out: Path, augment: Augment | None,
+           source: Source) -> int:
     from .models import InitError
     from .trainer import TrainConfig, train
 
