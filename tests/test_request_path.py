@@ -424,3 +424,10 @@ def test_oip_stream_answers_a_huge_id_and_garbage_in_stream_and_goes_on(srv: InP
     assert errors[1].startswith("[request id: 'iiii") and "(5242880 characters)] INVALID_ARGUMENT: request id is " \
         "5242880 characters, over the limit of 1024" in errors[1]
     assert all(len(a.SerializeToString()) < 4096 for a in answers if a.error_message)
+
+
+def test_health_watch_still_streams_through_the_guard(srv: InProcessServer) -> None:
+    """Every method's handler is wrapped (server/wire.py); a server-streaming one still streams."""
+    updates = health_pb2_grpc.HealthStub(srv.channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+    assert next(iter(updates)).status == health_pb2.HealthCheckResponse.SERVING
+    updates.cancel()
