@@ -42,6 +42,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def out_problem(out: Path) -> str | None:
+    """What is wrong with --out, checked before Paddle starts (the exporter checks again under its lock)."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} is a file, not a model folder: choose another --out"
+    if out.name.isascii() and out.name.isdigit() and (out.name != str(int(out.name)) or int(out.name) == 0):
+        return (f"version folder {out} must be a positive number without leading zeros (the server looks for "
+                "models/<name>/<N> by its number)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.precision == "int8":
@@ -52,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.checkpoint,):
         if not path.exists() and not path.with_suffix(".pdparams").exists():
             return fail(f"checkpoint {path} does not exist")
+    if problem := out_problem(args.out):
+        return fail(problem)
     from resnet_serve.train.checkpoint import CheckpointError, read_meta, resolve
 
     if args.input_size is not None and not args.force:

@@ -6,10 +6,13 @@ predictor has been verified, so a failed export never leaves a half-written vers
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,12 +56,58 @@ class ExportOptions:
     threshold: float = INT8_THRESHOLD
 
 
+def _is_version(name: str) -> bool:
+    return name.isascii() and name.isdigit()
+
+
 def target_dir(out: Path) -> Path:
     """models/<name>/<N> as given, or models/<name> -> the next free version number."""
     out = Path(out)
-    if out.name.isdigit() and int(out.name) > 0:
+    if _is_version(out.name):
+        if out.name != str(int(out.name)) or int(out.name) == 0:
+            raise ExportError(f"version folder {out} must be a positive number without leading zeros (the server "
+                              f"looks for models/<name>/<N> by its number)")
         return out
     return out / str((list_versions(out) or [0])[-1] + 1)
+
+
+@contextlib.contextmanager
+def claim_version(out: Path, force: bool) -> Iterator[Path]:
+    """The version folder this export writes, with models/<name>/.export.lock held until it is in place: two
+    exports at once into one model folder never pick the same version nor replace each other's."""
+    model_dir = Path(out) if not _is_version(Path(out).name) else Path(out).parent
+    if model_dir.exists() and not model_dir.is_dir():
+        raise ExportError(f"{model_dir} is a file, not a model folder: choose another --out")
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(model_dir / ".export.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ExportError(f"cannot write the model folder {model_dir}: {e.strerror}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another resnet-export writing to %s", model_dir)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        for stale in [*model_dir.glob(".tmp-*"), *model_dir.glob(".old-*")]:  # a killed export's; none runs now
+            log.info("removing %s, left by an interrupted export", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        final = target_dir(out)
+        if final.exists() and not force:
+            raise ExportError(f"output {final} already exists (use --force to replace it)")
+        yield final
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a finished version folder into place. A replaced version (--force) is first renamed aside to a hidden
+    name, so the server never sees a half-deleted version folder."""
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pir_enabled() -> bool:
@@ -87,11 +136,13 @@ def export(opts: ExportOptions) -> Path:
     missing = [n for n, v in (("--arch", arch), ("--num-classes", num_classes), ("--input-size", size)) if not v]
     if missing:
         raise ExportError(f"checkpoint {prefix} has no metadata JSON: pass {', '.join(missing)}")
-    final = target_dir(opts.out)
-    if final.exists() and not opts.force:
-        raise ExportError(f"output {final} already exists (use --force to replace it)")
+    with claim_version(opts.out, opts.force) as final:
+        return _export(opts, prefix, meta, arch, int(num_classes), int(size), final)
 
-    model = build_model(arch, int(num_classes))
+
+def _export(opts: ExportOptions, prefix: Path, meta: dict, arch: str, num_classes: int, size: int,
+            final: Path) -> Path:
+    model = build_model(arch, num_classes)
     weights = read_weights(prefix, opts.use_master_weights)
     check_against(model, weights.state, arch)
     model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.state.items()})
@@ -100,13 +151,10 @@ def export(opts: ExportOptions) -> Path:
              weights.master_weights_used)
 
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        manifest = _write(model, tmp, opts, meta, prefix, arch, int(num_classes), int(size), weights)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        manifest = _write(model, tmp, opts, meta, prefix, arch, num_classes, size, weights, final)
+        publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -116,7 +164,7 @@ def export(opts: ExportOptions) -> Path:
 
 
 def _write(model, tmp: Path, opts: ExportOptions, meta: dict, prefix: Path, arch: str, num_classes: int,
-           size: int, weights) -> Manifest:
+           size: int, weights, final: Path) -> Manifest:
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", "image")]
     paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), str(tmp / "inference"))
     model_file = "inference.json" if opts.format == "pir" else "inference.pdmodel"
@@ -135,7 +183,6 @@ def _write(model, tmp: Path, opts: ExportOptions, meta: dict, prefix: Path, arch
     if len(labels) != num_classes:
         raise ExportError(f"checkpoint metadata has {len(labels)} labels for {num_classes} classes")
     (tmp / LABELS).write_text("\n".join(labels) + "\n")
-    final = target_dir(opts.out)
     manifest = Manifest(
         name=opts.name or final.parent.name, version=int(final.name), architecture=arch, num_classes=num_classes,
         input_size=[size, size], mean=list(meta.get("mean", IMAGENET_MEAN)), std=list(meta.get("std", IMAGENET_STD)),

@@ -31,7 +31,7 @@ from resnet_serve.modeldir import MANIFEST, Manifest, load_manifest, read_labels
 from resnet_serve.train import checkpoint as ckpt
 from resnet_serve.train.data import DIGITS, IMAGE_SUFFIXES, held_out, load_dataset
 
-from .exporter import CALIBRATION_SAMPLES, ExportError, ExportOptions, _pir_enabled, export, target_dir
+from .exporter import CALIBRATION_SAMPLES, ExportError, ExportOptions, _pir_enabled, claim_version, export, publish
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +262,12 @@ def export_int8(opts: ExportOptions) -> Path:
         raise ExportError("--precision int8 needs --calibration: 'digits' or a folder of representative images")
     if not 0.0 < opts.threshold <= 1.0:
         raise ExportError(f"--threshold must be in (0, 1], got {opts.threshold}")
-    final = target_dir(opts.out)
-    if final.exists() and not opts.force:
-        raise ExportError(f"output {final} already exists (use --force to replace it)")
     meta = ckpt.read_meta(ckpt.resolve(opts.checkpoint))
+    with claim_version(opts.out, opts.force) as final:
+        return _export_int8(opts, meta, final)
+
+
+def _export_int8(opts: ExportOptions, meta: dict, final: Path) -> Path:
     work = final.parent / f".tmp-{final.name}-{os.getpid()}-int8"
     shutil.rmtree(work, ignore_errors=True)
     try:
@@ -281,9 +283,7 @@ def export_int8(opts: ExportOptions) -> Path:
         m.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         m.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(m.to_json())
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        publish(tmp, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
