@@ -116,6 +116,11 @@ def _from_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Au
         given = getattr(args, key)
         if key == "data" and given is not None:
             given = _data_key(given)
+        if key == "data" and value not in (None, DIGITS) and not Path(value).exists():
+            if given is None:
+                raise UsageError(f"the run's data folder {value} no longer exists: if it moved, pass --data with its "
+                                 "new place (the classes must be the run's)")
+            value = given  # the folder moved: its classes are checked against the run's below
         if value is None:  # metadata of an older resnet-train: the flag or the default
             value = given if given is not None else DEFAULTS[key]
         elif given is not None and given != value:
@@ -196,6 +201,9 @@ def _check_data(source: Source, run: dict[str, Any], resumed: dict[str, Any]) ->
 
 def _check_out(out: Path, args: argparse.Namespace) -> None:
     """A fresh run never silently overwrites another run's epochs (export would later take the mixture)."""
+    existing = next((p for p in (Path(out), *Path(out).parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
     if args.resume or args.overwrite or not Path(out).is_dir():
         return
     with contextlib.suppress(ckpt.CheckpointError):
@@ -207,8 +215,11 @@ def _check_out(out: Path, args: argparse.Namespace) -> None:
 @contextlib.contextmanager
 def run_lock(out: Path) -> Iterator[None]:
     """One training run per checkpoint folder at a time: a second one writing the same epochs would interleave."""
-    Path(out).mkdir(parents=True, exist_ok=True)
-    fd = os.open(Path(out) / ".train.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        fd = os.open(Path(out) / ".train.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UsageError(f"cannot write the checkpoint folder {out}: {e.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -141,6 +141,9 @@ def scan_folder(root: Path) -> FolderSource:
     paths: list[str] = []
     labels: list[int] = []
     for name in class_dirs:
+        if not name.isprintable():  # undecodable bytes (surrogates), newlines, tabs: labels.txt is UTF-8 lines
+            raise DatasetError(f"class folder {name!r} in {root} is not a printable UTF-8 name: rename it (class "
+                               "folder names become the model's labels, one per line in labels.txt)")
         found, visited = [], set()
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
             rel = Path(dirpath).relative_to(root)
