@@ -3,9 +3,13 @@ whose data folder moved. Through the real console script: one line on stderr and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +76,58 @@ def test_resume_after_the_data_folder_moved(tmp_path: Path) -> None:
     r = run_cli("resnet-train", "--resume", str(ck), "--epochs", "2", "--data", str(moved))
     assert r.returncode == 0, r.stderr
     assert json.loads((ck / "epoch_002.json").read_text())["dataset"] == str(moved.resolve())
+
+
+def test_checkpoint_files_appear_only_when_complete(tmp_path: Path) -> None:
+    """A save that dies half way (here: the weights writer fails) leaves no epoch_NNN.pdparams and no temporary."""
+    from resnet_serve.train import checkpoint as ckpt
+
+    def broken(path: Path) -> None:
+        path.write_bytes(b"half a tensor")
+        raise OSError("killed")
+
+    prefix = tmp_path / "epoch_002"
+    with pytest.raises(OSError, match="killed"):
+        ckpt.write_checkpoint(prefix, {".pdopt": lambda p: p.write_bytes(b"opt"), ".json": lambda p: p.write_text("{}"),
+                                       ".pdparams": broken})
+    assert not prefix.with_suffix(".pdparams").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_after_a_kill_while_saving(tmp_path: Path) -> None:
+    """kill -9 between the renames leaves epoch 2's optimizer state and metadata but not its weights: --resume
+    and export take epoch 1, and resuming writes a complete epoch 2 over the leftovers."""
+    ck = tmp_path / "ck"
+    r = run_cli("resnet-train", "--epochs", "2", *TINY, "--out", str(ck))
+    assert r.returncode == 0, r.stderr
+    (ck / "epoch_002.pdparams").rename(ck / ".epoch_002.pdparams.tmp")  # the state the kill leaves
+    r = run_cli("resnet-train", "--resume", str(ck), "--num-workers", "0")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr and "epoch_001 at epoch 2" in r.stderr
+    assert r.stdout.strip() == str(ck / "epoch_002.pdparams")
+    assert json.loads((ck / "epoch_002.json").read_text())["epoch"] == 2
+
+
+def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
+    """The trainer killed outright while its DataLoader workers live on: they inherited the folder lock (flock), so
+    --resume was refused as 'another resnet-train is writing' until they went away."""
+    ck = tmp_path / "ck"
+    with open(tmp_path / "log", "w") as log:  # a file, not a pipe: orphaned workers would hold a pipe open
+        p = subprocess.Popen([str(Path(sys.executable).parent / "resnet-train"), "--epochs", "50", *TINY,
+                              "--num-workers", "1", "--out", str(ck)], stdout=log, stderr=log)
+    deadline = time.monotonic() + 300
+    while not (ck / "epoch_001.pdparams").exists():
+        assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+        time.sleep(0.01)
+    workers = [int(c) for t in Path(f"/proc/{p.pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    try:
+        done = max(int(f.stem.split("_")[1]) for f in ck.glob("epoch_*.pdparams"))
+        r = run_cli("resnet-train", "--resume", str(ck), "--epochs", str(done + 1), "--num-workers", "0")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == str(ck / f"epoch_{done + 1:03d}.pdparams")
+    finally:
+        for pid in workers:  # this test's own orphans
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

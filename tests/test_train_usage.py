@@ -152,7 +152,7 @@ def test_second_run_writing_the_same_folder_at_once_is_refused(tmp_path: Path) -
     with open(out / ".train.lock", "w") as held:  # what a running resnet-train holds for its whole run
         held.write("4242")
         held.flush()
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         r = run_cli("resnet-train", "--out", str(out), "--epochs", "1", "--max-steps-per-epoch", "1",
                     "--num-workers", "0")
     line = _one_error_line(r)

@@ -8,7 +8,9 @@ fp32, or fp16 conv/linear for AMP-O2), `.pdopt` (optimizer state; AMP-O2 keeps f
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,5 +54,17 @@ def read_meta(prefix: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint metadata {meta} is not valid JSON: {e}") from e
 
 
-def write_meta(prefix: Path, meta: dict[str, Any]) -> None:
-    Path(prefix).with_suffix(META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+def write_checkpoint(prefix: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Write each file of a checkpoint (suffix -> writer) under a hidden temporary name, then rename them into
+    place with .pdparams last: a run killed while saving leaves no epoch_NNN.pdparams, so --resume and export
+    (which look for it) take the previous, complete epoch instead of a truncated or metadata-less one."""
+    prefix = Path(prefix)
+    tmp = {suffix: prefix.parent / f".{prefix.name}{suffix}.tmp" for suffix in writers}
+    try:
+        for suffix, write in writers.items():
+            write(tmp[suffix])
+        for suffix in sorted(writers, key=lambda s: s == PARAMS):
+            os.replace(tmp[suffix], prefix.with_suffix(suffix))
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import logging
 import math
@@ -214,7 +215,9 @@ def _check_out(out: Path, args: argparse.Namespace) -> None:
 
 @contextlib.contextmanager
 def run_lock(out: Path) -> Iterator[None]:
-    """One training run per checkpoint folder at a time: a second one writing the same epochs would interleave."""
+    """One training run per checkpoint folder at a time: a second one writing the same epochs would interleave.
+    A POSIX record lock (lockf), not flock: DataLoader worker processes fork from the trainer and would inherit a
+    flock, keeping the folder locked after the trainer is killed (kill -9) while they linger."""
     try:
         Path(out).mkdir(parents=True, exist_ok=True)
         fd = os.open(Path(out) / ".train.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -222,8 +225,10 @@ def run_lock(out: Path) -> Iterator[None]:
         raise UsageError(f"cannot write the checkpoint folder {out}: {e.strerror}") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise UsageError(f"cannot lock the checkpoint folder {out}: {e.strerror}") from None
             holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
             raise UsageError(f"another resnet-train (pid {holder}) is writing to {out}: wait for it, or choose "
                              "another --out") from None

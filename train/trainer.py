@@ -13,6 +13,7 @@ uninterrupted run would have, whatever the number of DataLoader workers.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -219,9 +220,7 @@ def train(cfg: TrainConfig, source: Source | None = None) -> Path:
         log.info("epoch %d: loss %.4f, held-out accuracy %.4f, %.0f images/s", epoch,
                  loss_sum / max(1, seen), accuracy, seen / elapsed)
         last = ckpt.prefix_for(out, epoch)
-        paddle.save(model.state_dict(), str(last.with_suffix(ckpt.PARAMS)))
-        paddle.save(optimizer.state_dict(), str(last.with_suffix(ckpt.OPT)))
-        ckpt.write_meta(last, {
+        meta = {
             "arch": cfg.arch, "num_classes": num_classes, "input_size": [cfg.input_size, cfg.input_size],
             "mean": list(cfg.mean), "std": list(cfg.std), "labels": list(source.classes), "epoch": epoch,
             "epochs": cfg.epochs, "eval_accuracy": accuracy, "amp": amp, "amp_requested": cfg.amp,
@@ -231,6 +230,11 @@ def train(cfg: TrainConfig, source: Source | None = None) -> Path:
             "init": str(cfg.init) if cfg.init else None,
             "grad_scaler": {k: _plain(v) for k, v in scaler.state_dict().items()} if amp != "O0" else {},
             "paddle_version": paddle.__version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+        }
+        ckpt.write_checkpoint(last, {
+            ckpt.OPT: lambda p: paddle.save(optimizer.state_dict(), str(p)),
+            ckpt.META: lambda p, meta=meta: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"),
+            ckpt.PARAMS: lambda p: paddle.save(model.state_dict(), str(p)),
         })
     if last is None or start_epoch > cfg.epochs:
         raise ValueError(f"nothing to train: resumed at epoch {start_epoch} of {cfg.epochs}")
