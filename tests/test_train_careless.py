@@ -108,9 +108,16 @@ def test_resume_after_a_kill_while_saving(tmp_path: Path) -> None:
     assert json.loads((ck / "epoch_002.json").read_text())["epoch"] == 2
 
 
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
-    """The trainer killed outright while its DataLoader workers live on: they inherited the folder lock (flock), so
-    --resume was refused as 'another resnet-train is writing' until they went away."""
+    """The trainer killed outright: its DataLoader workers lingered for good (blocked flushing their output queue)
+    holding the folder lock they inherited (flock), so --resume was refused as 'another resnet-train is writing'."""
     ck = tmp_path / "ck"
     with open(tmp_path / "log", "w") as log:  # a file, not a pipe: orphaned workers would hold a pipe open
         p = subprocess.Popen([str(Path(sys.executable).parent / "resnet-train"), "--epochs", "50", *TINY,
@@ -119,10 +126,16 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
     while not (ck / "epoch_001.pdparams").exists():
         assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
         time.sleep(0.01)
-    workers = [int(c) for t in Path(f"/proc/{p.pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    while not (workers := [int(c) for t in Path(f"/proc/{p.pid}/task").iterdir()
+                           for c in (t / "children").read_text().split()]):  # mid-epoch: its workers are up
+        assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+        time.sleep(0.01)
     p.send_signal(signal.SIGKILL)
     p.wait()
     try:
+        while alive := [pid for pid in workers if _running(pid)]:  # they die with the trainer, not linger
+            assert time.monotonic() < deadline, f"DataLoader workers {alive} outlived the killed trainer"
+            time.sleep(0.05)
         done = max(int(f.stem.split("_")[1]) for f in ck.glob("epoch_*.pdparams"))
         r = run_cli("resnet-train", "--resume", str(ck), "--epochs", str(done + 1), "--num-workers", "0")
         assert r.returncode == 0, r.stderr
@@ -131,3 +144,24 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
         for pid in workers:  # this test's own orphans
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("target", ["VERSION", "FILE", "MODEL"])
+@pytest.mark.parametrize("flag", ["--init", "--resume"])
+def test_an_exported_model_given_as_a_checkpoint_says_so(tmp_path: Path, target: str, flag: str) -> None:
+    version = tmp_path / "models" / "digits" / "1"
+    version.mkdir(parents=True)
+    for name in ("manifest.json", "inference.json", "inference.pdiparams"):
+        (version / name).write_text("{}")
+    path = str({"VERSION": version, "FILE": version / "inference.pdiparams", "MODEL": version.parent}[target])
+    line = _one_error_line(run_cli("resnet-train", flag, path, "--epochs", "1", *TINY, "--out", str(tmp_path / "ck")))
+    assert "it is an exported model (resnet-export's output)" in line
+
+
+def test_classes_whose_images_are_all_held_out_are_named(tmp_path: Path) -> None:
+    """Ten classes of one image each (the 10,000-classes case, small): two are held out whole and can never be
+    predicted; the run said nothing and reported accuracy 0."""
+    data = _folder(tmp_path / "data", tuple(f"c{i}" for i in range(10)), per_class=1)
+    r = run_cli("resnet-train", "--data", str(data), "--epochs", "1", *TINY, "--out", str(tmp_path / "ck"))
+    assert r.returncode == 0, r.stderr
+    assert "2 of 10 classes have no image in the training split" in r.stderr

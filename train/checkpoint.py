@@ -32,15 +32,20 @@ def prefix_for(out_dir: Path, epoch: int) -> Path:
 def resolve(path: Path) -> Path:
     """A checkpoint given as a folder (latest epoch in it), a prefix, or any of its files -> its prefix."""
     path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    exported = (folder / "manifest.json").is_file() or any(folder.glob("*/manifest.json"))
+    hint = ": it is an exported model (resnet-export's output); give the resnet-train checkpoint folder" \
+        if exported else ""
     if path.is_dir():
         epochs = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _EPOCH.match(p.name)))
         if not epochs:
-            raise CheckpointError(f"no checkpoint (epoch_NNN.pdparams) in folder {path}")
+            raise CheckpointError(f"no checkpoint (epoch_NNN.pdparams) in folder {path}{hint}")
         return epochs[-1][1].with_suffix("")
     if path.suffix in (PARAMS, OPT, META):
         path = path.with_suffix("")
     if not path.with_suffix(PARAMS).is_file():
-        raise CheckpointError(f"checkpoint {path.with_suffix(PARAMS)} does not exist")
+        raise CheckpointError(f"{path} is not a training checkpoint{hint}" if hint else
+                              f"checkpoint {path.with_suffix(PARAMS)} does not exist")
     return path
 
 

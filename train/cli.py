@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
+
 from resnet_serve.cli_util import fail, setup_logging
 
 from . import checkpoint as ckpt
@@ -195,6 +197,10 @@ def _check_data(source: Source, run: dict[str, Any], resumed: dict[str, Any]) ->
     if resumed.get("steps_per_epoch") and min(steps, run["max_steps_per_epoch"] or steps) != resumed["steps_per_epoch"]:
         log.warning("the data set's size changed since the run began (an epoch is now %d steps, was %d): the "
                     "resumed run will differ from an uninterrupted one", steps, resumed["steps_per_epoch"])
+    unseen = len(source.classes) - len(np.unique(source.labels[train_idx]))
+    if unseen:
+        log.warning("%d of %d classes have no image in the training split (all theirs are held out): the model "
+                    "cannot learn them; add images or lower --holdout", unseen, len(source.classes))
     if steps == 1:
         log.warning("--batch-size %d on %d training images makes every epoch a single step: the model will barely "
                     "train; lower --batch-size", run["batch_size"], len(train_idx))

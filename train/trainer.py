@@ -12,9 +12,14 @@ uninterrupted run would have, whatever the number of DataLoader workers.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime as dt
+import functools
 import json
 import logging
+import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,19 +65,22 @@ class TrainConfig:
 
 
 class Indices(paddle.io.Sampler):
-    """Some of the dataset's indices: in order, or (shuffle) in a permutation drawn from (seed, epoch)."""
+    """Some of the dataset's indices: in order, or (shuffle) in a permutation drawn from (seed, epoch); the first
+    `limit` of them when given, so a shortened epoch ends the DataLoader's iteration (its workers exit) instead of
+    abandoning it mid-way with its workers alive until the run ends."""
 
-    def __init__(self, indices: np.ndarray, seed: int = 0, shuffle: bool = False):
+    def __init__(self, indices: np.ndarray, seed: int = 0, shuffle: bool = False, limit: int = 0):
         self.indices, self.seed, self.shuffle, self.epoch = np.asarray(indices), seed, shuffle, 0
+        self.limit = limit or len(self.indices)
 
     def __iter__(self):
         order = self.indices
         if self.shuffle:
             order = order[np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
-        return iter(order.tolist())
+        return iter(order[:self.limit].tolist())
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return min(self.limit, len(self.indices))
 
 
 class ImageDataset(paddle.io.Dataset):
@@ -116,10 +124,20 @@ def effective_amp(requested: str) -> str:
     return requested
 
 
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """DataLoader worker start-up: exit when the trainer dies. Paddle's own parent check runs only between batches
+    and a worker blocked flushing its output queue outlived a kill -9 of the trainer for good (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the trainer died before prctl took effect
+        os._exit(1)
+
+
 def loader(dataset: ImageDataset, sampler: Indices, batch_size: int, drop_last: bool,
            num_workers: int) -> paddle.io.DataLoader:
     batches = paddle.io.BatchSampler(sampler=sampler, batch_size=batch_size, drop_last=drop_last)
-    return paddle.io.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    return paddle.io.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
 
 
 def evaluate(model: paddle.nn.Layer, data: paddle.io.DataLoader, amp: str) -> float:
@@ -180,7 +198,7 @@ def train(cfg: TrainConfig, source: Source | None = None) -> Path:
         log.info("resumed from %s at epoch %d", last, start_epoch)
 
     train_set = ImageDataset(source, cfg.input_size, cfg.mean, cfg.std, cfg.augment, cfg.seed)
-    order = Indices(train_idx, cfg.seed, shuffle=True)
+    order = Indices(train_idx, cfg.seed, shuffle=True, limit=steps * cfg.batch_size)
     train_data = loader(train_set, order, cfg.batch_size, True, cfg.num_workers)
     eval_data = loader(ImageDataset(source, cfg.input_size, cfg.mean, cfg.std, None, cfg.seed), Indices(test_idx),
                        EVAL_BATCH, False, cfg.num_workers)
@@ -193,9 +211,7 @@ def train(cfg: TrainConfig, source: Source | None = None) -> Path:
         train_set.epoch = order.epoch = epoch  # before iter(): worker processes copy the dataset then
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        for step, (x, y) in enumerate(train_data):
-            if step >= steps:
-                break
+        for x, y in train_data:
             check_batch(y, source)
             with paddle.amp.auto_cast(enable=amp != "O0", level=amp if amp != "O0" else "O1"):
                 loss = F.cross_entropy(model(x), y)
