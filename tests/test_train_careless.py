@@ -165,3 +165,27 @@ def test_classes_whose_images_are_all_held_out_are_named(tmp_path: Path) -> None
     r = run_cli("resnet-train", "--data", str(data), "--epochs", "1", *TINY, "--out", str(tmp_path / "ck"))
     assert r.returncode == 0, r.stderr
     assert "2 of 10 classes have no image in the training split" in r.stderr
+
+
+def _png_header_only(path: Path, side: int) -> None:
+    """A PNG whose header claims side x side pixels: PIL refuses it as a decompression bomb on open."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_a_giant_image_in_the_folder_is_one_line(tmp_path: Path) -> None:
+    """A 20000 x 20000 image (PIL's DecompressionBombError, not an OSError) ended the run with a traceback."""
+    data = _folder(tmp_path / "data")
+    _png_header_only(data / "red" / "panorama.png", 20000)
+    r = run_cli("resnet-train", "--data", str(data), "--epochs", "1", *TINY, "--batch-size", "8", "--holdout", "0.3",
+                "--out", str(tmp_path / "ck"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot read image {data / 'red' / 'panorama.png'}: "
+                                                     "Image size (400000000 pixels) exceeds limit")

@@ -110,7 +110,7 @@ class FolderSource(Source):
     def image(self, i: int, size: int | None = None) -> Image.Image:
         try:
             return decode_file(Path(self.paths[i]), (size, size) if size else None)
-        except (OSError, SyntaxError, ValueError) as e:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # a bomb: > 179 MP
             raise DatasetError(f"cannot read image {self.paths[i]}: {e}") from e
 
     def counts(self) -> dict[str, int]:
