@@ -36,11 +36,12 @@ def _one_error_line(r: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize("flag", ["--out", "--write-holdout"])
 @pytest.mark.parametrize("out", ["FILE", "FILE/sub"])
-def test_out_naming_a_file_is_one_line(tmp_path: Path, out: str) -> None:
+def test_out_naming_a_file_is_one_line(tmp_path: Path, out: str, flag: str) -> None:
     """Was a FileExistsError / NotADirectoryError traceback from mkdir."""
     (tmp_path / "FILE").write_text("not a folder")
-    r = run_cli("resnet-train", "--epochs", "1", *TINY, "--out", str(tmp_path / out))
+    r = run_cli("resnet-train", "--epochs", "1", *TINY, flag, str(tmp_path / out))
     assert "FILE is a file, not a folder" in _one_error_line(r)
     assert (tmp_path / "FILE").read_text() == "not a folder"
 

@@ -206,11 +206,16 @@ def _check_data(source: Source, run: dict[str, Any], resumed: dict[str, Any]) ->
                     "train; lower --batch-size", run["batch_size"], len(train_idx))
 
 
+def _folder_or_none(path: Path, flag: str) -> None:
+    """A folder to write: it, or its nearest existing parent, must not be a file."""
+    existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
+
+
 def _check_out(out: Path, args: argparse.Namespace) -> None:
     """A fresh run never silently overwrites another run's epochs (export would later take the mixture)."""
-    existing = next((p for p in (Path(out), *Path(out).parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
+    _folder_or_none(out, "--out")
     if args.resume or args.overwrite or not Path(out).is_dir():
         return
     with contextlib.suppress(ckpt.CheckpointError):
@@ -305,6 +310,7 @@ def _write_holdout(args: argparse.Namespace) -> int:
 
     run = _fresh(args)[0]
     _check_settings(run, args, None)
+    _folder_or_none(args.write_holdout, "--write-holdout")
     n = write_images(held_out(run["data"], run["input_size"], run["holdout"], run["seed"]), args.write_holdout)
     log.info("wrote %d held-out images under %s", n, args.write_holdout)
     return 0
