@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +61,15 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
     s = settings
     # What actually computes the answers (an int8 export runs int8; --engine overrides the manifest's engine):
     # the same values configure the workers and are reported by GetModelInfo and the info metric.
-    manifest = load_manifest(version_dir)
+    loop = asyncio.get_running_loop()
+    # Hashing the parameters takes a while: off the event loop. A mismatch raises ModelDirError (refused).
+    manifest = await loop.run_in_executor(None, partial(load_manifest, version_dir, verify_checksums=True))
     precision, engine_name = effective_precision(s.precision, manifest), effective_engine(s.engine, manifest)
     engine = Engine(EngineConfig(version_dir=version_dir, instances=s.instances,
                                  threads_per_instance=s.threads_per_instance, device=s.device, precision=precision,
                                  engine=engine_name, max_batch_size=s.max_batch_size, buckets=s.bucket_sizes(),
                                  trt_cache_dir=Path(s.trt_cache_dir) if s.trt_cache_dir else None))
     engine.on_worker_event = on_worker_event
-    loop = asyncio.get_running_loop()
     try:
         await loop.run_in_executor(None, engine.start)
     except BaseException:
