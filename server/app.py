@@ -303,8 +303,8 @@ class Server:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
         async with self._reload_lock:
-            if self.model is not None:
-                await self.model.retire()
+            if self.model is not None:  # bounded: a hung worker is killed after the grace (plus a second)
+                await self.model.retire(timeout=max(0.0, t0 + grace - time.perf_counter()) + 1.0)
         if hasattr(self, "_loader") and not self._loader.done():
             self._loader.cancel()
         for task in list(self._tasks):

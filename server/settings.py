@@ -52,6 +52,9 @@ class Settings:
     auth_exempt_health: bool = True  # health checks and reflection without a token (probes, load balancers)
     poll_interval_s: float = 0.0  # > 0: look for a newer model version this often and switch to it
     unhealthy_after_failures: int = 5  # consecutive failed batches that turn health NOT_SERVING
+    # A worker holding one batch longer than this is killed and replaced (its requests get UNAVAILABLE).
+    # 0: derived from the warm-up, 10 x the time to warm every bucket and at least 30 s.
+    batch_time_limit_s: float = 0.0
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
     def bucket_sizes(self) -> tuple[int, ...]:
@@ -75,6 +78,8 @@ class Settings:
                      "max_stream_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.batch_time_limit_s < 0:
+            raise ValueError("batch_time_limit_s must be >= 0 (0: derived from the warm-up)")
         if self.max_queue_delay_us < 0:
             raise ValueError("max_queue_delay_us must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -140,6 +145,8 @@ def parser() -> argparse.ArgumentParser:
                  "instances": "engine worker processes (one predictor each)",
                  "buckets": "batch sizes to warm and run, e.g. 1,2,4,8",
                  "metrics_port": "-1 disables /metrics, 0 picks a free port",
+                 "batch_time_limit_s": "kill and replace a worker holding one batch longer than this (its requests: "
+                                       "UNAVAILABLE); 0 = 10 x the warm-up time, at least 30 s",
                  "precision": "fp32 | int8 (int8 exports run int8 anyway) | fp16 (GPU)",
                  "engine": "onednn | openvino (CPU, fp32 legacy exports); default paddle: as the manifest says"}
     for name in FIELDS:
