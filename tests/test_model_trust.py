@@ -164,7 +164,7 @@ def test_a_version_seen_mid_copy_is_loaded_once_the_copy_completes(srv: InProces
     assert served(srv) == "1"
     with open(v3 / "inference.pdiparams", "ab") as f:
         f.write(params[len(params) // 2:])
-    wait_for(lambda: served(srv) == "3", timeout=300, what="version 3 once its copy completed")
+    wait_for(lambda: served(srv) == "3", timeout=120, what="version 3 once its copy completed")
     assert classify(srv).model_version == "3"
 
 
@@ -172,7 +172,7 @@ def test_a_unicode_digit_folder_does_not_stop_the_poller(srv: InProcessServer, m
     stray = models / "²"
     copy_version(models / "1", stray)
     copy_version(models / "1", models / ".4.tmp", version=4).rename(models / "4")
-    wait_for(lambda: served(srv) == "4", timeout=300, what="the poller to find version 4 beside '²'")
+    wait_for(lambda: served(srv) == "4", timeout=120, what="the poller to find version 4 beside '²'")
     # Admin ReloadModel and the SIGHUP path answer properly with the stray folder present.
     r = pb_grpc.AdminStub(srv.channel).ReloadModel(pb.ReloadModelRequest(), metadata=AUTH, timeout=60)
     assert (r.version, r.changed) == ("4", False) and "already serving" in r.message
@@ -201,5 +201,5 @@ def test_a_failing_poll_is_logged_and_the_next_one_runs(srv: InProcessServer, mo
     monkeypatch.setattr(app, "list_versions", list_once_broken)
     wait_for(lambda: failures, what="a failed poll")
     copy_version(models / "1", models / ".5.tmp", version=5).rename(models / "5")
-    wait_for(lambda: served(srv) == "5", timeout=300, what="the next polls to find version 5")
+    wait_for(lambda: served(srv) == "5", timeout=120, what="the next polls to find version 5")
     assert any("looking for a new model version failed" in r.getMessage() for r in caplog.records)
