@@ -20,6 +20,12 @@ def main(argv: list[str] | None = None) -> int:
         load_tokens(settings.auth_token_file)  # a configured token source that yields no token: refuse now
     except (ValueError, OSError) as e:
         return fail(str(e))
+    if settings.device == "gpu":
+        from .trt_cache import gpu_support_problem
+
+        problem = gpu_support_problem(settings.engine)
+        if problem:
+            return fail(problem)
     from .app import main_with
 
     try:

@@ -65,6 +65,22 @@ class LoadedModel:
         await self.batcher.drain()
 
 
+def log_build(info: dict, asked: str) -> str:
+    """Log what a GPU worker built and return the precision actually built (reported by GetModelInfo and the info
+    metric): PIR-TensorRT silently builds fp32 on GPUs without fast fp16."""
+    if not info:
+        return asked
+    log.info("GPU engine %s on %s: precision %s (asked %s), %s TensorRT engine(s), %s cache %s",
+             info.get("engine"), info.get("gpu", "?"), info.get("precision_built"), info.get("precision_asked"),
+             info.get("engines", 0), "reused" if info.get("cached") else "new", info.get("cache", "-"))
+    if info.get("precision_built") != info.get("precision_asked"):
+        log.warning("asked for %s but the GPU lacks fast %s: TensorRT built %s", info.get("precision_asked"),
+                    info.get("precision_asked"), info.get("precision_built"))
+    if info.get("engine") != "cuda" and not info.get("engines"):
+        log.warning("TensorRT built no engine: the model runs on Paddle's GPU kernels (cache %s)", info.get("cache"))
+    return str(info.get("precision_built") or asked)
+
+
 async def load(settings: Settings, version_dir: Path, observer: BatcherObserver, pool: Executor, metrics,
                on_worker_event: Callable[[str, int], None] | None = None,
                wrap_runner: Callable[[Runner], Runner] | None = None) -> LoadedModel:
@@ -76,11 +92,13 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
     loop = asyncio.get_running_loop()
     # Hashing the parameters takes a while: off the event loop. A mismatch raises ModelDirError (refused).
     manifest = await loop.run_in_executor(None, partial(load_manifest, version_dir, verify_checksums=True))
-    precision, engine_name = effective_precision(s.precision, manifest), effective_engine(s.engine, manifest)
+    precision, engine_name = (effective_precision(s.precision, manifest),
+                              effective_engine(s.engine, manifest, s.device))
     engine = Engine(EngineConfig(version_dir=version_dir, instances=s.instances,
                                  threads_per_instance=s.threads_per_instance, device=s.device, precision=precision,
                                  engine=engine_name, max_batch_size=s.max_batch_size, buckets=s.bucket_sizes(),
                                  trt_cache_dir=Path(s.trt_cache_dir) if s.trt_cache_dir else None,
+                                 start_timeout_s=s.worker_start_timeout_s, gpus=s.gpu_ids(),
                                  batch_time_limit_s=s.batch_time_limit_s))
     engine.on_worker_event = on_worker_event
     try:
@@ -89,6 +107,7 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
         await loop.run_in_executor(None, engine.close)
         raise
     m = engine.manifest
+    precision = log_build(engine.build_info, precision)
     runners = engine.runners()
     if wrap_runner is not None:
         runners = [wrap_runner(r) for r in runners]
