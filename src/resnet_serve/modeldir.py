@@ -141,6 +141,8 @@ def load_manifest(version_dir: Path, verify_checksums: bool = False) -> Manifest
         if unlisted:
             raise ModelDirError(f"{path} lists no sha256 for {', '.join(unlisted)} (in `files`)")
         for name, digest in manifest.files.items():
+            if name == MANIFEST:
+                continue  # a manifest cannot list its own checksum; one that tries is not held against it
             file = version_dir / name
             if not file.is_file():
                 raise ModelDirError(f"{file} is missing (listed in {MANIFEST})")
