@@ -18,8 +18,9 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from resnet_serve.protos import classifier_pb2 as pb
 
 WINDOW = 4
-ITEMS = 400
-PAD = "x" * 4000  # 4 KB request ids, echoed in every answer: the client's receive window fills after a few
+ITEMS = 800
+PAD = "x" * 1000  # 1 KB request ids (within --max-request-id-length), echoed in every answer: the client's
+# receive window fills after some 60 answers
 # A fixed 64 KB HTTP/2 window on the client (no BDP growth), so "the client's transport is full" comes early.
 CLIENT_OPTIONS = [("grpc.http2.bdp_probe", 0)]
 
