@@ -203,3 +203,39 @@ def test_a_failing_poll_is_logged_and_the_next_one_runs(srv: InProcessServer, mo
     copy_version(models / "1", models / ".5.tmp", version=5).rename(models / "5")
     wait_for(lambda: served(srv) == "5", timeout=120, what="the next polls to find version 5")
     assert any("looking for a new model version failed" in r.getMessage() for r in caplog.records)
+
+
+def test_sighup_loads_a_new_version_beside_a_unicode_digit_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`resnet-serve` as users run it: with a stray '²' folder and a version refused mid-copy, SIGHUP still loads
+    the next complete version (it used to die on int('²'))."""
+    import signal
+
+    from harness import start_subprocess_server
+
+    models = tmp_path / "tiny"
+    copy_version(tiny_model_dir / "1", models / "1")
+    copy_version(tiny_model_dir / "1", models / "²")
+    proc, ports = start_subprocess_server("--model-dir", str(models), "--threads-per-instance", "1",
+                                          "--max-batch-size", "1", "--metrics-port", "-1")
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{ports['port']}")
+        stub = pb_grpc.ClassifierStub(channel)
+
+        def version() -> str:
+            try:
+                return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).version
+            except grpc.RpcError:
+                return ""
+
+        wait_for(lambda: version() == "1", timeout=300, what="version 1 served")
+        copy_version(models / "1", models / ".2.tmp", version=2).rename(models / "2")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: version() == "2", timeout=120, what="SIGHUP to load version 2")
+        channel.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        assert "Task exception was never retrieved" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
