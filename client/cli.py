@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from resnet_serve.cli_util import fail
+from resnet_serve.imaging import SUFFIXES
 
 from .common import ChannelOptions, ClassifierError, Result, info_dict, target_string, text_table
 
 TOKEN_ENV = "RESNET_CLIENT_TOKEN"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = tuple(SUFFIXES)  # what the server accepts (and training reads)
 
 
 class BadInput(Exception):

@@ -15,24 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from resnet_serve.imaging import resize_crop
+from resnet_serve.imaging import FORMAT_NAMES, decode, resize_crop, sniff
 
-FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_PIXELS = 40_000_000
 
 
 class InvalidInput(ValueError):
     """The request's image cannot be used; the message says why (it goes back to the caller)."""
-
-
-def sniff(data: bytes) -> str | None:
-    if data[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "PNG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
 
 
 @dataclass(frozen=True)
@@ -41,21 +30,17 @@ class Preprocessor:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def encoded(self, data: bytes) -> np.ndarray:
-        """JPEG/PNG/WebP bytes -> uint8 [H, W, 3] at the model's input size."""
+        """Encoded bytes in one of the formats training reads (resnet_serve.imaging.FORMATS) -> uint8 [H, W, 3] at
+        the model's input size, decoded by the same function as training (EXIF orientation, 16-bit, alpha)."""
         if not data:
             raise InvalidInput("image is empty")
         kind = sniff(data)
         if kind is None:
-            raise InvalidInput("image is not a JPEG, PNG or WebP file (unrecognised header)")
+            raise InvalidInput(f"image is not a {FORMAT_NAMES} file (unrecognised header)")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data), formats=[kind])
-                w, h = img.size
-                self._check_pixels(w, h)
-                if kind == "JPEG":
-                    img.draft("RGB", (self.input_size[1], self.input_size[0]))  # decode at reduced scale: faster
-                img.load()
+                img = decode(io.BytesIO(data), kind, self.input_size, self._check_pixels)
         except InvalidInput:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
