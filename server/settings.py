@@ -43,7 +43,11 @@ class Settings:
     worker_start_timeout_s: float = 300.0
     preprocess_threads: int = 2
     max_message_bytes: int = 16 * 1024 * 1024
-    max_pixels: int = 40_000_000
+    max_pixels: int = 16_777_216  # pixels decoded per image (a JPEG's after its reduced-scale decode)
+    max_aspect_ratio: float = 100.0  # longer side / shorter side of an image
+    max_preprocess_queue: int = 64  # images waiting for or in a preprocess thread; beyond: RESOURCE_EXHAUSTED
+    max_preprocess_queue_bytes: int = 32 * 1024 * 1024  # ... and the payload bytes they hold
+    max_request_id_length: int = 1024  # characters of a request_id / OIP id, echoed in every answer
     max_stream_in_flight: int = 128
     grace_period_s: float = 30.0
     max_concurrent_streams: int = 1000  # per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)
@@ -99,11 +103,14 @@ class Settings:
         if self.precision == "fp16" and self.device != "gpu":
             raise ValueError("precision fp16 needs --device gpu (TensorRT); CPU serves fp32 or int8")
         for name in ("max_batch_size", "max_queue_size", "instances", "threads_per_instance", "preprocess_threads",
-                     "max_stream_in_flight"):
+                     "max_stream_in_flight", "max_preprocess_queue", "max_preprocess_queue_bytes",
+                     "max_request_id_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.batch_time_limit_s < 0:
             raise ValueError("batch_time_limit_s must be >= 0 (0: derived from the warm-up)")
+        if not self.max_aspect_ratio >= 1:
+            raise ValueError("max_aspect_ratio must be at least 1")
         if self.max_queue_delay_us < 0:
             raise ValueError("max_queue_delay_us must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -171,6 +178,12 @@ def parser() -> argparse.ArgumentParser:
                  "metrics_port": "-1 disables /metrics, 0 picks a free port",
                  "batch_time_limit_s": "kill and replace a worker holding one batch longer than this (its requests: "
                                        "UNAVAILABLE); 0 = 10 x the warm-up time, at least 30 s",
+                 "max_pixels": "pixels decoded per image (a JPEG's after reduced-scale decoding); beyond: "
+                               "INVALID_ARGUMENT",
+                 "max_aspect_ratio": "longer / shorter side of an image; beyond: INVALID_ARGUMENT",
+                 "max_preprocess_queue": "images waiting for or in a preprocess thread; beyond: RESOURCE_EXHAUSTED",
+                 "max_preprocess_queue_bytes": "payload bytes of those images; beyond: RESOURCE_EXHAUSTED",
+                 "max_request_id_length": "characters of a request id (echoed in every answer)",
                  "precision": "fp32 | int8 (int8 exports run int8 anyway) | fp16 (GPU)",
                  "engine": "onednn | openvino (CPU, fp32 legacy exports) | tensorrt | cuda (GPU, no TensorRT); "
                            "default paddle: as the manifest says on CPU, tensorrt on GPU",

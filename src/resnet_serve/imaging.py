@@ -44,16 +44,17 @@ def decode(fp: BinaryIO, kind: str, size: tuple[int, int] | None = None,
            check: Callable[[int, int], None] | None = None) -> Image.Image:
     """The one decoder: an open file of format `kind` (from sniff) -> an upright 8-bit RGB image.
 
-    `check(width, height)` runs on the header, before any pixel is decoded. `size` (H, W), the model input, lets a
-    JPEG decode at a reduced scale that still covers it (faster, and what serving does: evaluation passes it too so
-    its pixels are the server's). Raises what PIL raises (OSError, SyntaxError, ValueError) for a broken file.
+    `check(width, height)` runs on the header, before any pixel is decoded, with the size that will be decoded:
+    `size` (H, W), the model input, lets a JPEG decode at a reduced scale that still covers it (faster, and what
+    serving does: evaluation passes it too so its pixels are the server's), and the server's pixel budget counts
+    those pixels. Raises what PIL raises (OSError, SyntaxError, ValueError) for a broken file.
     """
     img = Image.open(fp, formats=[kind])
-    if check is not None:
-        check(*img.size)
     if size is not None and kind == "JPEG":
         side = max(size)  # square request: an EXIF rotation below must not leave one side short
         img.draft("RGB", (side, side))
+    if check is not None:
+        check(*img.size)
     img.load()  # a GIF's first frame
     return to_rgb(upright(img))
 
@@ -98,16 +99,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resize_crop(img: Image.Image, height: int, width: int) -> np.ndarray:
-    """PIL image -> uint8 [height, width, 3]: shorter side scaled to fit, then a centre crop."""
-    img = img.convert("RGB")
+    """PIL image -> uint8 [height, width, 3]: shorter side scaled to fit, then a centre crop.
+
+    Only the source region that survives the crop is resampled (Pillow's `box`), straight to the output size: no
+    intermediate is larger than the output, whatever the aspect ratio (resizing a 1x300000 strip whole, then
+    cropping, would build a 9600000x32 image on the way)."""
+    if img.mode not in ("RGB", "L"):  # grey is resized as is and expanded after: cheaper, the same pixels
+        img = img.convert("RGB")
     w, h = img.size
     if (w, h) != (width, height):
         scale = max(height / h, width / w)
-        nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR)
-        left, top = (nw - width) // 2, (nh - height) // 2
-        img = img.crop((left, top, left + width, top + height))
-    return np.asarray(img, dtype=np.uint8)
+        box_w, box_h = width / scale, height / scale  # the part of the source the output shows
+        left, top = (w - box_w) / 2, (h - box_h) / 2
+        img = img.resize((width, height), Image.BILINEAR, box=(left, top, left + box_w, top + box_h))
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 def normalise(images: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
