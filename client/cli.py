@@ -79,6 +79,8 @@ def build_parser() -> Parser:
     load.add_argument("--rate", default=None, help="open loop: comma list of images/s (Poisson arrivals)")
     b.add_argument("--warmup", type=float, default=1.0, metavar="S", help="seconds of warm-up per step")
     b.add_argument("--duration", type=float, default=5.0, metavar="S", help="measured seconds per step")
+    b.add_argument("--requests", type=int, default=0, metavar="N",
+                   help="closed loop: measure exactly N requests per step instead of --duration seconds")
     b.add_argument("--streams", type=int, default=1, help="streams per process in --mode stream")
     b.add_argument("--processes", type=int, default=1, help="client processes sharing the load (for ceilings)")
     b.add_argument("--protocol", choices=("classifier", "oip"), default="classifier",
@@ -239,6 +241,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise BadInput("--duration must be positive and --warmup non-negative")
     if args.streams < 1 or args.processes < 1:
         raise BadInput("--streams and --processes must be at least 1")
+    if args.requests < 0 or (args.requests and rates):
+        raise BadInput("--requests must be positive and goes with --concurrency, not --rate")
     if args.protocol == "oip" and not args.model:
         raise BadInput("--protocol oip needs --model NAME")
     with _client(args) as client:
@@ -254,12 +258,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model, input_hw = info_dict(info), (int(info.input_shape[1]), int(info.input_shape[2]))
     config = loadgen.LoadConfig(
         target=target, mode=args.mode, input=args.input, concurrency=concurrency, rates=rates,
-        warmup_s=args.warmup, duration_s=args.duration, streams=args.streams, processes=args.processes,
+        warmup_s=args.warmup, duration_s=args.duration, requests=args.requests, streams=args.streams,
+        processes=args.processes,
         top_k=args.top_k, timeout_s=30.0 if args.timeout is None else args.timeout,
         input_hw=input_hw, options=options_from(args), protocol=args.protocol, model=args.model)
-    total = len(config.steps()) * (args.warmup + args.duration)
-    print(f"bench: {len(config.steps())} step(s) of {args.warmup:g} s warm-up + {args.duration:g} s, about "
-          f"{total:.0f} s", file=sys.stderr)
+    if args.requests:
+        print(f"bench: {len(config.steps())} step(s) of {args.warmup:g} s warm-up + {args.requests} requests",
+              file=sys.stderr)
+    else:
+        total = len(config.steps()) * (args.warmup + args.duration)
+        print(f"bench: {len(config.steps())} step(s) of {args.warmup:g} s warm-up + {args.duration:g} s, about "
+              f"{total:.0f} s", file=sys.stderr)
     steps = loadgen.run(config)
     doc = {"target": target, "model": model, "protocol": args.protocol, "mode": args.mode, "input": args.input,
            "processes": args.processes, "steps": steps}

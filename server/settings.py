@@ -61,6 +61,9 @@ class Settings:
     auth_exempt_health: bool = True  # health checks and reflection without a token (probes, load balancers)
     poll_interval_s: float = 0.0  # > 0: look for a newer model version this often and switch to it
     unhealthy_after_failures: int = 5  # consecutive failed batches that turn health NOT_SERVING
+    # A worker holding one batch longer than this is killed and replaced (its requests get UNAVAILABLE).
+    # 0: derived from the warm-up, 10 x the time to warm every bucket and at least 30 s.
+    batch_time_limit_s: float = 0.0
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
     def bucket_sizes(self) -> tuple[int, ...]:
@@ -104,6 +107,8 @@ class Settings:
                      "max_request_id_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.batch_time_limit_s < 0:
+            raise ValueError("batch_time_limit_s must be >= 0 (0: derived from the warm-up)")
         if not self.max_aspect_ratio >= 1:
             raise ValueError("max_aspect_ratio must be at least 1")
         if self.max_queue_delay_us < 0:
@@ -171,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
                  "instances": "engine worker processes (one predictor each)",
                  "buckets": "batch sizes to warm and run, e.g. 1,2,4,8",
                  "metrics_port": "-1 disables /metrics, 0 picks a free port",
+                 "batch_time_limit_s": "kill and replace a worker holding one batch longer than this (its requests: "
+                                       "UNAVAILABLE); 0 = 10 x the warm-up time, at least 30 s",
                  "max_pixels": "pixels decoded per image (a JPEG's after reduced-scale decoding); beyond: "
                                "INVALID_ARGUMENT",
                  "max_aspect_ratio": "longer / shorter side of an image; beyond: INVALID_ARGUMENT",
