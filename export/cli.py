@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from resnet_serve.cli_util import fail, setup_logging
+from resnet_serve.modeldir import version_of
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +48,7 @@ def out_problem(out: Path) -> str | None:
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         return f"{existing} is a file, not a model folder: choose another --out"
-    if out.name.isascii() and out.name.isdigit() and (out.name != str(int(out.name)) or int(out.name) == 0):
+    if out.name.isascii() and out.name.isdigit() and version_of(out.name) is None:
         return (f"version folder {out} must be a positive number without leading zeros (the server looks for "
                 "models/<name>/<N> by its number)")
     return None

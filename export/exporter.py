@@ -20,7 +20,7 @@ import paddle
 
 from resnet_serve import __version__
 from resnet_serve.imaging import IMAGENET_MEAN, IMAGENET_STD
-from resnet_serve.modeldir import LABELS, Manifest, list_versions, sha256_file
+from resnet_serve.modeldir import LABELS, Manifest, list_versions, sha256_file, version_of
 from resnet_serve.train import checkpoint as ckpt
 from resnet_serve.train.models import build_model
 
@@ -64,7 +64,7 @@ def target_dir(out: Path) -> Path:
     """models/<name>/<N> as given, or models/<name> -> the next free version number."""
     out = Path(out)
     if _is_version(out.name):
-        if out.name != str(int(out.name)) or int(out.name) == 0:
+        if version_of(out.name) is None:
             raise ExportError(f"version folder {out} must be a positive number without leading zeros (the server "
                               f"looks for models/<name>/<N> by its number)")
         return out
