@@ -17,11 +17,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(argv)
     except (ValueError, OSError) as e:
         return fail(str(e))
-    from .app import main_with
+    from .app import ListenError, main_with
 
     try:
         return main_with(settings)
-    except ModelDirError as e:
+    except (ModelDirError, ListenError) as e:
         return fail(str(e))
 
 

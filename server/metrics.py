@@ -3,6 +3,11 @@ dashboard in deploy/ uses exactly these names). One registry per server, so test
 
 from __future__ import annotations
 
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -12,8 +17,8 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
+from prometheus_client.exposition import choose_encoder
 
 PREFIX = "resnet_serve"
 # Latencies from 0.5 ms to 30 s: loopback unary calls on tiny models through ResNet-50 batches on 2 cores.
@@ -92,6 +97,47 @@ class Metrics:
         for reason in DROP_REASONS:
             self.dropped.labels(reason)
 
-    def serve_http(self, port: int, addr: str = "0.0.0.0"):
-        """Expose /metrics on its own port (a daemon thread); returns (server, thread)."""
-        return start_http_server(port, addr=addr, registry=self.registry)
+    def serve_http(self, port: int, addr: str, ready: Callable[[], bool]) -> ThreadingHTTPServer:
+        """Serve /metrics, /healthz and /readyz on addr:port from a daemon thread; OSError if it cannot bind."""
+        return serve_http(self.registry, port, addr, ready)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """GET /metrics (the exposition), /healthz (200 while the process answers), /readyz (200 when the gRPC health
+    is SERVING, else 503); 404 for any other path, so a mistyped probe fails loudly instead of scraping."""
+
+    registry: CollectorRegistry
+    ready: Callable[[], bool]
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._reply(200, encoder(self.registry), content_type)
+        elif path == "/healthz":
+            self._reply(200, b"ok\n")
+        elif path == "/readyz":
+            ok = self.ready()
+            self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+        else:
+            self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+    def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (scrapes every few seconds: no access log)
+        pass
+
+
+def serve_http(registry: CollectorRegistry, port: int, addr: str, ready: Callable[[], bool]) -> ThreadingHTTPServer:
+    host = addr.strip("[]")
+    handler = type("Handler", (_Handler,), {"registry": registry, "ready": staticmethod(ready)})
+    server_cls = type("MetricsHTTPServer", (ThreadingHTTPServer,),
+                      {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True})
+    httpd = server_cls((host, port), handler)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd

@@ -26,6 +26,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 8000  # -1 disables /metrics; 0 picks a free port
+    metrics_host: str = ""  # where /metrics, /healthz, /readyz listen; empty = the gRPC host
     max_batch_size: int = 8
     max_queue_delay_us: int = 2000
     max_queue_size: int = 256

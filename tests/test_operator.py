@@ -1,0 +1,96 @@
+"""What an operator meets around the server: ports in use, where /metrics listens, its HTTP probes, the warning
+when serving every interface without auth."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.error import HTTPError, URLError
+from urllib.request import urlopen
+
+import pytest
+from conftest import run_cli
+from harness import InProcessServer, gated_workers
+
+WARNING_TEXT = "without authentication"
+
+
+def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
+    try:
+        with urlopen(f"http://{host}:{port}{path}", timeout=10) as r:
+            return r.status, r.read().decode()
+    except HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port some other program is listening on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def assert_one_line_exit_2(r, *needles: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_grpc_port_in_use_is_one_line_naming_port_and_setting(tiny_model_dir: Path, busy_port: int) -> None:
+    r = run_cli("resnet-serve", "--model-dir", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(busy_port),
+                "--metrics-port", "0", env={"RESNET_SERVE_LOG_LEVEL": "WARNING"}, timeout=120)
+    assert_one_line_exit_2(r, f"127.0.0.1:{busy_port}", "gRPC", "Address already in use", "--port")
+
+
+def test_metrics_port_in_use_is_one_line_naming_port_and_setting(tiny_model_dir: Path, busy_port: int) -> None:
+    r = run_cli("resnet-serve", "--model-dir", str(tiny_model_dir), "--host", "127.0.0.1", "--port", "0",
+                "--metrics-port", str(busy_port), env={"RESNET_SERVE_LOG_LEVEL": "WARNING"}, timeout=120)
+    assert_one_line_exit_2(r, f"127.0.0.1:{busy_port}", "/metrics", "Address already in use", "--metrics-port")
+
+
+def test_metrics_http_paths_and_bind_host(tiny_model_dir: Path, tmp_path: Path, caplog) -> None:
+    """/healthz is live from the start, /readyz follows gRPC health (503 while warm-up is held at the gate, 200
+    once SERVING), /metrics is the exposition, anything else 404; bound to the gRPC host (127.0.0.1) only."""
+    caplog.set_level(logging.WARNING)
+    with gated_workers(tmp_path / "fifo") as gate:
+        srv = InProcessServer(wait_ready=False, model_dir=str(tiny_model_dir), max_batch_size=2)
+        try:
+            port = srv.server.metrics_port
+            assert http_get(port, "/healthz") == (200, "ok\n")
+            assert http_get(port, "/readyz")[0] == 503
+            status, text = http_get(port, "/metrics")
+            assert status == 200 and "resnet_serve_requests_total" in text
+            for path in ("/", "/metrics/extra", "/health", "/favicon.ico"):
+                assert http_get(port, path)[0] == 404
+            gate.open()
+            srv.wait_ready()
+            assert http_get(port, "/readyz") == (200, "ready\n")
+            assert http_get(port, "/metrics?name[]=x")[0] == 200
+            # Bound to 127.0.0.1, not every interface: another loopback address is refused.
+            assert srv.server._metrics_http.server_address[0] == "127.0.0.1"
+            with pytest.raises(URLError):
+                http_get(port, "/healthz", host="127.0.0.2")
+        finally:
+            srv.close()
+    assert not [r for r in caplog.records if WARNING_TEXT in r.getMessage()]
+
+
+def test_every_interface_without_auth_warns_and_metrics_host_is_a_setting(tiny_model_dir: Path, caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    srv = InProcessServer(model_dir=str(tiny_model_dir), host="0.0.0.0", metrics_host="127.0.0.1",
+                          max_batch_size=1)
+    try:
+        assert srv.server._metrics_http.server_address[0] == "127.0.0.1"
+        assert http_get(srv.server.metrics_port, "/readyz")[0] == 200
+    finally:
+        srv.close()
+    warnings = [r for r in caplog.records if WARNING_TEXT in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert "--host 127.0.0.1" in warnings[0].getMessage() and "--auth-token-file" in warnings[0].getMessage()
