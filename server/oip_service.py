@@ -87,7 +87,7 @@ def _int_parameter(p: pb.InferParameter, name: str) -> int:
 
 
 def top_k_of(request: pb.ModelInferRequest) -> int:
-    """The `top_k` request parameter; 0 or absent: the server's default (5, or fewer classes if the model has)."""
+    """The `top_k` request parameter; 0 or absent: the server's default (5); capped at the class count later."""
     if TOP_K not in request.parameters:
         return 0
     k = _int_parameter(request.parameters[TOP_K], TOP_K)
