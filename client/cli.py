@@ -368,9 +368,23 @@ def _hits(labelled: list[tuple[str, Any]], k: int) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     with _client(args) as client:
         info = info_dict(client.model_info())
-    width = max(map(len, info))
-    _emit(args, info, "\n".join(f"{k.ljust(width)}  {v}" for k, v in info.items()))
+    _emit(args, info, info_text(info))
     return 0
+
+
+def info_text(info: dict[str, Any], max_labels: int = 20) -> str:
+    """The model as aligned `key  value` lines; a long label list is shortened (--json has them all)."""
+    lines = {k: v for k, v in info.items() if k not in ("labels", "preprocessing")}
+    labels = info["labels"]
+    shown = ", ".join(f"{i}={name}" for i, name in enumerate(labels[:max_labels]))
+    lines["labels"] = shown + (f", ... ({len(labels)} in all; --json lists every one)"
+                               if len(labels) > max_labels else "")
+    p = info["preprocessing"]
+    lines["preprocessing"] = (f"{p['resize']} to {'x'.join(map(str, p['input_size']))}; {p['color']} * "
+                              f"{p['scale']:.6g}, minus mean, divided by std; {p['layout']} float32; decodes "
+                              f"{', '.join(p['formats'])}")
+    width = max(map(len, lines))
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines.items())
 
 
 def cmd_health(args: argparse.Namespace) -> int:

@@ -307,7 +307,14 @@ def info_dict(info: pb.ModelInfo) -> dict:
     return {"name": info.name, "version": info.version, "architecture": info.architecture,
             "input_shape": list(info.input_shape), "num_classes": info.num_classes, "precision": info.precision,
             "max_batch_size": info.max_batch_size, "device": info.device, "engine": info.engine,
-            "mean": [round(x, 6) for x in info.mean], "std": [round(x, 6) for x in info.std]}
+            "mean": [round(x, 6) for x in info.mean], "std": [round(x, 6) for x in info.std],
+            "labels": list(info.labels), "preprocessing": preprocessing_dict(info.preprocessing)}
+
+
+def preprocessing_dict(p: pb.Preprocessing) -> dict:
+    return {"resize": p.resize, "input_size": list(p.input_size), "color": p.color, "scale": round(p.scale, 8),
+            "mean": [round(x, 6) for x in p.mean], "std": [round(x, 6) for x in p.std], "layout": p.layout,
+            "formats": list(p.formats)}
 
 
 def text_table(rows: Sequence[Sequence[str]]) -> str:

@@ -15,8 +15,8 @@ from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
 
 from .batcher import DeadlineExpired, QueueFull, ShuttingDown
 from .metrics import Metrics
-from .pipeline import Answer, ImageInput, Pipeline
-from .preprocess import InvalidInput
+from .pipeline import Answer, ImageInput, ModelDescription, Pipeline
+from .preprocess import FORMATS, InvalidInput
 from .streams import answer_each
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ BASE_ERROR_CODES: dict[type[BaseException], grpc.StatusCode] = {
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
+# resnet_serve.imaging.resize_crop, as GetModelInfo states it.
+RESIZE_RULE = "shorter side scaled to fit input_size (bilinear), then a centre crop"
 MESSAGES = {QueueFull: "server queue is full, retry later", DeadlineExpired: "deadline expired while queued",
             ShuttingDown: "server is shutting down"}
 
@@ -57,6 +59,12 @@ def image_of(request: pb.ClassifyRequest) -> ImageInput:
             raise InvalidInput("tensor dtype must be UINT8 (HWC) or FLOAT32 (CHW)")
         return ImageInput(kinds[t.dtype], t.data, tuple(t.shape))
     raise InvalidInput("request carries no image (set `encoded` or `tensor`)")
+
+
+def preprocessing_of(model: ModelDescription) -> pb.Preprocessing:
+    """What server/preprocess.py and resnet_serve.imaging do to an image, stated for clients (GetModelInfo)."""
+    return pb.Preprocessing(resize=RESIZE_RULE, input_size=model.input_shape[1:], color="RGB", scale=1 / 255,
+                            mean=model.mean, std=model.std, layout="NCHW", formats=FORMATS)
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
@@ -151,4 +159,5 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.metrics.requests.labels("GetModelInfo", "OK").inc()
         return pb.ModelInfo(name=m.name, version=m.version, architecture=m.architecture, input_shape=m.input_shape,
                             num_classes=m.num_classes, precision=m.precision, max_batch_size=m.max_batch_size,
-                            device=m.device, mean=m.mean, std=m.std, engine=m.engine)
+                            device=m.device, mean=m.mean, std=m.std, engine=m.engine, labels=pipeline.labels,
+                            preprocessing=preprocessing_of(m))

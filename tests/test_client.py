@@ -118,6 +118,23 @@ def test_sync_and_async_clients_give_identical_results(srv, client, tmp_path, ki
     assert_same([sync_one], [sync_many[0]])
 
 
+def test_model_info_preprocessing_reproduces_the_servers(client) -> None:
+    """A client that follows GetModelInfo's preprocessing and sends FLOAT32 gets what sending the PNG gets."""
+    info = client.model_info()
+    p = info.preprocessing
+    assert list(info.labels) == [f"digit_{i}" for i in range(10)] and "centre crop" in p.resize
+    arr = picture(5, 45, 60)
+    h, w = p.input_size
+    img = Image.fromarray(arr)
+    scale = max(h / img.height, w / img.width)
+    nw, nh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+    img = img.resize((nw, nh), Image.BILINEAR).crop(((nw - w) // 2, (nh - h) // 2, (nw - w) // 2 + w,
+                                                     (nh - h) // 2 + h))
+    x = (np.asarray(img, np.float32) * p.scale - np.float32(p.mean)) / np.float32(p.std)
+    mine = client.classify(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32), top_k=10)
+    assert_same([client.classify(png(arr), top_k=10)], [mine])
+
+
 def test_path_bytes_and_pil_of_one_picture_agree(client, tmp_path) -> None:
     results = [client.classify(make_input(kind, tmp_path)) for kind in ("path", "bytes", "pil")]
     assert_same(results[:1] * 3, results)
@@ -504,7 +521,14 @@ def test_cli_classify_a_directory_classifies_what_is_in_it(srv, image_dir, tmp_p
 def test_cli_info_and_health(srv, client) -> None:
     r = run_cli("resnet-client", "info", "--target", srv.address, "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == info_dict(client.model_info())
+    doc = json.loads(r.stdout)
+    assert doc == info_dict(client.model_info())
+    assert doc["labels"] == [f"digit_{i}" for i in range(10)]
+    pre = doc["preprocessing"]
+    assert pre["input_size"] == [SIZE, SIZE] and pre["mean"] == doc["mean"] and pre["std"] == doc["std"]
+    assert pre["color"] == "RGB" and pre["layout"] == "NCHW" and pre["formats"] == ["JPEG", "PNG", "WEBP"]
+    text = run_cli("resnet-client", "info", "--target", srv.address)
+    assert text.returncode == 0 and "0=digit_0, 1=digit_1" in text.stdout and "centre crop to 32x32" in text.stdout
     h = run_cli("resnet-client", "health", "--target", srv.address, "--wait", "30")
     assert (h.returncode, h.stdout.strip()) == (0, "SERVING")
 
