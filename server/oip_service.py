@@ -207,7 +207,7 @@ def _sample_values(metric) -> dict[tuple[str, tuple], float]:
 
 class OIPService(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over the server's current Pipeline (read at call time: hot reload works).
-    RPCs not implemented here (repository, shared memory, trace, logging) answer UNIMPLEMENTED."""
+    RPCs not implemented here (repository load/unload, shared memory, trace, logging) answer UNIMPLEMENTED."""
 
     SERVICE_NAME = SERVICE_NAME
 
@@ -282,6 +282,24 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
             name=model.name, versions=[model.version], platform=PLATFORM,
             inputs=[T(name=n, datatype=d, shape=s) for n, d, s in input_metadata(model)],
             outputs=[T(name=n, datatype=d, shape=s) for n, d, s in output_metadata()])
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
+        """The one model this server serves (how tritonclient's get_model_repository_index() discovers models):
+        its version and state READY, or LOADING / UNAVAILABLE (with the reason) before it serves."""
+        pipeline = self.server.service.pipeline
+        if pipeline is not None:
+            name, version = pipeline.model.name, pipeline.model.version
+        else:  # not loaded yet (or failed): the manifest says what is being loaded
+            from resnet_serve.modeldir import load_manifest
+
+            manifest = await asyncio.to_thread(load_manifest, self.server.version_dir)
+            name, version = manifest.name, str(manifest.version)
+        serving = self.server._serving()
+        failed = self.server.failed
+        state = "READY" if serving else "UNAVAILABLE" if failed or pipeline is not None else "LOADING"
+        reason = f"failed to load: {failed}" if failed else "" if serving else "not serving (loading or draining)"
+        models = [pb.RepositoryIndexResponse.ModelIndex(name=name, version=version, state=state, reason=reason)]
+        return pb.RepositoryIndexResponse(models=[m for m in models if serving or not request.ready])
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
         model = await self._model(context, request.name, request.version)

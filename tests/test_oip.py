@@ -455,3 +455,18 @@ def test_bench_over_oip_needs_a_model_and_reports_errors(srv: InProcessServer) -
     r = run_cli("resnet-client", "bench", "--protocol", "oip", "--model", "other", "--target", srv.address,
                 "--token", TOKEN, "--duration", "0.1")
     assert r.returncode == 1 and r.stderr.startswith("error: NOT_FOUND: ")
+
+
+def test_repository_index_lists_the_served_model_as_tritonclient_reads_it(srv: InProcessServer,
+                                                                         client: tc.InferenceServerClient) -> None:
+    index = client.get_model_repository_index(headers=HEADERS, as_json=True)
+    assert index == {"models": [{"name": MODEL, "version": "1", "state": "READY"}]}
+    stub = oip_grpc.GRPCInferenceServiceStub(srv.channel)
+    ready_only = stub.RepositoryIndex(oip.RepositoryIndexRequest(ready=True), metadata=AUTH, timeout=10)
+    assert [(m.name, m.version, m.state) for m in ready_only.models] == [(MODEL, "1", "READY")]
+    # documented as UNIMPLEMENTED (docs/oip.md): repository control and shared memory
+    for call in (lambda: client.load_model(MODEL, headers=HEADERS),
+                 lambda: client.get_system_shared_memory_status(headers=HEADERS),
+                 lambda: client.get_cuda_shared_memory_status(headers=HEADERS)):
+        with pytest.raises(InferenceServerException, match="UNIMPLEMENTED"):
+            call()

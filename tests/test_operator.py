@@ -11,6 +11,7 @@ from urllib.error import HTTPError, URLError
 from urllib.request import urlopen
 
 import pytest
+import tritonclient.grpc as tc
 from conftest import run_cli
 from harness import InProcessServer, gated_workers
 
@@ -57,7 +58,8 @@ def test_metrics_port_in_use_is_one_line_naming_port_and_setting(tiny_model_dir:
 
 def test_metrics_http_paths_and_bind_host(tiny_model_dir: Path, tmp_path: Path, caplog) -> None:
     """/healthz is live from the start, /readyz follows gRPC health (503 while warm-up is held at the gate, 200
-    once SERVING), /metrics is the exposition, anything else 404; bound to the gRPC host (127.0.0.1) only."""
+    once SERVING), /metrics is the exposition, anything else 404; bound to the gRPC host (127.0.0.1) only. The OIP
+    repository index says LOADING, then READY, on the same transitions."""
     caplog.set_level(logging.WARNING)
     with gated_workers(tmp_path / "fifo") as gate:
         srv = InProcessServer(wait_ready=False, model_dir=str(tiny_model_dir), max_batch_size=2)
@@ -69,9 +71,15 @@ def test_metrics_http_paths_and_bind_host(tiny_model_dir: Path, tmp_path: Path, 
             assert status == 200 and "resnet_serve_requests_total" in text
             for path in ("/", "/metrics/extra", "/health", "/favicon.ico"):
                 assert http_get(port, path)[0] == 404
+            triton = tc.InferenceServerClient(srv.address)
+            (loading,) = triton.get_model_repository_index(as_json=True)["models"]
+            assert (loading["name"], loading["version"], loading["state"]) == ("tiny", "1", "LOADING")
             gate.open()
             srv.wait_ready()
             assert http_get(port, "/readyz") == (200, "ready\n")
+            assert triton.get_model_repository_index(as_json=True)["models"] == [
+                {"name": "tiny", "version": "1", "state": "READY"}]
+            triton.close()
             assert http_get(port, "/metrics?name[]=x")[0] == 200
             # Bound to 127.0.0.1, not every interface: another loopback address is refused.
             assert srv.server._metrics_http.server_address[0] == "127.0.0.1"
