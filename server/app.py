@@ -143,6 +143,8 @@ class Server:
         # Computed at scrape time over every live batcher, so a reload's two batchers never overwrite each other.
         self.metrics.queue_depth.set_function(lambda: sum(m.batcher.queue_depth for m in self._live))
         self.metrics.in_flight.set_function(lambda: sum(m.batcher.in_flight for m in self._live))
+        self.metrics.watch_workers(lambda: [(m.version, i, pid) for m in self._live
+                                            for i, pid in enumerate(m.engine.worker_pids())])
 
     @property
     def engine(self) -> Engine | None:
@@ -258,6 +260,7 @@ class Server:
         self.metrics.model_warmup.set(model.engine.warmup_seconds)
         self.metrics.workers_alive.set(model.engine.alive_instances())
         self.metrics.model_info.info(model.info_labels())
+        self.metrics.model_published(model.pipeline.model.name, model.pipeline.model.version)
 
     async def _load_first(self) -> None:
         try:

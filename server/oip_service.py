@@ -231,9 +231,7 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
         return model
 
     def _record(self, method: str, code: grpc.StatusCode, t0: float) -> None:
-        m = self.server.metrics
-        m.requests.labels(method, code.name).inc()
-        m.request_latency.labels(method).observe(time.perf_counter() - t0)
+        self.server.metrics.record_request(method, code.name, time.perf_counter() - t0)
 
     @staticmethod
     def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -333,7 +331,8 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
         m = self.server.metrics
         batches, queue, requests = (_sample_values(x) for x in (m.batch_size, m.queue_wait, m.requests))
         total = "resnet_serve_requests_total"
-        ok = sum(requests.get((total, (("code", "OK"), ("method", meth))), 0.0) for meth in _IMAGE_METHODS)
+        ok = sum(v for (name, labels), v in requests.items() if name == total
+                 and dict(labels)["method"] in _IMAGE_METHODS and dict(labels)["code"] == "OK")
         failed = sum(v for (name, labels), v in requests.items() if name == total
                      and dict(labels)["method"] in _IMAGE_METHODS and dict(labels)["code"] != "OK")
         D = pb.StatisticDuration

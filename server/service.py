@@ -103,9 +103,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             predictions=[pb.Prediction(class_id=p.class_id, label=p.label, score=p.score)
                          for p in answer.predictions])
 
-    def _record(self, method: str, code: grpc.StatusCode, t0: float) -> None:
-        self.metrics.requests.labels(method, code.name).inc()
-        self.metrics.request_latency.labels(method).observe(time.perf_counter() - t0)
+    def _record(self, method: str, code: grpc.StatusCode, t0: float, version: str | None = None) -> None:
+        self.metrics.record_request(method, code.name, time.perf_counter() - t0, version)
 
     @staticmethod
     def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -123,7 +122,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         except asyncio.CancelledError:
             self._record("Classify", _cancel_code(context), t0)
             raise
-        self._record("Classify", grpc.StatusCode.OK, t0)
+        self._record("Classify", grpc.StatusCode.OK, t0, answer.model_version)
         return self._response(request.request_id, answer)
 
     async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
@@ -134,9 +133,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
         async def handle(request: pb.ClassifyRequest) -> pb.ClassifyResponse:
             t0 = time.perf_counter()
+            version = None
             try:
-                response = self._response(request.request_id, await self._classify_one(request, deadline))
-                code = grpc.StatusCode.OK
+                answer = await self._classify_one(request, deadline)
+                response = self._response(request.request_id, answer)
+                code, version = grpc.StatusCode.OK, answer.model_version
             except RequestError as e:
                 code = e.code
                 response = pb.ClassifyResponse(request_id=request.request_id,
@@ -144,7 +145,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             except asyncio.CancelledError:
                 self._record("ClassifyStream", _cancel_code(context), t0)
                 raise
-            self._record("ClassifyStream", code, t0)
+            self._record("ClassifyStream", code, t0, version)
             return response
 
         async for response in answer_each(request_iterator, handle, self.max_stream_in_flight):
@@ -153,10 +154,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         pipeline = self.pipeline
         if pipeline is None:
-            self.metrics.requests.labels("GetModelInfo", "UNAVAILABLE").inc()
+            self.metrics.record_request("GetModelInfo", "UNAVAILABLE", None)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading, not serving yet")
         m = pipeline.model
-        self.metrics.requests.labels("GetModelInfo", "OK").inc()
+        self.metrics.record_request("GetModelInfo", "OK", None)
         return pb.ModelInfo(name=m.name, version=m.version, architecture=m.architecture, input_shape=m.input_shape,
                             num_classes=m.num_classes, precision=m.precision, max_batch_size=m.max_batch_size,
                             device=m.device, mean=m.mean, std=m.std, engine=m.engine, labels=pipeline.labels,
