@@ -102,3 +102,43 @@ def test_every_interface_without_auth_warns_and_metrics_host_is_a_setting(tiny_m
     warnings = [r for r in caplog.records if WARNING_TEXT in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     assert "--host 127.0.0.1" in warnings[0].getMessage() and "--auth-token-file" in warnings[0].getMessage()
+
+
+def test_make_installs_once_until_pyproject_changes(tmp_path: Path) -> None:
+    """Every target depends on `install`: up to date (nothing run) while the stamp is newer than pyproject.toml,
+    a reinstall once pyproject.toml is newer. `make -q` asks without running anything."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    stamp = venv / ".installed"
+    stamp.write_text("")
+    pyproject = (root / "pyproject.toml").stat().st_mtime
+
+    def up_to_date() -> bool:
+        r = subprocess.run(["make", "-q", "install", f"VENV={venv}"], cwd=root, capture_output=True, timeout=60)
+        assert r.returncode in (0, 1), r.stderr
+        return r.returncode == 0
+
+    os.utime(stamp, (pyproject + 10, pyproject + 10))
+    assert up_to_date()
+    os.utime(stamp, (pyproject - 10, pyproject - 10))
+    assert not up_to_date()
+    dry = subprocess.run(["make", "-n", "test", f"VENV={venv}"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert "pip install" in dry.stdout
+    os.utime(stamp, (pyproject + 10, pyproject + 10))
+    dry = subprocess.run(["make", "-n", "test", f"VENV={venv}"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert "pip install" not in dry.stdout and "pytest" in dry.stdout
+
+
+def test_project_license_is_an_spdx_expression() -> None:
+    """A `license = {text = ...}` table makes setuptools print a deprecation banner on every install."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert not any(c.startswith("License ::") for c in project["project"].get("classifiers", []))

@@ -303,3 +303,28 @@ def test_grafana_dashboard_and_provisioning_fit_together() -> None:
     for topic in ("throughput", "p50/p95/p99", "batch-size", "flush reasons", "queue depth", "errors by code",
                   "model"):
         assert topic in titles, topic
+
+
+def test_make_observe_prints_the_url_and_scrapes_a_local_server(srv: InProcessServer, tmp_path: Path) -> None:
+    """`make observe` as a user runs it (METRICS_PORT pointing at this test server): the URL it prints answers,
+    and the shipped scrape config's job scrapes the server."""
+    binary("prometheus")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["make", "-s", "observe", f"METRICS_PORT={srv.server.metrics_port}",
+                             f"PROMETHEUS_PORT={port}", f"OBSERVE_DIR={tmp_path}"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"Prometheus: http://localhost:{port} ") and "make serve" in line, line
+        prom = Prometheus.__new__(Prometheus)  # the API helpers, on make's Prometheus
+        prom.port, prom.proc, prom.log = port, proc, tmp_path / "none"
+        wait_for(lambda: prom._ready(), timeout=30, what="make observe's Prometheus")
+        up = prom.poll(f'up{{job="{job_name()}"}} == 1', bool, "the shipped job to scrape the test server")
+        assert up[0]["metric"]["instance"] == f"localhost:{srv.server.metrics_port}"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+        proc.stdout.close()
+        proc.stderr.close()
