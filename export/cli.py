@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from resnet_serve.cli_util import fail, setup_logging
+from resnet_serve.cli_util import add_verbose_flag, fail, quiet_frameworks, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,11 +37,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rtol", type=float, default=1e-3, help="verification bound, relative to max |logit|")
     p.add_argument("--force", action="store_true",
                    help="replace an existing version folder; int8: write it even if under --threshold")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_frameworks(args.verbose)  # before `import paddle`
     if args.precision == "int8":
         args.format = "legacy"  # INT8 works only through the legacy program
     if args.format == "legacy":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from resnet_serve.cli_util import fail, setup_logging
+from resnet_serve.cli_util import fail, quiet_frameworks, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(argv)
     except (ValueError, OSError) as e:
         return fail(str(e))
+    quiet_frameworks(settings.verbose)  # before the engine workers (where Paddle runs) are started
     from .app import ListenError, main_with
 
     try:

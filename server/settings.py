@@ -53,6 +53,7 @@ class Settings:
     auth_exempt_health: bool = True  # health checks and reflection without a token (probes, load balancers)
     poll_interval_s: float = 0.0  # > 0: look for a newer model version this often and switch to it
     unhealthy_after_failures: int = 5  # consecutive failed batches that turn health NOT_SERVING
+    verbose: bool = False  # -v: Paddle's own log lines and warnings too (framework chatter is hidden by default)
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
     def bucket_sizes(self) -> tuple[int, ...]:
@@ -144,6 +145,10 @@ def parser() -> argparse.ArgumentParser:
                  "precision": "fp32 | int8 (int8 exports run int8 anyway) | fp16 (GPU)",
                  "engine": "onednn | openvino (CPU, fp32 legacy exports); default paddle: as the manifest says"}
     for name in FIELDS:
+        if name == "verbose":
+            p.add_argument("-v", "--verbose", dest=name, action="store_const", const=True, default=None,
+                           help="show Paddle's own log lines and warnings (hidden by default)")
+            continue
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text.get(name))
     return p
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from resnet_serve.cli_util import framework_output
 from resnet_serve.imaging import Normaliser
 from resnet_serve.modeldir import Manifest, load_manifest
 from resnet_serve.server.predictor_config import PIR_TRT_CONVERT, apply_plan, model_files, plan_config
@@ -65,7 +66,8 @@ def build_predictor(version_dir: Path | str, manifest: Manifest | None = None, d
     model_file, params_file = model_files(version_dir, manifest, plan)
     config = paddle_infer.Config(model_file, params_file)
     apply_plan(config, plan)
-    return paddle_infer.create_predictor(config)
+    with framework_output():  # oneDNN INT8 passes print to stderr even with glog info off
+        return paddle_infer.create_predictor(config)
 
 
 def _convert_pir_trt(step: dict[str, Any]) -> None:

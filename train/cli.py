@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from resnet_serve.cli_util import fail, setup_logging
+from resnet_serve.cli_util import add_verbose_flag, fail, quiet_frameworks, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,12 +32,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps-per-epoch", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--write-holdout", type=Path, metavar="DIR",
                    help="write the held-out images as PNG files under DIR/<class>/ and exit")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_frameworks(args.verbose)  # before `import paddle`
     setup_logging()
     from .data import DatasetError, load_dataset, write_images
     from .models import UnknownArchitecture
