@@ -49,7 +49,7 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=None,
                    help="deadline in seconds of each unary call (default 30) or of a whole stream (default none)")
     g.add_argument("--top-k", type=int, default=0,
-                   help="classes per image; 0 means the server's default of 5; capped at the model's class count")
+                   help="classes per image; 0 means 5 (the server's choice); capped at the model's class count")
     g.add_argument("--tls-ca", type=Path, help="CA bundle (PEM): enables TLS")
     g.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS; needs --tls-key")
     g.add_argument("--tls-key", type=Path, help="client private key (PEM) for mutual TLS")

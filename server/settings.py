@@ -132,24 +132,59 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+HELP = {
+    "model_dir": "models/<name> (serves the highest version) or a version folder",
+    "version": "pin this version number instead of the highest",
+    "host": "gRPC listen address; 0.0.0.0 = every interface (logs a WARNING without auth), 127.0.0.1 = loopback",
+    "port": "gRPC port; 0 picks a free one",
+    "metrics_port": "HTTP port of /metrics, /healthz, /readyz; -1 disables it, 0 picks a free one",
+    "metrics_host": "listen address of the metrics port",
+    "max_batch_size": "largest batch sent to a predictor",
+    "max_queue_delay_us": "how long the oldest queued request may wait for its batch to fill",
+    "max_queue_size": "queued requests beyond which new ones get RESOURCE_EXHAUSTED",
+    "buckets": "batch sizes to warm and run, e.g. 1,2,4,8",
+    "instances": "engine worker processes (one predictor each)",
+    "threads_per_instance": "CPU math threads of each predictor",
+    "device": "cpu | gpu",
+    "precision": "fp32 | int8 (int8 exports run int8 anyway) | fp16 (GPU)",
+    "engine": "paddle (as the manifest says) | onednn | openvino (CPU, fp32 legacy exports)",
+    "trt_cache_dir": "where TensorRT engines are cached (GPU)",
+    "preprocess_threads": "threads decoding and resizing images",
+    "max_message_bytes": "largest gRPC message accepted or sent",
+    "max_pixels": "images with more pixels (from their header) are refused",
+    "max_stream_in_flight": "items of one stream being processed at once",
+    "grace_period_s": "on SIGTERM, how long calls in progress may take to finish",
+    "max_concurrent_streams": "concurrent calls per client connection (HTTP/2)",
+    "max_connection_age_s": "> 0: close client connections after this long, so DNS-balanced clients re-resolve",
+    "tls_cert": "PEM certificate chain: serve TLS only (with --tls-key)",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    "auth_token_file": "file of bearer tokens, one per line (or RESNET_SERVE_AUTH_TOKENS); never logged",
+    "auth_exempt_health": "health checks and reflection need no token (probes, load balancers)",
+    "poll_interval_s": "> 0: look for a newer model version this often and switch to it",
+    "unhealthy_after_failures": "consecutive failed batches that turn health NOT_SERVING",
+}
+# What an empty or None default means, in --help.
+EMPTY_DEFAULT = {"version": "the highest", "metrics_host": "the --host", "buckets": "powers of two up to "
+                 "--max-batch-size", "trt_cache_dir": "<version folder>/_opt_cache", "model_dir": "none, required"}
+
+
+def _help(name: str) -> str:
+    default = getattr(Settings, name)
+    shown = EMPTY_DEFAULT.get(name, "none") if default in (None, "") else default
+    return f"{HELP.get(name, 'see docs/server.md')} (default: {shown})".replace("%", "%%")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="resnet-serve", description="Serve a exported ResNet over gRPC with dynamic "
+    p = argparse.ArgumentParser(prog="resnet-serve", description="Serve an exported ResNet over gRPC with dynamic "
                                 "batching. Every flag can also come from RESNET_SERVE_<NAME> or a config file.")
     p.add_argument("--config", type=Path, help="TOML ([server] table or top level) or JSON file of settings")
-    help_text = {"model_dir": "models/<name> (serves the highest version) or a version folder",
-                 "max_queue_delay_us": "how long the oldest queued request may wait for its batch to fill",
-                 "max_queue_size": "queued requests beyond which new ones get RESOURCE_EXHAUSTED",
-                 "instances": "engine worker processes (one predictor each)",
-                 "buckets": "batch sizes to warm and run, e.g. 1,2,4,8",
-                 "metrics_port": "-1 disables /metrics, 0 picks a free port",
-                 "precision": "fp32 | int8 (int8 exports run int8 anyway) | fp16 (GPU)",
-                 "engine": "onednn | openvino (CPU, fp32 legacy exports); default paddle: as the manifest says"}
     for name in FIELDS:
         if name == "verbose":
             p.add_argument("-v", "--verbose", dest=name, action="store_const", const=True, default=None,
                            help="show Paddle's own log lines and warnings (hidden by default)")
             continue
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text.get(name))
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=_help(name))
     return p
 
 

@@ -7,19 +7,19 @@ import logging
 import sys
 from pathlib import Path
 
-from resnet_serve.cli_util import add_verbose_flag, fail, quiet_frameworks, setup_logging
+from resnet_serve.cli_util import DefaultsFormatter, add_verbose_flag, fail, quiet_frameworks, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="resnet-train", description=__doc__)
-    p.add_argument("--arch", default="resnet18", help="resnet18|34|50|101|152 (default resnet18)")
+    p = argparse.ArgumentParser(prog="resnet-train", description=__doc__, formatter_class=DefaultsFormatter)
+    p.add_argument("--arch", default="resnet18", help="resnet18|34|50|101|152")
     p.add_argument("--data", default="digits",
                    help="'digits' (scikit-learn's handwritten digits, embedded) or an image folder "
                         "with one subfolder per class")
-    p.add_argument("--input-size", type=int, default=32, help="square input side in pixels (default 32)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--input-size", type=int, default=32, help="square input side in pixels")
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training split")
+    p.add_argument("--batch-size", type=int, default=64, help="images per training step")
+    p.add_argument("--lr", type=float, default=0.05, help="initial learning rate (SGD momentum 0.9, cosine decay to 0)")
     p.add_argument("--amp", default="O1", choices=["O0", "O1", "O2"],
                    help="mixed precision level on GPU (CPU always trains fp32)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", type=Path, help="continue from a checkpoint (file, prefix or folder)")
     p.add_argument("--init", type=Path, help="start from these weights (.pdparams); head replaced if classes differ")
     p.add_argument("--profile", action="store_true", help="print a Paddle profiler summary of a few steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split, the weights and the shuffling")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of images held out for evaluation")
     p.add_argument("--max-steps-per-epoch", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--write-holdout", type=Path, metavar="DIR",

@@ -103,7 +103,7 @@ class DefaultsFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("%(default)" in text or default in (None, False, "", argparse.SUPPRESS) or not action.option_strings
-                or "default" in text):
+        nothing = default is None or default is False or default == "" or default == argparse.SUPPRESS
+        if "%(default)" in text or nothing or not action.option_strings or "default" in text:
             return text
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
