@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 NAME ?= digits
+DATA ?= digits
 ARCH ?= resnet18
 INPUT_SIZE ?= 32
 EPOCHS ?= 3
@@ -31,8 +32,8 @@ $(STAMP): pyproject.toml | $(PY)
 proto: install  ## regenerate the committed gRPC stubs from protos/classifier.proto
 	$(PY) protos/generate.py
 
-train: install  ## train a small ResNet on the embedded digits data set
-	$(BIN)/resnet-train --arch $(ARCH) --input-size $(INPUT_SIZE) --epochs $(EPOCHS) --out $(CHECKPOINTS)
+train: install  ## train a ResNet on DATA (default: the embedded digits data set)
+	$(BIN)/resnet-train --data $(DATA) --arch $(ARCH) --input-size $(INPUT_SIZE) --epochs $(EPOCHS) --out $(CHECKPOINTS)
 
 export: install  ## export the latest checkpoint of `make train` as the next model version
 	$(BIN)/resnet-export --checkpoint $(CHECKPOINTS) --out $(MODELS)
