@@ -442,7 +442,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         model, input_hw = asyncio.run(model_facts(target, args.model, options_from(args)))
     else:
-        model, input_hw = info_dict(info), (int(info.input_shape[1]), int(info.input_shape[2]))
+        model = {k: v for k, v in info_dict(info).items() if k != "labels"}  # (ImageNet: 1000 of them)
+        input_hw = (int(info.input_shape[1]), int(info.input_shape[2]))
     config = loadgen.LoadConfig(
         target=target, mode=args.mode, input=kind, concurrency=concurrency, rates=rates,
         warmup_s=args.warmup, duration_s=args.duration, streams=args.streams, processes=args.processes,

@@ -263,7 +263,10 @@ class StreamOrder:
         return request
 
     def add(self, response: pb.ClassifyResponse) -> list[Result | ClassifierError]:
-        index = int(response.request_id)
+        try:
+            index = int(response.request_id)
+        except ValueError:  # not an id this client sent (a server that does not echo ids): as it is
+            return [item_of(response)]
         item = with_id(item_of(response), self.names.pop(index, response.request_id))
         if not self.ordered:
             return [item]

@@ -121,7 +121,7 @@ class Metrics:
         worker index, pid) of every live worker at scrape time."""
         self.registry.register(WorkerCollector(workers))
 
-    def serve_http(self, port: int, addr: str, ready: Callable[[], bool]) -> ThreadingHTTPServer:
+    def serve_http(self, port: int, addr: str, ready: Callable[[], bool]) -> MetricsHTTPServer:
         """Serve /metrics, /healthz and /readyz on addr:port from a daemon thread; OSError if it cannot bind."""
         return serve_http(self.registry, port, addr, ready)
 
@@ -174,6 +174,9 @@ class WorkerCollector:
         return (utime + stime) / cls.CLOCK_TICKS, float(resident_pages * cls.PAGE_SIZE)
 
 
+HANDLER_TIMEOUT_S = 10.0  # a scrape or probe sends its request at once; a silent connection is closed
+
+
 class _Handler(BaseHTTPRequestHandler):
     """GET /metrics (the exposition), /healthz (200 while the process answers), /readyz (200 when the gRPC health
     is SERVING, else 503); 404 for any other path, so a mistyped probe fails loudly instead of scraping."""
@@ -205,11 +208,42 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def serve_http(registry: CollectorRegistry, port: int, addr: str, ready: Callable[[], bool]) -> ThreadingHTTPServer:
+class MetricsHTTPServer(ThreadingHTTPServer):
+    """One thread per connection, at most MAX_CONNECTIONS at once (more are closed at once, and counted), each
+    closed after HANDLER_TIMEOUT_S of silence: idle or slow clients cannot pile up threads."""
+
+    daemon_threads = True
+    MAX_CONNECTIONS = 16
+
+    def __init__(self, *args, **kwargs):
+        self.slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def serve_http(registry: CollectorRegistry, port: int, addr: str, ready: Callable[[], bool]) -> MetricsHTTPServer:
     host = addr.strip("[]")
-    handler = type("Handler", (_Handler,), {"registry": registry, "ready": staticmethod(ready)})
-    server_cls = type("MetricsHTTPServer", (ThreadingHTTPServer,),
-                      {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True})
+    handler = type("Handler", (_Handler,), {"registry": registry, "ready": staticmethod(ready),
+                                            "timeout": HANDLER_TIMEOUT_S})
+    server_cls = type("MetricsHTTPServer", (MetricsHTTPServer,),
+                      {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
     httpd = server_cls((host, port), handler)
     threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
     return httpd

@@ -230,8 +230,8 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(e.code, e.message)
         return model
 
-    def _record(self, method: str, code: grpc.StatusCode, t0: float) -> None:
-        self.server.metrics.record_request(method, code.name, time.perf_counter() - t0)
+    def _record(self, method: str, code: grpc.StatusCode, t0: float, version: str | None = None) -> None:
+        self.server.metrics.record_request(method, code.name, time.perf_counter() - t0, version)
 
     @staticmethod
     def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -362,7 +362,7 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
         except asyncio.CancelledError:
             self._record("ModelInfer", _cancel_code(context), t0)
             raise
-        self._record("ModelInfer", grpc.StatusCode.OK, t0)
+        self._record("ModelInfer", grpc.StatusCode.OK, t0, response.model_version)
         return response
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
@@ -385,7 +385,7 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
             except asyncio.CancelledError:
                 self._record("ModelStreamInfer", _cancel_code(context), t0)
                 raise
-            self._record("ModelStreamInfer", grpc.StatusCode.OK, t0)
+            self._record("ModelStreamInfer", grpc.StatusCode.OK, t0, response.infer_response.model_version)
             return response
 
         async for response in answer_each(request_iterator, one, self.server.settings.max_stream_in_flight):
