@@ -17,7 +17,7 @@ OBSERVE_DIR ?= runs/prometheus
 # Installed once; again only when pyproject.toml changes (every target depends on install).
 STAMP := $(VENV)/.installed
 
-.PHONY: install proto train export serve demo test bench lint clean deploy-check observe
+.PHONY: install proto train export serve demo test bench lint clean deploy-check gpu-check observe
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -60,6 +60,12 @@ test: install  ## the whole test suite (CI runs this)
 
 bench: install  ## the DESIGN.md benchmark protocol; writes bench/results/
 	$(PY) -m bench.run
+
+# Not `install`: that would add the CPU `paddlepaddle` beside the GPU wheel. Run it with the Python that has
+# paddlepaddle-gpu and this project (pip install --no-deps -e .), e.g. `make gpu-check GPU_PYTHON=python3`.
+GPU_PYTHON ?= python3
+gpu-check:  ## GPU acceptance run (docs/gpu.md): exports, every GPU engine x precision, agreement, speed, server; JSON + table
+	$(GPU_PYTHON) -m bench.gpu_check
 
 deploy-check: install  ## validate deploy/k8s against the Kubernetes schemas (offline) and lint deploy/docker
 	$(PY) deploy/check.py

@@ -282,6 +282,11 @@ def check_deployment(dep: dict, objs: list[dict], where: str, metrics: set[str],
     tgp = pod["spec"].get("terminationGracePeriodSeconds", 30)
     r.check(tgp >= pre_s + s.grace_period_s,
             f"{where}: terminationGracePeriodSeconds {tgp} >= preStop {pre_s:g} s + drain {s.grace_period_s:g} s")
+    start = c.get("startupProbe") or {}
+    start_window = start.get("periodSeconds", 10) * start.get("failureThreshold", 3)
+    r.check(start_window > s.worker_start_timeout_s,
+            f"{where}: the startup probe allows {start_window} s, more than worker_start_timeout_s "
+            f"({s.worker_start_timeout_s:g} s)")
     live = c.get("livenessProbe") or {}
     live_window = live.get("periodSeconds", 10) * live.get("failureThreshold", 3)
     r.check(live_window > s.grace_period_s,
@@ -364,6 +369,12 @@ def check_dockerfiles(docker: Path, root: Path, r: Report) -> None:
         names = re.findall(r"\b(RESNET_SERVE_\w+)=", df.read_text())
         bad = [n for n in names if n[len(ENV_PREFIX):].lower() not in FIELDS]
         r.check(bool(names) and not bad, f"{df.name}: ENV sets server settings only (unknown: {bad})")
+        timeout = re.search(r"\bRESNET_SERVE_WORKER_START_TIMEOUT_S=([\d.]+)", df.read_text())
+        worker_s = float(timeout.group(1)) if timeout else FIELDS["worker_start_timeout_s"].default
+        period = re.search(r"--start-period=(\d+)s", df.read_text())
+        r.check(bool(period) and int(period.group(1)) > worker_s,
+                f"{df.name}: HEALTHCHECK --start-period {period.group(1) if period else '?'} s exceeds the worker "
+                f"start timeout ({worker_s:g} s)")
         for src in re.findall(r"^COPY\s+(?!--from)(?:--\S+\s+)*(deploy/\S+)", df.read_text(), re.M):
             r.check((root / src).exists(), f"{df.name}: COPY source {src} exists")
 

@@ -18,6 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         return fail(str(e))
     quiet_frameworks(settings.verbose)  # before the engine workers (where Paddle runs) are started
+    if settings.device == "gpu":
+        from .trt_cache import gpu_support_problem
+
+        problem = gpu_support_problem(settings.engine)
+        if problem:
+            return fail(problem)
     from .app import ListenError, main_with
 
     try:

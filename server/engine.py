@@ -47,7 +47,8 @@ class EngineConfig:
     max_batch_size: int = 8
     buckets: tuple[int, ...] = (1, 2, 4, 8)
     trt_cache_dir: Path | None = None
-    start_timeout_s: float = 300.0
+    start_timeout_s: float = 300.0  # per worker start, TensorRT builds included (settings.worker_start_timeout_s)
+    gpus: tuple[int, ...] = ()  # GPU device: instance i runs on gpus[i % len(gpus)] (CUDA_VISIBLE_DEVICES)
 
 
 class EngineError(RuntimeError):
@@ -106,6 +107,7 @@ class Engine:
         self.warmup_seconds: float = 0.0
         self.input_name: str = self.manifest.input_name
         self.output_name: str = ""
+        self.build_info: dict[str, Any] = {}  # what the first worker built (GPU: engine, precision built, cache)
         self.call_log: list[tuple[int, int]] = []
         # Callbacks, called from engine threads (watcher, restart, or the runner's caller), never raising
         # into them: on_worker_event(event, instance) with event "died" | "restarted" | "restart_failed";
@@ -306,12 +308,18 @@ class Engine:
 
     # ---------------------------------------------------------------- processes
 
+    def worker_plan_args(self, index: int) -> dict[str, Any]:
+        """Instance ``index``'s predictor settings; on GPU its device, round-robin over ``cfg.gpus``."""
+        if self.cfg.device == "gpu" and self.cfg.gpus:
+            return {**self._plan_args, "visible_gpu": self.cfg.gpus[index % len(self.cfg.gpus)]}
+        return self._plan_args
+
     def _spawn(self, inst: _Instance) -> tuple[Any, Connection]:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(
             target=worker_main, name=f"resnet-serve-worker-{inst.index}", daemon=True,
-            args=(child, inst.shm.name, str(self.version_dir), self._plan_args, list(self.buckets),
-                  self.input_shape))
+            args=(child, inst.shm.name, str(self.version_dir), self.worker_plan_args(inst.index),
+                  list(self.buckets), self.input_shape))
         proc.start()
         child.close()  # only the worker holds its end: its death then reads as EOF here
         return proc, parent
@@ -337,7 +345,9 @@ class Engine:
                 raise EngineError(f"worker pid {proc.pid} exited with code {proc.exitcode} while loading")
 
     def _record_ready(self, msg: tuple) -> None:
-        _, load_s, warm_s, input_name, output_name = msg
+        _, load_s, warm_s, input_name, output_name, *rest = msg
+        if rest and rest[0] and not self.build_info:
+            self.build_info = dict(rest[0])
         self.load_seconds = max(self.load_seconds, float(load_s))
         self.warmup_seconds = max(self.warmup_seconds, float(warm_s))
         self.input_name, self.output_name = input_name, output_name

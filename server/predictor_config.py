@@ -5,16 +5,21 @@ there), so settings are planned as an ordered list of ``(Config method name, arg
 check against a recording fake Config, and ``apply_plan`` replays them on a real
 ``paddle.inference.Config``. Nothing here imports Paddle at module level (the front stays Paddle-free).
 
-Rules encoded here (see shared/PADDLE_FACTS.md):
+Rules encoded here (measured on Paddle 3.3.1; docs/precision.md, docs/gpu.md):
 - CPU: oneDNN explicitly on (0.4-0.6x the speed without it), math threads per instance, IR optim on.
 - ``enable_memory_optim`` only for legacy ``.pdmodel``: it makes ``create_predictor`` fail for ``.json``.
 - INT8 (oneDNN ``enable_mkldnn_int8``), OpenVINO and classic TensorRT need a legacy ``.pdmodel`` model.
-- GPU: ``enable_use_gpu`` first. Legacy models use classic TensorRT with dynamic shapes and a
-  serialised engine cache. PIR ``.json`` models use PIR-TensorRT, an offline conversion
-  (``paddle.tensorrt.convert``) that writes a new ``.json``/``.pdiparams`` pair; the plan carries it as
-  a worker step (``PIR_TRT_CONVERT``, see ``pir_trt_step``) that ``build_predictor`` performs before it
-  constructs the Config. It is not a Config method, so ``apply_plan`` skips it. Neither GPU path can run
-  on this CPU-only machine; both are tested as data only.
+- GPU: ``enable_use_gpu`` first; feed/fetch stay fp32 (``exp_disable_mixed_precision_ops``, as PaddleX does).
+  Engine ``tensorrt`` (the GPU default): legacy models use classic TensorRT with dynamic shapes and a serialised
+  engine cache; PIR ``.json`` models use PIR-TensorRT, an offline conversion (``paddle.tensorrt.convert``) that
+  writes a new ``.json``/``.pdiparams`` pair. The plan carries it as a worker step (``PIR_TRT_CONVERT``, see
+  ``pir_trt_step``) that server/trt_cache.py performs, once per cache key, before the Config is built; it is not
+  a Config method, so ``apply_plan`` skips it. Engine ``cuda``: Paddle's own GPU kernels, fp32 or fp16
+  (PaddleX's ``paddle_fp16``: ``enable_use_gpu(..., PrecisionType.Half)``), for GPUs or models where TensorRT
+  is unavailable.
+- INT8 is CPU only: int8 exports are oneDNN programs, which no GPU engine runs.
+The GPU plans cannot run on a CPU-only machine; tests apply every Config call of every GPU plan to a real
+``paddle.inference.Config`` (a wrong argument raises TypeError there) and the conversion to a stand-in.
 """
 
 from __future__ import annotations
@@ -28,7 +33,11 @@ from resnet_serve.modeldir import Manifest
 
 DEVICES = ("cpu", "gpu")
 PRECISIONS = ("fp32", "fp16", "int8")
-ENGINES = ("paddle", "onednn", "openvino")  # paddle: Paddle's own kernels (oneDNN on CPU); onednn: the same, by name
+# paddle: the default (CPU: as the manifest says, oneDNN unless it names OpenVINO; GPU: TensorRT); onednn and
+# openvino: CPU; tensorrt: GPU with TensorRT; cuda: GPU with Paddle's own kernels (no TensorRT).
+ENGINES = ("paddle", "onednn", "openvino", "tensorrt", "cuda")
+CPU_ENGINES = ("onednn", "openvino")
+GPU_ENGINES = ("tensorrt", "cuda")
 
 # A plan step that is not a Config method: the worker converts the PIR model with PIR-TensorRT before
 # building the Config, then loads the converted files (args: one dict, see pir_trt_step).
@@ -75,10 +84,12 @@ def effective_precision(setting: str, manifest: Manifest) -> str:
     return setting
 
 
-def effective_engine(setting: str, manifest: Manifest) -> str:
-    """The engine that computes the answers: an explicit setting (onednn | openvino) wins; the default ``paddle``
-    defers to the manifest. OpenVINO cannot convert Paddle's quantised (QDQ) program (measured: 'Can't convert
-    paddle model to openvino model'), so int8 exports run on oneDNN only."""
+def effective_engine(setting: str, manifest: Manifest, device: str = "cpu") -> str:
+    """The engine that computes the answers: an explicit setting wins; the default ``paddle`` defers to the
+    manifest on CPU and means TensorRT on GPU. OpenVINO cannot convert Paddle's quantised (QDQ) program
+    (measured: 'Can't convert paddle model to openvino model'), so int8 exports run on oneDNN only."""
+    if device == "gpu":
+        return "tensorrt" if setting == "paddle" else setting
     engine = setting if setting != "paddle" else (manifest.engine or "paddle")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -89,8 +100,9 @@ def effective_engine(setting: str, manifest: Manifest) -> str:
 
 
 def default_trt_cache_dir(version_dir: Path) -> Path:
-    """Where TensorRT engines are cached when no directory is given (Paddle's own default too)."""
-    return Path(version_dir) / "_opt_cache"
+    """Where TensorRT engines are cached when no directory is given (Paddle's own default too). Absolute: the
+    PIR-TensorRT program records its engine files by path, and a worker's working directory may differ."""
+    return Path(version_dir).absolute() / "_opt_cache"
 
 
 def plan_config(
@@ -121,6 +133,9 @@ def plan_config(
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     pir = is_pir(manifest)
+    if device == "gpu" and (precision == "int8" or manifest.precision == "int8"):
+        raise ValueError("int8 runs on CPU only: int8 exports are oneDNN programs that no GPU engine runs; "
+                         "serve them with --device cpu, or serve an fp32 export on GPU with --precision fp16")
     if precision == "int8" and pir:
         raise ValueError("int8 needs a legacy .pdmodel export (quantisation through PIR fails); "
                          f"{manifest.model_file} is PIR")
@@ -132,11 +147,15 @@ def plan_config(
                              f"{manifest.model_file} is PIR")
     if engine == "onednn" and device != "cpu":
         raise ValueError("the oneDNN engine runs on CPU only")
-    cache = Path(trt_cache_dir) if trt_cache_dir is not None else default_trt_cache_dir(version_dir)
+    if engine in GPU_ENGINES and device != "gpu":
+        raise ValueError(f"the {engine} engine runs on GPU only (--device gpu)")
+    cache = Path(trt_cache_dir).absolute() if trt_cache_dir is not None else default_trt_cache_dir(version_dir)
     if device == "cpu":
         if precision == "fp16":
             raise ValueError("fp16 is a GPU precision: Paddle has no CPU fp16 conv kernel")
         return _plan_cpu(pir, precision, threads, engine, cache)
+    if engine == "cuda":
+        return _plan_gpu_cuda(pir, precision, gpu_id, gpu_memory_mb)
     return _plan_gpu(version_dir, manifest, pir, precision, max_batch_size, cache, gpu_id, gpu_memory_mb)
 
 
@@ -160,29 +179,48 @@ def _plan_cpu(pir: bool, precision: str, threads: int, engine: str, cache: Path)
     return plan
 
 
+# Inputs and outputs stay float32 whatever the compute precision (PaddleX static_infer.py does the same), so the
+# worker's shared float32 buffer and the logits it returns never change type.
+FP32_FEED_FETCH = ("exp_disable_mixed_precision_ops", ({"feed", "fetch"},))
+
+
+def _plan_gpu_cuda(pir: bool, precision: str, gpu_id: int, gpu_memory_mb: int) -> Plan:
+    """Paddle's own GPU kernels; fp16 is PaddleX's ``paddle_fp16`` run mode."""
+    plan: Plan = [
+        FP32_FEED_FETCH,
+        ("disable_mkldnn", ()),
+        ("enable_use_gpu", (gpu_memory_mb, gpu_id, _TRT_PRECISION[precision])),
+        ("disable_glog_info", ()),
+        ("switch_ir_optim", (True,)),
+    ]
+    if not pir:
+        plan.append(("enable_memory_optim", (True,)))
+    return plan
+
+
 def _plan_gpu(version_dir: Path, manifest: Manifest, pir: bool, precision: str, max_batch_size: int,
               cache: Path, gpu_id: int, gpu_memory_mb: int) -> Plan:
     h, w = manifest.input_size
     name = manifest.input_name
     lo, hi = [1, 3, h, w], [max_batch_size, 3, h, w]
     if pir:
-        if precision not in _PIR_TRT_PRECISION:
-            raise ValueError(f"PIR-TensorRT plan supports {tuple(_PIR_TRT_PRECISION)}, got {precision!r}")
         step = pir_trt_step(version_dir, manifest, precision, max_batch_size, cache)
         return [
             (PIR_TRT_CONVERT, (step,)),  # offline conversion first; the Config then loads its output
-            ("enable_use_gpu", (gpu_memory_mb, gpu_id)),
+            FP32_FEED_FETCH,
+            ("enable_use_gpu", (gpu_memory_mb, gpu_id)),  # no enable_tensorrt_engine: the program holds the engines
             ("disable_glog_info", ()),
             ("switch_ir_optim", (True,)),
         ]
     return [
+        FP32_FEED_FETCH,
         ("enable_use_gpu", (gpu_memory_mb, gpu_id)),  # must precede enable_tensorrt_engine
         ("disable_glog_info", ()),
         ("switch_ir_optim", (True,)),
         ("enable_memory_optim", (True,)),
         # Positional, in the 3.3.1 signature order: workspace_size, max_batch_size, min_subgraph_size,
         # precision_mode, use_static, use_calib_mode. max_batch_size is ignored with dynamic shapes;
-        # int8 expects an already quantised (QDQ) model, hence use_calib_mode=False.
+        # use_calib_mode=False: no TensorRT calibration (int8 never reaches a GPU plan).
         ("enable_tensorrt_engine", (TRT_WORKSPACE_BYTES, max_batch_size, TRT_MIN_SUBGRAPH,
                                     _TRT_PRECISION[precision], True, False)),
         ("set_trt_dynamic_shape_info", ({name: lo}, {name: hi}, {name: hi})),  # min, max, opt
@@ -192,19 +230,19 @@ def _plan_gpu(version_dir: Path, manifest: Manifest, pir: bool, precision: str, 
 
 def pir_trt_step(version_dir: Path, manifest: Manifest, precision: str, max_batch_size: int,
                  cache: Path) -> dict[str, Any]:
-    """Arguments of the PIR-TensorRT conversion, as plain data.
+    """Arguments of the PIR-TensorRT conversion, as plain data (server/trt_cache.py performs it).
 
-    The worker builds ``paddle.tensorrt.Input(min_input_shape, optim_input_shape, max_input_shape, name)`` and
-    ``paddle.tensorrt.TensorRTConfig(inputs, min_subgraph_size, save_model_dir)``, sets ``precision_mode`` to
-    ``paddle.tensorrt.PrecisionMode[precision_mode]`` and ``workspace_size``, and calls
-    ``paddle.tensorrt.convert(model_file, config)`` unless ``save_model_dir`` + ``.json``/``.pdiparams`` exist
-    already. ``save_model_dir`` is a path prefix; the key holds precision and batch so settings never mix.
+    ``model_prefix`` is the model path WITHOUT ``.json``: ``convert`` hands it to
+    ``paddle.static.io.load_inference_model``, which appends ``.json`` itself (given ``inference.json`` it reads
+    ``inference.json.json`` and fails with "json parse error"; PaddleX passes ``model_file.with_suffix("")``).
+    ``save_model_dir`` is a path prefix too: Paddle writes ``<prefix>.json``/``.pdiparams`` and the engines into
+    the directory ``<prefix>/``, recording their absolute paths in the program. ``cache`` is the keyed cache
+    directory (trt_cache.cache_key), so settings, GPUs and versions never share one.
     """
     h, w = manifest.input_size
-    key = f"pir_trt_{manifest.name}_v{manifest.version}_{precision}_b{max_batch_size}"
-    prefix = Path(cache) / key / "inference"
+    prefix = Path(cache).absolute() / "inference"
     return {
-        "model_file": str(Path(version_dir) / manifest.model_file),
+        "model_prefix": str((Path(version_dir) / manifest.model_file).absolute().with_suffix("")),
         "inputs": [{
             "name": manifest.input_name,
             "min_input_shape": [1, 3, h, w],

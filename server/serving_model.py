@@ -52,6 +52,22 @@ class LoadedModel:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
 
+def log_build(info: dict, asked: str) -> str:
+    """Log what a GPU worker built and return the precision actually built (reported by GetModelInfo and the info
+    metric): PIR-TensorRT silently builds fp32 on GPUs without fast fp16."""
+    if not info:
+        return asked
+    log.info("GPU engine %s on %s: precision %s (asked %s), %s TensorRT engine(s), %s cache %s",
+             info.get("engine"), info.get("gpu", "?"), info.get("precision_built"), info.get("precision_asked"),
+             info.get("engines", 0), "reused" if info.get("cached") else "new", info.get("cache", "-"))
+    if info.get("precision_built") != info.get("precision_asked"):
+        log.warning("asked for %s but the GPU lacks fast %s: TensorRT built %s", info.get("precision_asked"),
+                    info.get("precision_asked"), info.get("precision_built"))
+    if info.get("engine") != "cuda" and not info.get("engines"):
+        log.warning("TensorRT built no engine: the model runs on Paddle's GPU kernels (cache %s)", info.get("cache"))
+    return str(info.get("precision_built") or asked)
+
+
 async def load(settings: Settings, version_dir: Path, observer: BatcherObserver, pool: Executor, metrics,
                on_worker_event: Callable[[str, int], None] | None = None,
                wrap_runner: Callable[[Runner], Runner] | None = None) -> LoadedModel:
@@ -61,11 +77,13 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
     # What actually computes the answers (an int8 export runs int8; --engine overrides the manifest's engine):
     # the same values configure the workers and are reported by GetModelInfo and the info metric.
     manifest = load_manifest(version_dir)
-    precision, engine_name = effective_precision(s.precision, manifest), effective_engine(s.engine, manifest)
+    precision, engine_name = (effective_precision(s.precision, manifest),
+                              effective_engine(s.engine, manifest, s.device))
     engine = Engine(EngineConfig(version_dir=version_dir, instances=s.instances,
                                  threads_per_instance=s.threads_per_instance, device=s.device, precision=precision,
                                  engine=engine_name, max_batch_size=s.max_batch_size, buckets=s.bucket_sizes(),
-                                 trt_cache_dir=Path(s.trt_cache_dir) if s.trt_cache_dir else None))
+                                 trt_cache_dir=Path(s.trt_cache_dir) if s.trt_cache_dir else None,
+                                 start_timeout_s=s.worker_start_timeout_s, gpus=s.gpu_ids()))
     engine.on_worker_event = on_worker_event
     loop = asyncio.get_running_loop()
     try:
@@ -74,6 +92,7 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
         await loop.run_in_executor(None, engine.close)
         raise
     m = engine.manifest
+    precision = log_build(engine.build_info, precision)
     runners = engine.runners()
     if wrap_runner is not None:
         runners = [wrap_runner(r) for r in runners]

@@ -37,6 +37,11 @@ class Settings:
     precision: str = "fp32"
     engine: str = "paddle"
     trt_cache_dir: str = ""
+    gpus: str = ""  # comma-separated GPU ids for --device gpu: worker i runs on gpus[i % n]; empty = GPU 0
+    # How long one worker may take to load, convert (TensorRT) and warm before the start fails. Keep it below the
+    # startup probe's window (deploy/k8s, Dockerfile HEALTHCHECK --start-period), so a slow start fails with
+    # this message rather than a probe kill.
+    worker_start_timeout_s: float = 300.0
     preprocess_threads: int = 2
     max_message_bytes: int = 16 * 1024 * 1024
     max_pixels: int = 40_000_000
@@ -61,6 +66,15 @@ class Settings:
             return tuple(sorted({int(b) for b in self.buckets.split(",") if b.strip()}))
         return default_buckets(self.max_batch_size)
 
+    def gpu_ids(self) -> tuple[int, ...]:
+        try:
+            ids = tuple(int(g) for g in self.gpus.split(",") if g.strip())
+        except ValueError:
+            raise ValueError(f"gpus must be comma-separated GPU ids like 0,1, not {self.gpus!r}") from None
+        if any(g < 0 for g in ids):
+            raise ValueError(f"gpus must be GPU ids >= 0, not {self.gpus!r}")
+        return ids
+
     def validate(self) -> None:
         if not self.model_dir:
             raise ValueError("--model-dir is required (or RESNET_SERVE_MODEL_DIR, or model_dir in the config file)")
@@ -68,9 +82,19 @@ class Settings:
             raise ValueError(f"device must be cpu or gpu, not {self.device!r}")
         if self.precision not in ("fp32", "fp16", "int8"):
             raise ValueError(f"precision must be fp32, fp16 or int8, not {self.precision!r}")
-        if self.engine not in ("paddle", "onednn", "openvino"):
-            raise ValueError(f"engine must be onednn or openvino (paddle: Paddle's default, oneDNN on CPU), "
-                             f"not {self.engine!r}")
+        if self.engine not in ("paddle", "onednn", "openvino", "tensorrt", "cuda"):
+            raise ValueError(f"engine must be onednn or openvino (CPU), tensorrt or cuda (GPU), or paddle (the "
+                             f"default: oneDNN on CPU, TensorRT on GPU), not {self.engine!r}")
+        if self.precision == "int8" and self.device == "gpu":
+            raise ValueError("int8 runs on CPU only: int8 exports are oneDNN programs that no GPU engine runs; "
+                             "use --device cpu, or --precision fp16 on GPU")
+        if self.engine in ("tensorrt", "cuda") and self.device != "gpu":
+            raise ValueError(f"engine {self.engine} runs on GPU only: add --device gpu")
+        if self.engine in ("onednn", "openvino") and self.device == "gpu":
+            raise ValueError(f"engine {self.engine} runs on CPU only; on GPU use tensorrt (default) or cuda")
+        if self.worker_start_timeout_s <= 0:
+            raise ValueError("worker_start_timeout_s must be > 0")
+        self.gpu_ids()
         if self.precision == "fp16" and self.device != "gpu":
             raise ValueError("precision fp16 needs --device gpu (TensorRT); CPU serves fp32 or int8")
         for name in ("max_batch_size", "max_queue_size", "instances", "threads_per_instance", "preprocess_threads",
@@ -147,8 +171,11 @@ HELP = {
     "threads_per_instance": "CPU math threads of each predictor",
     "device": "cpu | gpu",
     "precision": "fp32 | int8 (int8 exports run int8 anyway) | fp16 (GPU)",
-    "engine": "paddle (as the manifest says) | onednn | openvino (CPU, fp32 legacy exports)",
+    "engine": "paddle (as the manifest says on CPU, tensorrt on GPU) | onednn | openvino (CPU, fp32 legacy "
+              "exports) | tensorrt | cuda (GPU, no TensorRT)",
     "trt_cache_dir": "where TensorRT engines are cached (GPU)",
+    "gpus": "GPU ids for --device gpu, e.g. 0,1: worker i runs on gpus[i % n]",
+    "worker_start_timeout_s": "seconds one worker may take to load, build TensorRT engines and warm",
     "preprocess_threads": "threads decoding and resizing images",
     "max_message_bytes": "largest gRPC message accepted or sent",
     "max_pixels": "images with more pixels (from their header) are refused",
@@ -166,7 +193,8 @@ HELP = {
 }
 # What an empty or None default means, in --help.
 EMPTY_DEFAULT = {"version": "the highest", "metrics_host": "the --host", "buckets": "powers of two up to "
-                 "--max-batch-size", "trt_cache_dir": "<version folder>/_opt_cache", "model_dir": "none, required"}
+                 "--max-batch-size", "trt_cache_dir": "<version folder>/_opt_cache", "model_dir": "none, required",
+                 "gpus": "GPU 0"}
 
 
 def _help(name: str) -> str:

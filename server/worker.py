@@ -5,7 +5,7 @@ Why a process: ``predictor.run()`` holds the GIL for the whole batch, so the gRP
 module (it needs ``worker_main`` as the spawn target) without loading Paddle.
 
 Protocol over the control pipe (the batch itself travels through shared memory):
-  worker -> front, once:  ("ready", load_seconds, warmup_seconds, input_name, output_name)
+  worker -> front, once:  ("ready", load_seconds, warmup_seconds, input_name, output_name, build_info)
                           or ("error", message) if the model cannot be loaded (then the worker exits)
   front -> worker:        ("run", n)   batch = first n rows of the shared float32 [max_batch, 3, H, W] buffer
                           -> ("ok", logits float32 [n, C], compute_seconds) | ("error", message)
@@ -29,7 +29,7 @@ import numpy as np
 from resnet_serve.cli_util import framework_output
 from resnet_serve.imaging import Normaliser
 from resnet_serve.modeldir import Manifest, load_manifest
-from resnet_serve.server.predictor_config import PIR_TRT_CONVERT, apply_plan, model_files, plan_config
+from resnet_serve.server.predictor_config import apply_plan, model_files, plan_config
 
 
 def shm_bytes(max_batch: int, input_shape: tuple[int, int, int]) -> int:
@@ -52,43 +52,28 @@ def build_predictor(version_dir: Path | str, manifest: Manifest | None = None, d
 
     Shared by the worker and the in-process benchmark so both measure the same configuration.
     """
-    import paddle.inference as paddle_infer
+    return build(version_dir, manifest, device=device, precision=precision, threads=threads,
+                 max_batch_size=max_batch_size, trt_cache_dir=trt_cache_dir, engine=engine, gpu_id=gpu_id)[0]
 
+
+def build(version_dir: Path | str, manifest: Manifest | None = None, device: str = "cpu",
+          **plan_args: Any) -> tuple[Any, dict[str, Any]]:
+    """The predictor and what was built (on GPU: engine, precision actually built, cache; see trt_cache)."""
     version_dir = Path(version_dir)
     manifest = manifest if manifest is not None else load_manifest(version_dir)
-    plan = plan_config(version_dir, manifest, device=device, precision=precision, threads=threads,
-                       max_batch_size=max_batch_size,
-                       trt_cache_dir=Path(trt_cache_dir) if trt_cache_dir is not None else None,
-                       gpu_id=gpu_id, engine=engine)
-    for name, args in plan:
-        if name == PIR_TRT_CONVERT:
-            _convert_pir_trt(args[0])
-    model_file, params_file = model_files(version_dir, manifest, plan)
-    config = paddle_infer.Config(model_file, params_file)
+    if device == "gpu":
+        from .trt_cache import build_gpu_predictor  # the TensorRT conversion and its cache live there
+
+        return build_gpu_predictor(version_dir, manifest, **plan_args)
+    import paddle.inference as paddle_infer
+
+    cache = plan_args.pop("trt_cache_dir", None)
+    plan = plan_config(version_dir, manifest, device=device, trt_cache_dir=Path(cache) if cache else None,
+                       **plan_args)
+    config = paddle_infer.Config(*model_files(version_dir, manifest, plan))
     apply_plan(config, plan)
     with framework_output():  # oneDNN INT8 passes print to stderr even with glog info off
-        return paddle_infer.create_predictor(config)
-
-
-def _convert_pir_trt(step: dict[str, Any]) -> None:
-    """PIR-TensorRT offline conversion (GPU only, needs the `tensorrt` package); skipped if cached.
-
-    Not runnable on the CPU wheel (no paddle.tensorrt there); written from the Paddle 3.x
-    paddle.tensorrt.export API (Input, TensorRTConfig.precision_mode/workspace_size, convert).
-    """
-    prefix = step["save_model_dir"]
-    if Path(prefix + ".json").is_file() and Path(prefix + ".pdiparams").is_file():
-        return
-    import paddle.tensorrt
-    from paddle.tensorrt.export import Input, PrecisionMode, TensorRTConfig
-
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    inputs = [Input(min_input_shape=i["min_input_shape"], optim_input_shape=i["optim_input_shape"],
-                    max_input_shape=i["max_input_shape"], name=i["name"]) for i in step["inputs"]]
-    cfg = TensorRTConfig(inputs=inputs, min_subgraph_size=step["min_subgraph_size"], save_model_dir=prefix)
-    cfg.precision_mode = getattr(PrecisionMode, step["precision_mode"])
-    cfg.workspace_size = step["workspace_size"]
-    paddle.tensorrt.convert(step["model_file"], cfg)
+        return paddle_infer.create_predictor(config), {}
 
 
 TEST_GATE_ENV = "RESNET_SERVE_TEST_WORKER_GATE"
@@ -121,8 +106,11 @@ def worker_main(conn: Connection, shm_name: str, version_dir: str, plan_args: di
     """Process body: load and warm the predictor, report ready, then serve ("run", n) until ("stop",).
 
     ``plan_args`` are the keyword arguments of ``build_predictor`` after ``manifest`` (device, precision,
-    threads, max_batch_size, trt_cache_dir, engine, gpu_id).
+    threads, max_batch_size, trt_cache_dir, engine, gpu_id), plus ``visible_gpu`` on GPU (trt_cache.select_gpu).
     """
+    from .trt_cache import select_gpu
+
+    plan_args = select_gpu(plan_args)  # CUDA_VISIBLE_DEVICES, before anything imports Paddle
     # The front owns shutdown: Ctrl-C in a terminal reaches the whole process group, but only the front
     # should react (it drains, then stops us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -132,7 +120,7 @@ def worker_main(conn: Connection, shm_name: str, version_dir: str, plan_args: di
         t0 = time.perf_counter()
         try:
             manifest = load_manifest(Path(version_dir))
-            predictor = build_predictor(version_dir, manifest, **plan_args)
+            predictor, build_info = build(version_dir, manifest, **plan_args)
             # `import paddle` installs a SIGTERM handler that aborts with a crash dump; a terminate() from
             # the front should just end the process.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -149,7 +137,7 @@ def worker_main(conn: Connection, shm_name: str, version_dir: str, plan_args: di
         except Exception as e:  # noqa: BLE001 - report any load failure to the front, which raises it
             conn.send(("error", f"loading {version_dir} failed: {type(e).__name__}: {e}"))
             return
-        conn.send(("ready", t1 - t0, t2 - t1, input_name, output_name))
+        conn.send(("ready", t1 - t0, t2 - t1, input_name, output_name, build_info))
         _serve(conn, predictor, input_name, output_name, view, u8, normalise)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the front went away: nothing left to serve

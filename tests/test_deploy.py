@@ -22,6 +22,7 @@ from resnet_serve.client.sync import ClassifierClient
 
 DEPLOY = ROOT / "deploy"
 DOCKERFILE_CPU = DEPLOY / "docker" / "Dockerfile.cpu"
+DOCKERFILE_GPU = DEPLOY / "docker" / "Dockerfile.gpu"
 VENV = Path(sys.executable).parent.parent  # the venv running the tests (make's VENV)
 
 
@@ -215,3 +216,55 @@ def test_gpu_image_installs_everything_but_paddle() -> None:
     assert "paddlepaddle" not in names
     assert {"grpcio", "grpcio-health-checking", "numpy", "pillow", "prometheus-client"} <= names
     assert not {"pytest", "ruff"} & names  # no extras
+
+
+def dockerfile_runs(path: Path) -> list[str]:
+    """The RUN instructions of a Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    return [line[4:].strip() for line in text.splitlines() if line.startswith("RUN ")]
+
+
+def test_gpu_image_installs_the_package_providing_tensorrt_and_asserts_the_import_at_build() -> None:
+    """`tensorrt-cu12` provides the `tensorrt` module (its sdist's top_level.txt is `tensorrt`, re-exporting
+    `tensorrt_bindings`; checked on 10.5.0); `tensorrt-cu12-bindings` alone provides only `tensorrt_bindings`,
+    which is what the image used to fall back to, building fine and failing at the first GPU start."""
+    instructions = re.sub(r"(?m)^#.*$", "", DOCKERFILE_GPU.read_text())
+    assert "tensorrt-cu12-bindings" not in instructions
+    [run] = [r for r in dockerfile_runs(DOCKERFILE_GPU) if "tensorrt-cu12" in r]
+    steps = [step.strip() for step in run.split("&&")]
+    assert "||" not in run  # no fallback: any failing step fails the build
+    version_step = next(i for i, st in enumerate(steps) if st.startswith("TRT_VERSION="))
+    assert "paddle.version.tensorrt()" in steps[version_step]  # the version Paddle was built with
+    install = next(i for i, st in enumerate(steps) if '"tensorrt-cu12==${TRT_VERSION}.*"' in st)
+    check = steps.index('python3 -c "import tensorrt, paddle.tensorrt"')
+    paddle_check = next(i for i, st in enumerate(steps) if "paddle.is_compiled_with_cuda()" in st)
+    assert paddle_check < version_step < install < check
+
+
+def test_gpu_image_tensorrt_version_step_fails_on_a_paddle_without_tensorrt() -> None:
+    """The build's own version probe, run against this CPU wheel: it stops the build with one clear reason."""
+    [run] = [r for r in dockerfile_runs(DOCKERFILE_GPU) if "tensorrt-cu12" in r]
+    code = re.search(r"TRT_VERSION=\"\$\(python3 -c '([^']+)'\)\"", run).group(1)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "paddlepaddle-gpu built without TensorRT: None" in r.stderr
+
+
+def test_gpu_image_base_and_paddle_follow_the_tested_paddle() -> None:
+    """Paddle's own GPU image (the registry its 3.x install docs give) at the Paddle series we test, CUDA 12.6; the
+    build checks that the base's paddle is that series and compiled with CUDA."""
+    from importlib.metadata import version
+
+    text = DOCKERFILE_GPU.read_text()
+    base = re.search(r"^ARG PADDLE_GPU_IMAGE=(\S+)$", text, re.M).group(1)
+    registry, tag = base.rsplit(":", 1)
+    assert registry == "ccr-2vdh3abv-pub.cnc.bj.baidubce.com/paddlepaddle/paddle"
+    assert tag.split(".")[:2] == version("paddlepaddle").split(".")[:2] and "-gpu-cuda12.6-" in tag
+    series = re.search(r"^ARG PADDLE_SERIES=(\S+)$", text, re.M).group(1)
+    assert tag.startswith(series + ".")
+    assert "startswith('${PADDLE_SERIES}.')" in "\n".join(dockerfile_runs(DOCKERFILE_GPU))
+    trusted = yaml.safe_load((DEPLOY / "docker" / "hadolint.yaml").read_text())["trustedRegistries"]
+    assert registry.split("/")[0] in trusted
+    env = dict(re.findall(r"\b(RESNET_SERVE_\w+)=(\S+)", text))
+    start_period = int(re.search(r"--start-period=(\d+)s", text).group(1))
+    assert env["RESNET_SERVE_DEVICE"] == "gpu" and float(env["RESNET_SERVE_WORKER_START_TIMEOUT_S"]) < start_period
