@@ -58,8 +58,8 @@ def test_metrics_port_in_use_is_one_line_naming_port_and_setting(tiny_model_dir:
 
 def test_metrics_http_paths_and_bind_host(tiny_model_dir: Path, tmp_path: Path, caplog) -> None:
     """/healthz is live from the start, /readyz follows gRPC health (503 while warm-up is held at the gate, 200
-    once SERVING), /metrics is the exposition, anything else 404; bound to the gRPC host (127.0.0.1) only. The OIP
-    repository index says LOADING, then READY, on the same transitions."""
+    once SERVING), /metrics is the exposition, anything else 404. The OIP repository index says LOADING, then
+    READY, on the same transitions."""
     caplog.set_level(logging.WARNING)
     with gated_workers(tmp_path / "fifo") as gate:
         srv = InProcessServer(wait_ready=False, model_dir=str(tiny_model_dir), max_batch_size=2)
@@ -81,13 +81,24 @@ def test_metrics_http_paths_and_bind_host(tiny_model_dir: Path, tmp_path: Path, 
                 {"name": "tiny", "version": "1", "state": "READY"}]
             triton.close()
             assert http_get(port, "/metrics?name[]=x")[0] == 200
-            # Bound to 127.0.0.1, not every interface: another loopback address is refused.
-            assert srv.server._metrics_http.server_address[0] == "127.0.0.1"
-            with pytest.raises(URLError):
-                http_get(port, "/healthz", host="127.0.0.2")
         finally:
             srv.close()
     assert not [r for r in caplog.records if WARNING_TEXT in r.getMessage()]
+
+
+def test_metrics_listen_on_the_grpc_host_by_default(tiny_model_dir: Path) -> None:
+    """Issue 13 #11: with --host 127.0.0.1 and no metrics host, /metrics is on 127.0.0.1 only (it was on every
+    interface): another loopback address, 127.0.0.2, is refused."""
+    srv = InProcessServer(model_dir=str(tiny_model_dir), host="127.0.0.1", max_batch_size=1, wait_ready=False)
+    try:
+        port = srv.server.metrics_port
+        assert srv.server._metrics_http.server_address[0] == "127.0.0.1"
+        assert http_get(port, "/metrics")[0] == 200
+        with pytest.raises(URLError):
+            http_get(port, "/metrics", host="127.0.0.2")
+        srv.wait_ready()
+    finally:
+        srv.close()
 
 
 def test_every_interface_without_auth_warns_and_metrics_host_is_a_setting(tiny_model_dir: Path, caplog) -> None:
