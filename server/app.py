@@ -215,7 +215,7 @@ class Server:
         reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME,
                                              OIPService.SERVICE_NAME), self.grpc_server)
         address = f"{s.host}:{s.port}"
-        why = _why_not_bindable(s.host, s.port) if s.port else None
+        why = _why_not_bindable(s.host, s.port)  # port 0 too: the host may be no address of this machine
         if why is None:
             try:
                 if s.tls_cert:

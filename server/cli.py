@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         return main_with(settings)
     except (ModelDirError, ListenError) as e:
         return fail(str(e))
+    except OSError as e:
+        if e.filename is None:  # not a file the settings named: a real failure, with its traceback
+            raise
+        return fail(f"cannot read {e.filename} ({e.strerror}): check the file settings (--tls-cert, --tls-key, "
+                    f"--tls-client-ca, --auth-token-file)")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,10 @@ class Settings:
                      "max_stream_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535 (0: a free one), not {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0..65535 (0: a free one, -1: off), not {self.metrics_port}")
         if self.max_queue_delay_us < 0:
             raise ValueError("max_queue_delay_us must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
