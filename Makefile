@@ -3,11 +3,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
-NAME ?= digits
 DATA ?= digits
+NAME ?= $(if $(filter digits,$(DATA)),digits,$(notdir $(patsubst %/,%,$(DATA))))
 ARCH ?= resnet18
 INPUT_SIZE ?= 32
-EPOCHS ?= 3
+EPOCHS ?= 5
 CHECKPOINTS ?= checkpoints/$(NAME)
 MODELS ?= models/$(NAME)
 PORT ?= 50051
@@ -32,8 +32,9 @@ $(STAMP): pyproject.toml | $(PY)
 proto: install  ## regenerate the committed gRPC stubs from protos/classifier.proto
 	$(PY) protos/generate.py
 
-train: install  ## train a ResNet on DATA (default: the embedded digits data set)
-	$(BIN)/resnet-train --data $(DATA) --arch $(ARCH) --input-size $(INPUT_SIZE) --epochs $(EPOCHS) --out $(CHECKPOINTS)
+train: install  ## train a ResNet on DATA (default: the embedded digits) into checkpoints/NAME
+	$(BIN)/resnet-train --data $(DATA) --arch $(ARCH) --input-size $(INPUT_SIZE) --epochs $(EPOCHS) \
+		--out $(CHECKPOINTS) $(TRAIN_ARGS)
 
 export: install  ## export the latest checkpoint of `make train` as the next model version
 	$(BIN)/resnet-export --checkpoint $(CHECKPOINTS) --out $(MODELS)

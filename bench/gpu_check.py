@@ -175,9 +175,9 @@ def prepare_models(root: Path) -> dict[str, Path]:
               "resnet50-legacy": ensure_model("resnet50", root, 224, legacy=True) / "1"}
     ckpt = root / "digits-checkpoints"
     if not ckpt.is_dir():
-        log("training the digits model (ResNet-18, 32x32, 3 epochs)")
+        log("training the digits model (ResNet-18, 32x32, the default 5 epochs)")
         subprocess.run([sys.executable, "-m", "resnet_serve.train.cli", "--arch", "resnet18", "--input-size", "32",
-                        "--epochs", "3", "--out", str(ckpt), "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+                        "--epochs", "5", "--out", str(ckpt), "--no-progress"], check=True, stdout=subprocess.DEVNULL)
     for name, fmt in (("digits", "pir"), ("digits-legacy", "legacy")):
         if not (root / name / "1" / "manifest.json").is_file():
             subprocess.run([sys.executable, "-m", "resnet_serve.export.cli", "--checkpoint", str(ckpt),

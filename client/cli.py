@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from resnet_serve.cli_util import DefaultsFormatter, fail
+from resnet_serve.imaging import SUFFIXES
 
 from .common import ChannelOptions, ClassifierError, Result, info_dict, target_string, text_table
 
@@ -153,8 +154,8 @@ def _result_dict(r: Result) -> dict[str, Any]:
 
 
 # --- files -----------------------------------------------------------------------------------------------------
-SERVER_FORMATS = (".jpg", ".jpeg", ".png", ".webp")  # sent as they are: the server decodes these
-CLIENT_DECODED = (".bmp", ".gif", ".tif", ".tiff")  # decoded here (first frame) and sent as uint8 pixels
+SERVER_FORMATS = tuple(SUFFIXES)  # sent as they are: the server decodes these (resnet_serve.imaging)
+CLIENT_DECODED = (".tif", ".tiff")  # decoded here (first frame, as the server would) and sent as uint8 pixels
 IMAGE_SUFFIXES = SERVER_FORMATS + CLIENT_DECODED
 # Errors that say nothing about the file at hand: classify stops at the first (after printing what it has).
 SERVER_WIDE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
@@ -175,9 +176,11 @@ def load_image(path: Path) -> bytes | np.ndarray:
         return data
     from PIL import Image, UnidentifiedImageError
 
+    from resnet_serve.imaging import to_rgb, upright
+
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return np.asarray(to_rgb(upright(img)), dtype=np.uint8)
     except UnidentifiedImageError:
         raise LocalError(f"{path}: not a {path.suffix.lstrip('.').upper()} image PIL can read") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:

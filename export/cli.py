@@ -19,7 +19,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", help="model name in the manifest (default: the folder name)")
     p.add_argument("--arch", help="override the checkpoint metadata's architecture")
     p.add_argument("--num-classes", type=int, help="override the class count")
-    p.add_argument("--input-size", type=int, help="override the square input side")
+    p.add_argument("--input-size", type=int,
+                   help="override the square input side; refused unless --force when it differs from training's")
     p.add_argument("--format", choices=["pir", "legacy"], default="pir",
                    help="pir: inference.json; legacy: inference.pdmodel (INT8, OpenVINO, classic TRT)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
@@ -36,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="AMP-O2: ignore the fp32 master weights in .pdopt and cast the fp16 weights")
     p.add_argument("--rtol", type=float, default=1e-3, help="verification bound, relative to max |logit|")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing version folder; int8: write it even if under --threshold")
+                   help="replace an existing version folder; int8: write it even if under --threshold; export at an "
+                        "--input-size other than the training one")
     add_verbose_flag(p)
     return p.parse_args(argv)
 
@@ -52,7 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.checkpoint,):
         if not path.exists() and not path.with_suffix(".pdparams").exists():
             return fail(f"checkpoint {path} does not exist")
-    from resnet_serve.train.checkpoint import CheckpointError
+    from resnet_serve.train.checkpoint import CheckpointError, read_meta, resolve
+
+    if args.input_size is not None and not args.force:
+        try:
+            trained = (read_meta(resolve(args.checkpoint)).get("input_size") or [None])[0]
+        except CheckpointError as e:
+            return fail(str(e))
+        if trained is not None and args.input_size != trained:
+            return fail(f"--input-size {args.input_size} differs from the {trained}x{trained} the checkpoint was "
+                        "trained at (the model would see differently scaled images); add --force to export anyway")
     from resnet_serve.train.models import UnknownArchitecture
 
     from .checkpoint_reader import CheckpointReadError

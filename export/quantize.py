@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from resnet_serve.cli_util import framework_output
-from resnet_serve.imaging import IMAGENET_MEAN, IMAGENET_STD, normalise, resize_crop
+from resnet_serve.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_file, normalise, resize_crop
 from resnet_serve.modeldir import MANIFEST, Manifest, load_manifest, read_labels, sha256_file
 from resnet_serve.train import checkpoint as ckpt
-from resnet_serve.train.data import DIGITS, IMAGE_SUFFIXES, load_dataset
+from resnet_serve.train.data import DIGITS, IMAGE_SUFFIXES, held_out, load_dataset
 
 from .exporter import CALIBRATION_SAMPLES, ExportError, ExportOptions, _pir_enabled, export, target_dir
 
@@ -56,15 +56,13 @@ class Images:
 
 
 def _folder_images(root: Path, size: int) -> list[tuple[Path, np.ndarray]]:
-    from PIL import Image
-
+    """Every image under root, prepared exactly as the server prepares it (the one decoder, the serving resize)."""
     files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     out = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                out.append((f, resize_crop(im, size, size)))
-        except OSError as e:
+            out.append((f, resize_crop(decode_file(f, (size, size)), size, size)))
+        except (OSError, SyntaxError, ValueError) as e:
             raise QuantizeError(f"cannot read image {f}: {e}") from e
     return out
 
@@ -110,7 +108,7 @@ def evaluation_images(meta: dict[str, Any], size: int, labels: list[str], eval_d
         raise QuantizeError("the checkpoint metadata names no dataset: pass --eval DIR (held-out images in "
                             "<label>/ subfolders)")
     try:
-        _, held = load_dataset(dataset, size, float(meta.get("holdout", 0.2)), int(meta.get("seed", 0)))
+        held = held_out(dataset, size, float(meta.get("holdout", 0.2)), int(meta.get("seed", 0)))
     except (ValueError, OSError) as e:
         raise QuantizeError(f"cannot load the checkpoint's held-out split ({dataset}): {e}; pass --eval DIR") from e
     return Images(held.images, held.labels, f"held-out split of {dataset} (holdout {meta.get('holdout', 0.2)}, "

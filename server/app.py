@@ -10,7 +10,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -21,14 +20,17 @@ from resnet_serve.modeldir import MANIFEST, ModelDirError, list_versions, resolv
 from resnet_serve.protos import classifier_pb2, classifier_pb2_grpc
 
 from . import serving_model
+from .admission import PreprocessPool
 from .auth import AdminGuard, BearerTokenInterceptor, load_tokens, server_credentials
 from .batcher import BatcherObserver
 from .engine import Engine, EngineError, WorkerDied
+from .memory import MemorySweeper
 from .metrics import Metrics
 from .oip_service import OIPService, add_oip_service
 from .service import ClassifierService
 from .serving_model import LoadedModel, Runner
 from .settings import Settings
+from .wire import RequestGuard
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
@@ -121,13 +123,16 @@ class Server:
         self.metrics = Metrics(settings.max_batch_size)
         self.service = ClassifierService(self.metrics, {EngineError: grpc.StatusCode.INTERNAL,
                                                         WorkerDied: grpc.StatusCode.UNAVAILABLE},
-                                         max_stream_in_flight=settings.max_stream_in_flight)
+                                         max_stream_in_flight=settings.max_stream_in_flight,
+                                         max_request_id_length=settings.max_request_id_length)
         self.health = health.aio.HealthServicer()
         self.observer = HealthTrackingObserver(self.metrics, settings.unhealthy_after_failures,
                                                self._engine_health_changed)
         self.wrap_runner = wrap_runner
         self.model: LoadedModel | None = None
-        self.pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
+        self.pool = PreprocessPool(settings.preprocess_threads, settings.max_preprocess_queue,
+                                   settings.max_preprocess_queue_bytes,
+                                   on_refused=self.metrics.dropped.labels("preprocess_full").inc)
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -145,6 +150,9 @@ class Server:
         self.metrics.in_flight.set_function(lambda: sum(m.batcher.in_flight for m in self._live))
         self.metrics.watch_workers(lambda: [(m.version, i, pid) for m in self._live
                                             for i, pid in enumerate(m.engine.worker_pids())])
+        self.sweeper = MemorySweeper()
+        self.metrics.preprocess_queue.set_function(lambda: self.pool.images)
+        self.metrics.preprocess_queue_bytes.set_function(lambda: self.pool.bytes)
 
     @property
     def engine(self) -> Engine | None:
@@ -206,7 +214,9 @@ class Server:
             options += [("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(s.grace_period_s * 1000))]
         tokens = load_tokens(s.auth_token_file)
-        interceptors = [BearerTokenInterceptor(tokens, s.auth_exempt_health)] if tokens else [AdminGuard()]
+        # Auth first: a request without a valid token is refused before its bytes are even parsed.
+        interceptors = [BearerTokenInterceptor(tokens, s.auth_exempt_health) if tokens else AdminGuard(),
+                        RequestGuard(self.sweeper.note, self.pool.admits)]
         self.grpc_server = grpc.aio.server(options=options, interceptors=interceptors)
         classifier_pb2_grpc.add_ClassifierServicer_to_server(self.service, self.grpc_server)
         classifier_pb2_grpc.add_AdminServicer_to_server(AdminService(self), self.grpc_server)
@@ -235,6 +245,7 @@ class Server:
                         "(docs/server.md)", s.host or "all")
         await self._update_health()
         await self.grpc_server.start()
+        self._spawn(self.sweeper.run())
         log.info("listening on %s:%d (gRPC%s%s, %s), metrics on %s; loading %s", s.host, self.port,
                  ", TLS" if s.tls_cert else "", ", mutual TLS" if s.tls_client_ca else "",
                  f"{len(tokens)} bearer token(s)" if tokens else "no auth",
@@ -345,7 +356,7 @@ class Server:
             self._loader.cancel()
         for task in list(self._tasks):
             task.cancel()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown()
         self._close_metrics_http()
         log.info("stopped after a %.2f s drain", time.perf_counter() - t0)
 
@@ -366,6 +377,7 @@ async def run(settings: Settings) -> int:
     if server.failed:
         await server.stop(0)
         return 1
+    MemorySweeper.freeze_startup()  # the process's own start-up state: not in an embedding process (tests)
     await stop.wait()
     log.info("signal received: draining (grace %.0f s)", settings.grace_period_s)
     await server.stop()

@@ -36,6 +36,10 @@ def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerC
                                        require_client_auth=bool(ca))
 
 
+def _unparsed(raw: bytes) -> None:
+    return None
+
+
 def _aborting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that only aborts."""
 
@@ -46,7 +50,8 @@ def _aborting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    # The request is never parsed: a refused caller's bytes cost nothing (and garbage cannot fail the parse).
+    kw = {"request_deserializer": _unparsed, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary, **kw)
     if handler.unary_stream:
@@ -66,9 +71,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     def _authorised(self, metadata) -> bool:
         for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                given = value[len("Bearer "):].strip().encode()
-                return any(hmac.compare_digest(given, t) for t in self._tokens)
+            if key == "authorization" and isinstance(value, str):
+                scheme, _, given = value.strip().partition(" ")
+                if scheme.lower() != "bearer":  # RFC 7235: the scheme is case-insensitive
+                    continue
+                given_bytes = given.strip().encode()
+                return any(hmac.compare_digest(given_bytes, t) for t in self._tokens)
         return False
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails],

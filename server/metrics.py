@@ -31,7 +31,7 @@ PREPROCESS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025
 # Label values created at start so rate() and the dashboard have series before the first event of each kind.
 METHODS = ("Classify", "ClassifyStream", "GetModelInfo", "ModelInfer", "ModelStreamInfer")
 FLUSH_REASONS = ("full", "delay", "idle", "drain")
-DROP_REASONS = ("deadline", "cancelled", "queue_full")
+DROP_REASONS = ("deadline", "cancelled", "queue_full", "preprocess_full")
 
 
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -82,11 +82,16 @@ class Metrics:
         self.batch_failures = Counter(f"{PREFIX}_batch_failures_total", "Batches whose inference failed",
                                       registry=r)
         self.dropped = Counter(f"{PREFIX}_dropped_requests_total",
-                               "Requests dropped before compute: deadline, cancelled, queue_full",
+                               "Requests dropped before compute: deadline, cancelled, queue_full, preprocess_full",
                                ["reason"], registry=r)
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests waiting in the batch queue", registry=r)
         self.in_flight = Gauge(f"{PREFIX}_in_flight_requests",
                                "Image requests accepted and not yet answered (queued or computing)", registry=r)
+        self.preprocess_queue = Gauge(f"{PREFIX}_preprocess_queue_depth",
+                                      "Images waiting for a preprocess (decode) thread or being preprocessed",
+                                      registry=r)
+        self.preprocess_queue_bytes = Gauge(f"{PREFIX}_preprocess_queue_bytes",
+                                            "Payload bytes held by the images in preprocess_queue_depth", registry=r)
         self.model_load = Gauge(f"{PREFIX}_model_load_seconds", "Time to create the predictors of the served model",
                                 registry=r)
         self.model_warmup = Gauge(f"{PREFIX}_model_warmup_seconds", "Time to warm every batch-size bucket",

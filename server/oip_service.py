@@ -10,6 +10,8 @@ exact tensor names, dtypes and shapes. Knows protobuf, gRPC codes and deadlines;
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -23,8 +25,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from .pipeline import Answer, ImageInput, ModelDescription, Pipeline
-from .service import RequestError, _cancel_code
+from .service import ECHO_CHARS, RequestError, _cancel_code, check_request_id, echo
 from .streams import answer_each
+from .wire import Malformed
 
 if TYPE_CHECKING:
     from .app import Server
@@ -44,6 +47,7 @@ ERROR_CODE = "error_code"  # parameter of an in-stream error response: the numer
 
 _KIND = {ENCODED: ("BYTES", "encoded"), UINT8_HWC: ("UINT8", "uint8"), FLOAT32_CHW: ("FP32", "float32")}
 _IMAGE_METHODS = ("Classify", "ClassifyStream", "ModelInfer", "ModelStreamInfer")
+_INTEGER = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only: int() also takes "²" and other Unicode digits
 
 
 def _invalid(message: str) -> RequestError:
@@ -61,17 +65,20 @@ def output_metadata() -> list[tuple[str, str, list[int]]]:
 
 
 # --- request -> images ---------------------------------------------------------------------------------------
-def _split_bytes(raw: bytes) -> list[bytes]:
-    """A raw BYTES tensor: each element is a 4-byte little-endian length, then that many bytes."""
+def _split_bytes(raw: bytes, n: int) -> list[bytes]:
+    """A raw BYTES tensor of n elements: each is a 4-byte little-endian length, then that many bytes. Reads at
+    most n + 1 elements, however many the data holds."""
     out, i = [], 0
     while i < len(raw):
+        if len(out) == n:
+            raise _invalid(f"input {ENCODED!r} needs {n} elements, the data holds more")
         if i + 4 > len(raw):
             raise _invalid("BYTES tensor is malformed: truncated element length")
-        (n,) = struct.unpack_from("<I", raw, i)
-        if i + 4 + n > len(raw):
+        (size,) = struct.unpack_from("<I", raw, i)
+        if i + 4 + size > len(raw):
             raise _invalid("BYTES tensor is malformed: element runs past the end of the data")
-        out.append(raw[i + 4:i + 4 + n])
-        i += 4 + n
+        out.append(raw[i + 4:i + 4 + size])
+        i += 4 + size
     return out
 
 
@@ -81,7 +88,7 @@ def _int_parameter(p: pb.InferParameter, name: str) -> int:
         return int(getattr(p, which))
     if which == "double_param" and float(p.double_param).is_integer():
         return int(p.double_param)
-    if which == "string_param" and p.string_param.strip().lstrip("-").isdigit():
+    if which == "string_param" and _INTEGER.fullmatch(p.string_param.strip()):
         return int(p.string_param)
     raise _invalid(f"parameter {name!r} must be an integer")
 
@@ -108,16 +115,19 @@ def deadline_of(request: pb.ModelInferRequest, deadline: float | None) -> float 
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
+    if len(request.outputs) > len(OUTPUTS):
+        raise _invalid(f"{len(request.outputs)} outputs requested; the model has {len(OUTPUTS)}: "
+                       f"{', '.join(OUTPUTS)}")
     names = tuple(o.name for o in request.outputs) or OUTPUTS
     for name in names:
         if name not in OUTPUTS:
-            raise _invalid(f"unknown output {name!r}; the model has {', '.join(OUTPUTS)}")
+            raise _invalid(f"unknown output {echo(name)}; the model has {', '.join(OUTPUTS)}")
     return names
 
 
 def check_model(request_name: str, request_version: str, model: ModelDescription) -> None:
     if request_name != model.name or request_version not in ("", model.version):
-        wanted = f"{request_name!r}" + (f" version {request_version!r}" if request_version else "")
+        wanted = echo(request_name) + (f" version {echo(request_version)}" if request_version else "")
         raise RequestError(grpc.StatusCode.NOT_FOUND,
                            f"model {wanted} is not served here (serving {model.name!r} version {model.version!r})")
 
@@ -127,15 +137,19 @@ def images_of(request: pb.ModelInferRequest, max_batch_size: int) -> list[ImageI
 
     Accepts raw_input_contents (what tritonclient sends) and typed `contents` alike."""
     if len(request.inputs) != 1:
-        got = ", ".join(repr(t.name) for t in request.inputs) or "none"
+        got = ", ".join(echo(t.name) for t in request.inputs[:3]) or "none"
+        more = f" and {len(request.inputs) - 3} more" if len(request.inputs) > 3 else ""
         raise _invalid(f"a request carries exactly one image input ({ENCODED}, {UINT8_HWC} or {FLOAT32_CHW}); "
-                       f"got {got}")
+                       f"got {got}{more}")
     t = request.inputs[0]
     if t.name not in _KIND:
-        raise _invalid(f"unknown input {t.name!r}; the model has {ENCODED}, {UINT8_HWC}, {FLOAT32_CHW}")
+        raise _invalid(f"unknown input {echo(t.name)}; the model has {ENCODED}, {UINT8_HWC}, {FLOAT32_CHW}")
     datatype, kind = _KIND[t.name]
     if t.datatype != datatype:
-        raise _invalid(f"input {t.name!r} must be {datatype}, got {t.datatype or 'no datatype'}")
+        raise _invalid(f"input {t.name!r} must be {datatype}, got {echo(t.datatype) if t.datatype else 'no datatype'}")
+    if len(t.shape) > 4:  # before the shape is copied: a client can send millions of dimensions
+        raise _invalid(f"input {t.name!r} shape has {len(t.shape)} dimensions; it must be [N, 1] for "
+                       f"{ENCODED}, [N, H, W, 3] for {UINT8_HWC}, [N, 3, H, W] for {FLOAT32_CHW}")
     shape = [int(d) for d in t.shape]
     if not shape or shape[0] < 1 or any(d < 0 for d in shape):
         raise _invalid(f"input {t.name!r} needs a leading batch dimension of at least 1, got shape {shape}")
@@ -152,28 +166,37 @@ def images_of(request: pb.ModelInferRequest, max_batch_size: int) -> list[ImageI
     if kind == "encoded":
         if shape not in ([n], [n, 1]):
             raise _invalid(f"input {ENCODED!r} shape must be [N, 1] (or [N]), got {shape}")
-        items = _split_bytes(raw) if raw is not None else list(t.contents.bytes_contents)
+        if raw is None and len(t.contents.bytes_contents) != n:  # counted before anything is copied
+            raise _invalid(f"input {ENCODED!r} of shape {shape} needs {n} elements, "
+                           f"got {len(t.contents.bytes_contents)}")
+        items = _split_bytes(raw, n) if raw is not None else list(t.contents.bytes_contents)
         if len(items) != n:
             raise _invalid(f"input {ENCODED!r} of shape {shape} needs {n} elements, got {len(items)}")
         return [ImageInput("encoded", item) for item in items]
     if len(shape) != 4:
         layout = "[N, H, W, 3]" if kind == "uint8" else "[N, 3, H, W]"
         raise _invalid(f"input {t.name!r} shape must be {layout}, got {shape}")
+    per_image = math.prod(shape[1:]) * (1 if kind == "uint8" else 4)
     if raw is None:
-        raw = _typed_pixels(t, kind)
-    per_image = int(np.prod(shape[1:])) * (1 if kind == "uint8" else 4)
+        raw = _typed_pixels(t, kind, n * per_image)
     if len(raw) != n * per_image:
         raise _invalid(f"input {t.name!r} of shape {shape} needs {n * per_image} bytes, got {len(raw)}")
     return [ImageInput(kind, raw[i * per_image:(i + 1) * per_image], tuple(shape[1:])) for i in range(n)]
 
 
-def _typed_pixels(t: pb.ModelInferRequest.InferInputTensor, kind: str) -> bytes:
+def _typed_pixels(t: pb.ModelInferRequest.InferInputTensor, kind: str, nbytes: int) -> bytes:
+    """Typed contents as raw bytes; their count is checked against the shape before any is converted."""
+    values = t.contents.uint_contents if kind == "uint8" else t.contents.fp32_contents
+    needed = nbytes if kind == "uint8" else nbytes // 4
+    if len(values) != needed:
+        field = "uint_contents" if kind == "uint8" else "fp32_contents"
+        raise _invalid(f"input {t.name!r} needs {needed} values in {field}, got {len(values)}")
     if kind == "uint8":
-        values = np.asarray(t.contents.uint_contents, dtype=np.uint32)
+        values = np.asarray(values, dtype=np.uint32)
         if values.size and values.max() > 255:
             raise _invalid(f"input {t.name!r}: uint_contents values must be 0..255 for UINT8")
         return values.astype(np.uint8).tobytes()
-    return np.asarray(t.contents.fp32_contents, dtype="<f4").tobytes()
+    return np.asarray(values, dtype="<f4").tobytes()
 
 
 # --- answers -> response ------------------------------------------------------------------------------------
@@ -240,6 +263,9 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         """One ModelInferRequest: its N images go to the batcher as N items; raises RequestError."""
+        if isinstance(request, Malformed):
+            raise RequestError(request.code, request.reason)
+        check_request_id(request.id, self.server.settings.max_request_id_length)
         pipeline = self._pipeline()
         try:
             check_model(request.model_name, request.model_version, pipeline.model)
@@ -377,8 +403,10 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
                 response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
             except RequestError as e:
                 self._record("ModelStreamInfer", e.code, t0)
-                error = pb.ModelInferResponse(id=request.id, model_name=request.model_name,
-                                              model_version=request.model_version)
+                # The client's own strings are echoed only when short: the answer must fit any client's limit.
+                short = {k: v for k, v in (("id", request.id), ("model_name", request.model_name),
+                                           ("model_version", request.model_version)) if len(v) <= ECHO_CHARS}
+                error = pb.ModelInferResponse(**short)
                 error.parameters[ERROR_CODE].int64_param = e.code.value[0]
                 return pb.ModelStreamInferResponse(error_message=_with_id(request.id, f"{e.code.name}: {e.message}"),
                                                    infer_response=error)
@@ -393,8 +421,11 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _with_id(request_id: str, message: str) -> str:
-    """Triton's convention: errors about a request name its id first."""
-    return f"[request id: {request_id}] {message}" if request_id else message
+    """Triton's convention: errors about a request name its id first (a long or non-ASCII one quoted and cut)."""
+    if not request_id:
+        return message
+    plain = len(request_id) <= ECHO_CHARS and request_id.isascii() and request_id.isprintable()
+    return f"[request id: {request_id if plain else echo(request_id)}] {message}"
 
 
 async def _all_or_first_error(calls: list[Awaitable[Answer]]) -> list[Answer]:

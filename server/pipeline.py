@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
+from .admission import PreprocessPool
 from .batcher import Batcher
 from .metrics import Metrics
 from .preprocess import InvalidInput, Preprocessor
@@ -66,7 +66,7 @@ class Pipeline:
     """One model version's path. Counts the calls inside it so a reload can retire it once they are done."""
 
     def __init__(self, batcher: Batcher, preprocessor: Preprocessor, labels: list[str], model: ModelDescription,
-                 metrics: Metrics, pool: Executor):
+                 metrics: Metrics, pool: PreprocessPool):
         self.batcher, self.preprocessor, self.labels = batcher, preprocessor, labels
         self.model, self.metrics, self.pool = model, metrics, pool
         self.active = 0
@@ -104,7 +104,7 @@ class Pipeline:
                                            tuple(image.shape[:2]) == self.preprocessor.input_size):
                 x = self._prepare(image)  # a bounds check and a view, no pixel work: cheaper than a thread hop
             else:
-                x = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, image)
+                x = await self.pool.run(self._prepare, image, size=len(image.data))
             logits = await self.batcher.submit(x, deadline)
             return Answer(top_k(logits, k, self.labels), self.model.version)
         finally:

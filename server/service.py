@@ -10,14 +10,17 @@ from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 
+from resnet_serve.imaging import FORMATS
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
 
+from .admission import PreprocessQueueFull
 from .batcher import DeadlineExpired, QueueFull, ShuttingDown
 from .metrics import Metrics
 from .pipeline import Answer, ImageInput, ModelDescription, Pipeline
-from .preprocess import FORMATS, InvalidInput
+from .preprocess import InvalidInput
 from .streams import answer_each
+from .wire import Malformed
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +30,28 @@ BASE_ERROR_CODES: dict[type[BaseException], grpc.StatusCode] = {
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
-# resnet_serve.imaging.resize_crop, as GetModelInfo states it.
-RESIZE_RULE = "shorter side scaled to fit input_size (bilinear), then a centre crop"
+# resnet_serve.imaging.decode/upright/to_rgb/resize_crop, as GetModelInfo states it.
+RESIZE_RULE = ("EXIF orientation applied, transparency over white; the centre region with input_size's aspect "
+               "ratio (shorter side kept) resized to input_size, bilinear (Pillow resize with box): a centre crop")
 MESSAGES = {QueueFull: "server queue is full, retry later", DeadlineExpired: "deadline expired while queued",
-            ShuttingDown: "server is shutting down"}
+            ShuttingDown: "server is shutting down",
+            PreprocessQueueFull: "server is busy preprocessing images, retry later"}
+# Error texts travel in the grpc-message header, which clients accept up to 8 KiB by default (percent-encoded):
+# a client's own text is echoed at most ECHO_CHARS characters long, ASCII-escaped, and no message is longer
+# than MESSAGE_CHARS.
+ECHO_CHARS, MESSAGE_CHARS = 64, 1024
+DEFAULT_MAX_REQUEST_ID_LENGTH = 1024
+
+
+def echo(text: str) -> str:
+    """A client's string quoted for an error message: ASCII only, at most ECHO_CHARS characters of it."""
+    if len(text) <= ECHO_CHARS:
+        return ascii(text)
+    return f"{ascii(text[:ECHO_CHARS])}... ({len(text)} characters)"
+
+
+def clip(message: str) -> str:
+    return message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS - 15] + "... (truncated)"
 
 
 def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
@@ -44,6 +65,7 @@ class RequestError(Exception):
     """An answer that is an error: a status code and a message for the caller."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
+        message = clip(message)
         super().__init__(message)
         self.code, self.message = code, message
 
@@ -57,6 +79,9 @@ def image_of(request: pb.ClassifyRequest) -> ImageInput:
         kinds = {pb.Tensor.UINT8: "uint8", pb.Tensor.FLOAT32: "float32"}
         if t.dtype not in kinds:
             raise InvalidInput("tensor dtype must be UINT8 (HWC) or FLOAT32 (CHW)")
+        if len(t.shape) != 3:  # checked before the shape is copied: a client can send millions of dimensions
+            layout = "[H, W, 3]" if t.dtype == pb.Tensor.UINT8 else "[3, H, W]"
+            raise InvalidInput(f"{kinds[t.dtype]} tensor shape must be {layout}, got {len(t.shape)} dimensions")
         return ImageInput(kinds[t.dtype], t.data, tuple(t.shape))
     raise InvalidInput("request carries no image (set `encoded` or `tensor`)")
 
@@ -67,10 +92,18 @@ def preprocessing_of(model: ModelDescription) -> pb.Preprocessing:
                             mean=model.mean, std=model.std, layout="NCHW", formats=FORMATS)
 
 
+def check_request_id(request_id: str, limit: int) -> None:
+    """Every answer echoes the id: bounding it keeps every answer within the message size clients accept."""
+    if len(request_id) > limit:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"request id is {len(request_id)} characters, over the limit of {limit}")
+
+
 class ClassifierService(pb_grpc.ClassifierServicer):
     def __init__(self, metrics: Metrics, error_codes: Mapping[type[BaseException], grpc.StatusCode] | None = None,
-                 max_stream_in_flight: int = 128):
+                 max_stream_in_flight: int = 128, max_request_id_length: int = DEFAULT_MAX_REQUEST_ID_LENGTH):
         self.metrics = metrics
+        self.max_request_id_length = max_request_id_length
         self.pipeline: Pipeline | None = None  # set once the model is loaded and warm
         self.error_codes = {**BASE_ERROR_CODES, **(error_codes or {})}
         self.max_stream_in_flight = max_stream_in_flight
@@ -80,13 +113,16 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     def _to_error(self, exc: BaseException) -> RequestError:
         for cls in type(exc).__mro__:
             if cls in self.error_codes:
-                msg = MESSAGES.get(cls) or str(exc) or cls.__name__
+                msg = MESSAGES.get(type(exc)) or MESSAGES.get(cls) or str(exc) or cls.__name__
                 return RequestError(self.error_codes[cls], msg)
         log.exception("unexpected error while classifying", exc_info=exc)
         return RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
     async def _classify_one(self, request: pb.ClassifyRequest, deadline: float | None) -> Answer:
         pipeline = self.pipeline
+        if isinstance(request, Malformed):
+            raise RequestError(request.code, request.reason)
+        check_request_id(request.request_id, self.max_request_id_length)
         if pipeline is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "model is loading, not serving yet")
         try:
@@ -140,8 +176,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 code, version = grpc.StatusCode.OK, answer.model_version
             except RequestError as e:
                 code = e.code
-                response = pb.ClassifyResponse(request_id=request.request_id,
-                                               error=pb.Error(code=e.code.value[0], message=e.message))
+                request_id = request.request_id  # not echoed when over the limit: the answer must fit
+                response = pb.ClassifyResponse(
+                    request_id=request_id if len(request_id) <= self.max_request_id_length else "",
+                    error=pb.Error(code=e.code.value[0], message=e.message))
             except asyncio.CancelledError:
                 self._record("ClassifyStream", _cancel_code(context), t0)
                 raise

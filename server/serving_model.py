@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from resnet_serve.modeldir import load_manifest
 
+from .admission import PreprocessPool
 from .batcher import Batcher, BatcherObserver, BatchPolicy
 from .engine import Engine, EngineConfig
 from .pipeline import ModelDescription, Pipeline
@@ -68,7 +68,7 @@ def log_build(info: dict, asked: str) -> str:
     return str(info.get("precision_built") or asked)
 
 
-async def load(settings: Settings, version_dir: Path, observer: BatcherObserver, pool: Executor, metrics,
+async def load(settings: Settings, version_dir: Path, observer: BatcherObserver, pool: PreprocessPool, metrics,
                on_worker_event: Callable[[str, int], None] | None = None,
                wrap_runner: Callable[[Runner], Runner] | None = None) -> LoadedModel:
     """Spawn and warm the workers (off the event loop), then build batcher and pipeline. Raises on failure,
@@ -104,7 +104,7 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
         num_classes=m.num_classes, precision=precision, max_batch_size=s.max_batch_size, device=s.device,
         engine=engine_name,
         mean=tuple(m.mean), std=tuple(m.std))
-    preprocessor = Preprocessor(tuple(m.input_size), s.max_pixels)
+    preprocessor = Preprocessor(tuple(m.input_size), s.max_pixels, s.max_aspect_ratio)
     pipeline = Pipeline(batcher, preprocessor, engine.labels, model, metrics, pool)
     log.info("loaded %s v%s (%s) from %s: load %.2f s, warm-up %.2f s of buckets %s", m.name, m.version,
              m.architecture, version_dir, engine.load_seconds, engine.warmup_seconds, list(s.bucket_sizes()))

@@ -44,7 +44,11 @@ class Settings:
     worker_start_timeout_s: float = 300.0
     preprocess_threads: int = 2
     max_message_bytes: int = 16 * 1024 * 1024
-    max_pixels: int = 40_000_000
+    max_pixels: int = 16_777_216  # pixels decoded per image (a JPEG's after its reduced-scale decode)
+    max_aspect_ratio: float = 100.0  # longer side / shorter side of an image
+    max_preprocess_queue: int = 64  # images waiting for or in a preprocess thread; beyond: RESOURCE_EXHAUSTED
+    max_preprocess_queue_bytes: int = 32 * 1024 * 1024  # ... and the payload bytes they hold
+    max_request_id_length: int = 1024  # characters of a request_id / OIP id, echoed in every answer
     max_stream_in_flight: int = 128
     grace_period_s: float = 30.0
     max_concurrent_streams: int = 1000  # per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)
@@ -98,13 +102,16 @@ class Settings:
         if self.precision == "fp16" and self.device != "gpu":
             raise ValueError("precision fp16 needs --device gpu (TensorRT); CPU serves fp32 or int8")
         for name in ("max_batch_size", "max_queue_size", "instances", "threads_per_instance", "preprocess_threads",
-                     "max_stream_in_flight"):
+                     "max_stream_in_flight", "max_preprocess_queue", "max_preprocess_queue_bytes",
+                     "max_request_id_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535 (0: a free one), not {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0..65535 (0: a free one, -1: off), not {self.metrics_port}")
+        if not self.max_aspect_ratio >= 1:
+            raise ValueError("max_aspect_ratio must be at least 1")
         if self.max_queue_delay_us < 0:
             raise ValueError("max_queue_delay_us must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -182,7 +189,11 @@ HELP = {
     "worker_start_timeout_s": "seconds one worker may take to load, build TensorRT engines and warm",
     "preprocess_threads": "threads decoding and resizing images",
     "max_message_bytes": "largest gRPC message accepted or sent",
-    "max_pixels": "images with more pixels (from their header) are refused",
+    "max_pixels": "pixels decoded per image (a JPEG's after reduced-scale decoding); beyond: INVALID_ARGUMENT",
+    "max_aspect_ratio": "longer / shorter side of an image; beyond: INVALID_ARGUMENT",
+    "max_preprocess_queue": "images waiting for or in a preprocess thread; beyond: RESOURCE_EXHAUSTED",
+    "max_preprocess_queue_bytes": "payload bytes of those images; beyond: RESOURCE_EXHAUSTED",
+    "max_request_id_length": "characters of a request id (echoed in every answer)",
     "max_stream_in_flight": "items of one stream being processed at once",
     "grace_period_s": "on SIGTERM, how long calls in progress may take to finish",
     "max_concurrent_streams": "concurrent calls per client connection (HTTP/2)",

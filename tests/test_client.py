@@ -127,9 +127,9 @@ def test_model_info_preprocessing_reproduces_the_servers(client) -> None:
     h, w = p.input_size
     img = Image.fromarray(arr)
     scale = max(h / img.height, w / img.width)
-    nw, nh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
-    img = img.resize((nw, nh), Image.BILINEAR).crop(((nw - w) // 2, (nh - h) // 2, (nw - w) // 2 + w,
-                                                     (nh - h) // 2 + h))
+    box_w, box_h = w / scale, h / scale
+    left, top = (img.width - box_w) / 2, (img.height - box_h) / 2
+    img = img.resize((w, h), Image.BILINEAR, box=(left, top, left + box_w, top + box_h))
     x = (np.asarray(img, np.float32) * p.scale - np.float32(p.mean)) / np.float32(p.std)
     mine = client.classify(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32), top_k=10)
     assert_same([client.classify(png(arr), top_k=10)], [mine])

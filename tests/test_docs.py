@@ -27,9 +27,10 @@ def test_readme_documents_every_makefile_variable_with_its_default() -> None:
     variables = dict(re.findall(r"^([A-Z_]+) \?= (.*)$", makefile, re.M))
     assert {"NAME", "DATA", "CHECKPOINTS", "MODELS", "PORT", "METRICS_PORT"} <= set(variables)
     for name, default in variables.items():
-        row = re.search(rf"^\| `{name}` \| `([^`]*)` \|", README, re.M)
+        row = re.search(rf"^\| `{name}` \| `([^`]*)`", README, re.M)
         assert row, f"README's Makefile table lacks {name}"
-        assert row.group(1) == default, (name, row.group(1), default)
+        if not default.startswith("$(if"):  # a computed default (NAME) is described in words
+            assert row.group(1) == default, (name, row.group(1), default)
     assert "--data $(DATA)" in makefile  # DATA reaches make train
 
 

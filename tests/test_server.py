@@ -155,7 +155,7 @@ BAD_UNARY = [
     ("empty message", pb.ClassifyRequest(), "carries no image"),
     ("empty image", pb.ClassifyRequest(encoded=b""), "image is empty"),
     ("truncated jpeg", pb.ClassifyRequest(encoded=encode(picture(), "JPEG")[:100]), "cannot decode JPEG"),
-    ("random bytes", pb.ClassifyRequest(encoded=np.random.default_rng(0).bytes(500)), "not a JPEG, PNG or WebP"),
+    ("random bytes", pb.ClassifyRequest(encoded=np.random.default_rng(0).bytes(500)), "not a JPEG, PNG, WebP"),
     ("uint8 shape", pb.ClassifyRequest(tensor=pb.Tensor(dtype=pb.Tensor.UINT8, shape=[SIZE, SIZE], data=b"")),
      "must be [H, W, 3]"),
     ("uint8 length", pb.ClassifyRequest(tensor=pb.Tensor(dtype=pb.Tensor.UINT8, shape=[4, 4, 3], data=b"abc")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from conftest import run_cli
@@ -30,13 +31,16 @@ def test_cpu_amp_fallback_is_logged_once(tmp_path: Path) -> None:
 
 
 def test_resume_continues_from_saved_epoch(trained_checkpoint: Path, tmp_path: Path) -> None:
-    out = tmp_path / "resumed"
-    r = run_cli("resnet-train", "--epochs", "3", "--max-steps-per-epoch", "2", "--batch-size", "32",
-                "--num-workers", "0", "--out", str(out), "--resume", str(trained_checkpoint), "--amp", "O0")
+    """The run's own settings (batch size, steps, AMP level, data) come from the checkpoint; --epochs extends it;
+    the new epoch is written next to the checkpoint it continues."""
+    run = tmp_path / "digits"
+    shutil.copytree(trained_checkpoint, run)
+    r = run_cli("resnet-train", "--epochs", "3", "--num-workers", "0", "--resume", str(run))
     assert r.returncode == 0, r.stderr
-    assert "resumed from" in r.stderr and "at epoch 3" in r.stderr
-    assert sorted(p.name for p in out.glob("*.pdparams")) == ["epoch_003.pdparams"]
-    assert json.loads((out / "epoch_003.json").read_text())["epoch"] == 3
+    assert "resumed from" in r.stderr and "at epoch 3" in r.stderr and "extending the run from 2 to 3" in r.stderr
+    assert sorted(p.name for p in run.glob("*.pdparams")) == [f"epoch_00{i}.pdparams" for i in (1, 2, 3)]
+    meta = json.loads((run / "epoch_003.json").read_text())
+    assert meta["epoch"] == 3 and meta["epochs"] == 3 and meta["batch_size"] == 32 and meta["amp_requested"] == "O2"
 
 
 def test_empty_dataset_folder_is_a_clear_error(tmp_path: Path) -> None:

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 PARAMS, OPT, META = ".pdparams", ".pdopt", ".json"
+# The architectures training builds (train/models.py) and metadata names; here so the command line can check a name
+# without importing Paddle.
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _EPOCH = re.compile(r"^epoch_(\d+)\.pdparams$")
 
 

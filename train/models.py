@@ -9,15 +9,11 @@ from pathlib import Path
 import paddle
 from paddle.vision import models as pvm
 
+from .checkpoint import ARCHITECTURES as ARCH_NAMES
+
 log = logging.getLogger(__name__)
 
-ARCHITECTURES: dict[str, Callable[..., paddle.nn.Layer]] = {
-    "resnet18": pvm.resnet18,
-    "resnet34": pvm.resnet34,
-    "resnet50": pvm.resnet50,
-    "resnet101": pvm.resnet101,
-    "resnet152": pvm.resnet152,
-}
+ARCHITECTURES: dict[str, Callable[..., paddle.nn.Layer]] = {name: getattr(pvm, name) for name in ARCH_NAMES}
 HEAD_PREFIX = "fc."
 
 
@@ -31,11 +27,16 @@ def build_model(arch: str, num_classes: int) -> paddle.nn.Layer:
     return ARCHITECTURES[arch](num_classes=num_classes)
 
 
-def init_from(model: paddle.nn.Layer, path: Path) -> list[str]:
+class InitError(ValueError):
+    pass
+
+
+def init_from(model: paddle.nn.Layer, path: Path, partial: bool = False) -> list[str]:
     """Fine-tuning start: copy weights from a .pdparams file (e.g. downloaded ImageNet weights).
 
     Tensors whose shape differs from the model's (the classification head when the class count differs) keep
-    their fresh initialisation. Returns the keys that were not copied.
+    their fresh initialisation. Any other tensor missing or of another shape (weights of another architecture)
+    is an InitError unless `partial`, which loads what matches and logs what it loaded. Returns the keys not copied.
     """
     state = paddle.load(str(path))
     own = model.state_dict()
@@ -46,11 +47,22 @@ def init_from(model: paddle.nn.Layer, path: Path) -> list[str]:
             copied[key] = paddle.cast(paddle.to_tensor(src), value.dtype)
         else:
             skipped.append(key)
+    other = [k for k in skipped if not k.startswith(HEAD_PREFIX)]
+    if other and not partial:
+        raise InitError(f"--init {path} matches only {len(copied)} of the model's {len(own)} tensors (e.g. "
+                        f"{other[0]} is missing or of another shape: weights of another architecture?); "
+                        "pass --init-partial to start from the tensors that match")
     model.set_state_dict(copied)
     head = [k for k in skipped if k.startswith(HEAD_PREFIX)]
     if head:
         log.info("init: replaced the classification head (%s): class count differs from %s", ", ".join(head), path)
-    other = [k for k in skipped if not k.startswith(HEAD_PREFIX)]
-    if other:
-        log.warning("init: %d tensors not found or of another shape in %s, e.g. %s", len(other), path, other[0])
+    if partial:
+        log.warning("init (partial): loaded %d of %d tensors from %s (in %s); %d keep their fresh initialisation "
+                    "(in %s)", len(copied), len(own), path, ", ".join(_modules(list(copied))) or "none",
+                    len(skipped), ", ".join(_modules(skipped)) or "none")
     return skipped
+
+
+def _modules(keys: list[str]) -> list[str]:
+    """layer4.1.conv2.weight -> layer4: a short summary of which parts of the model a key list covers."""
+    return sorted({k.split(".")[0] for k in keys})

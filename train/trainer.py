@@ -1,8 +1,13 @@
-"""The AMP training loop people use for ResNet in Paddle: auto_cast + GradScaler, O1/O2, async data loading.
+"""The AMP training loop people use for ResNet in Paddle: auto_cast + GradScaler, O1/O2, a DataLoader whose worker
+processes decode and augment images from disk.
 
 On a GPU the requested AMP level is used as is (O2: fp16 conv/linear weights, fp32 BatchNorm, fp32 master weights
 in the optimizer). On CPU Paddle disables auto_cast and GradScaler (PADDLE_FACTS.md), so the same command trains
 fp32 and says so once.
+
+Every random choice is a function of (seed, epoch[, image index]): the shuffle order, the augmentation of each
+image and Paddle's generator are re-derived at the start of each epoch, so a resumed run draws exactly what the
+uninterrupted run would have, whatever the number of DataLoader workers.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +26,11 @@ from tqdm import tqdm
 from resnet_serve.imaging import IMAGENET_MEAN, IMAGENET_STD, normalise
 
 from . import checkpoint as ckpt
-from .data import Split, load_dataset
+from .data import Augment, DatasetError, Source, open_source, split_indices
 from .models import build_model, init_from
 
 log = logging.getLogger(__name__)
+EVAL_BATCH = 256
 
 
 @dataclass
@@ -41,27 +47,58 @@ class TrainConfig:
     out: Path = Path("checkpoints/digits")
     resume: Path | None = None
     init: Path | None = None
+    init_partial: bool = False
     profile: bool = False
     seed: int = 0
     holdout: float = 0.2
+    augment: Augment | None = Augment()
     max_steps_per_epoch: int = 0  # 0 = whole epoch; tests use a few steps
     progress: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    extra: dict = field(default_factory=dict)
 
 
-class ArrayDataset(paddle.io.Dataset):
-    """uint8 HWC images normalised in the DataLoader's worker processes (the async part of data loading)."""
+class Indices(paddle.io.Sampler):
+    """Some of the dataset's indices: in order, or (shuffle) in a permutation drawn from (seed, epoch)."""
 
-    def __init__(self, split: Split, mean, std):
-        self.split, self.mean, self.std = split, mean, std
+    def __init__(self, indices: np.ndarray, seed: int = 0, shuffle: bool = False):
+        self.indices, self.seed, self.shuffle, self.epoch = np.asarray(indices), seed, shuffle, 0
+
+    def __iter__(self):
+        order = self.indices
+        if self.shuffle:
+            order = order[np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
+        return iter(order.tolist())
 
     def __len__(self) -> int:
-        return len(self.split.labels)
+        return len(self.indices)
+
+
+class ImageDataset(paddle.io.Dataset):
+    """Image i -> (normalised float32 CHW, label), decoded and augmented in the DataLoader's worker processes."""
+
+    def __init__(self, source: Source, size: int, mean, std, augment: Augment | None, seed: int):
+        self.source, self.size, self.mean, self.std = source, size, mean, std
+        self.augment, self.seed, self.epoch = augment, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.source)
 
     def __getitem__(self, i: int):
-        return normalise(self.split.images[i], self.mean, self.std), self.split.labels[i]
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)]) if self.augment else None
+        try:
+            pixels = self.source.pixels(int(i), self.size, self.augment, rng)
+        except DatasetError:  # raised in a worker it would reach the user as Paddle's traceback: flag the image
+            return np.zeros((3, self.size, self.size), np.float32), np.int64(-1 - int(i))
+        return normalise(pixels, self.mean, self.std), self.source.labels[i]
+
+
+def check_batch(labels: paddle.Tensor, source: Source) -> None:
+    """A batch holding an image a worker could not decode -> that image's DatasetError, raised here."""
+    lowest = int(labels.min())
+    if lowest < 0:
+        source.pixels(-1 - lowest, 16)  # decodes it again in this process: raises the DatasetError naming it
+        raise DatasetError(f"image {-1 - lowest} of the data set could not be read")
 
 
 def gpu_available() -> bool:
@@ -78,67 +115,87 @@ def effective_amp(requested: str) -> str:
     return requested
 
 
-def evaluate(model: paddle.nn.Layer, split: Split, cfg: TrainConfig, amp: str) -> float:
+def loader(dataset: ImageDataset, sampler: Indices, batch_size: int, drop_last: bool,
+           num_workers: int) -> paddle.io.DataLoader:
+    batches = paddle.io.BatchSampler(sampler=sampler, batch_size=batch_size, drop_last=drop_last)
+    return paddle.io.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+
+
+def evaluate(model: paddle.nn.Layer, data: paddle.io.DataLoader, amp: str) -> float:
+    """Held-out accuracy, the images prepared exactly as the server prepares them."""
     model.eval()
-    correct = 0
+    correct = seen = 0
     with paddle.no_grad():
-        for start in range(0, len(split.labels), 256):
-            x = paddle.to_tensor(normalise(split.images[start:start + 256], cfg.mean, cfg.std))
+        for x, y in data:
+            check_batch(y, data.dataset.source)
             with paddle.amp.auto_cast(enable=amp != "O0", level=amp if amp != "O0" else "O1"):
                 logits = model(x)
-            correct += int((logits.argmax(axis=1).numpy() == split.labels[start:start + 256]).sum())
+            correct += int((logits.argmax(axis=1) == y).astype("int64").sum())
+            seen += int(y.shape[0])
     model.train()
-    return correct / max(1, len(split.labels))
+    return correct / max(1, seen)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train and checkpoint every epoch; returns the prefix of the last checkpoint written."""
+def steps_per_epoch(n_train: int, cfg: TrainConfig) -> int:
+    steps = n_train // cfg.batch_size
+    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, epoch, 1]).integers(2**31 - 1))
+
+
+def train(cfg: TrainConfig, source: Source | None = None) -> Path:
+    """Train and checkpoint every epoch; returns the prefix of the last checkpoint written. `cfg` is final: the
+    command line has already checked it against the data and, on resume, against the checkpoint."""
     paddle.seed(cfg.seed)
-    np.random.seed(cfg.seed)
     amp = effective_amp(cfg.amp)
-    train_split, val_split = load_dataset(cfg.data, cfg.input_size, cfg.holdout, cfg.seed)
-    num_classes = len(train_split.classes)
-    log.info("data: %s, %d train / %d held-out images, %d classes, %dx%d", cfg.data, len(train_split.labels),
-             len(val_split.labels), num_classes, cfg.input_size, cfg.input_size)
+    source = source if source is not None else open_source(cfg.data)
+    train_idx, test_idx = split_indices(len(source), cfg.holdout, cfg.seed)
+    num_classes = len(source.classes)
+    log.info("data: %s, %d train / %d held-out images, %d classes, %dx%d, augmentation %s", cfg.data,
+             len(train_idx), len(test_idx), num_classes, cfg.input_size, cfg.input_size, cfg.augment or "off")
 
     model = build_model(cfg.arch, num_classes)
     if cfg.init:
-        init_from(model, cfg.init)
-    steps_per_epoch = max(1, len(train_split.labels) // cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    schedule = paddle.optimizer.lr.CosineAnnealingDecay(cfg.lr, T_max=cfg.epochs * steps_per_epoch)
+        init_from(model, ckpt.resolve(cfg.init).with_suffix(ckpt.PARAMS), partial=cfg.init_partial)
+    steps = steps_per_epoch(len(train_idx), cfg)
+    schedule = paddle.optimizer.lr.CosineAnnealingDecay(cfg.lr, T_max=cfg.epochs * steps)
     optimizer = paddle.optimizer.Momentum(learning_rate=schedule, momentum=0.9, parameters=model.parameters(),
                                           weight_decay=cfg.weight_decay, multi_precision=amp == "O2")
     if amp == "O2":
         model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level="O2", master_weight=True)
     scaler = paddle.amp.GradScaler(enable=amp != "O0", init_loss_scaling=1024)
 
-    start_epoch = 1
+    start_epoch, last = 1, None
     if cfg.resume:
-        prefix = ckpt.resolve(cfg.resume)
-        meta = ckpt.read_meta(prefix)
-        model.set_state_dict(paddle.load(str(prefix.with_suffix(ckpt.PARAMS))))
-        optimizer.set_state_dict(paddle.load(str(prefix.with_suffix(ckpt.OPT))))
+        last = ckpt.resolve(cfg.resume)
+        meta = ckpt.read_meta(last)
+        model.set_state_dict(paddle.load(str(last.with_suffix(ckpt.PARAMS))))
+        optimizer.set_state_dict(paddle.load(str(last.with_suffix(ckpt.OPT))))
         if meta.get("grad_scaler"):
             scaler.load_state_dict(meta["grad_scaler"])
         start_epoch = int(meta.get("epoch", 0)) + 1
-        log.info("resumed from %s at epoch %d", prefix, start_epoch)
+        log.info("resumed from %s at epoch %d", last, start_epoch)
 
-    loader = paddle.io.DataLoader(ArrayDataset(train_split, cfg.mean, cfg.std), batch_size=cfg.batch_size,
-                                  shuffle=True, drop_last=True, num_workers=cfg.num_workers)
+    train_set = ImageDataset(source, cfg.input_size, cfg.mean, cfg.std, cfg.augment, cfg.seed)
+    order = Indices(train_idx, cfg.seed, shuffle=True)
+    train_data = loader(train_set, order, cfg.batch_size, True, cfg.num_workers)
+    eval_data = loader(ImageDataset(source, cfg.input_size, cfg.mean, cfg.std, None, cfg.seed), Indices(test_idx),
+                       EVAL_BATCH, False, cfg.num_workers)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    profiler = _profiler() if cfg.profile else None
-    last = ckpt.resolve(cfg.resume) if cfg.resume else None
+    profiler = _profiler(out / "profile") if cfg.profile else None
     model.train()
     for epoch in range(start_epoch, cfg.epochs + 1):
+        paddle.seed(epoch_seed(cfg.seed, epoch))
+        train_set.epoch = order.epoch = epoch  # before iter(): worker processes copy the dataset then
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress,
-                   leave=False)
-        for step, (x, y) in enumerate(loader):
-            if step >= steps_per_epoch:
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        for step, (x, y) in enumerate(train_data):
+            if step >= steps:
                 break
+            check_batch(y, source)
             with paddle.amp.auto_cast(enable=amp != "O0", level=amp if amp != "O0" else "O1"):
                 loss = F.cross_entropy(model(x), y)
             scaled = scaler.scale(loss)
@@ -157,7 +214,7 @@ def train(cfg: TrainConfig) -> Path:
             profiler.stop()
             profiler.summary(op_detail=False, thread_sep=False, time_unit="ms")
             profiler = None
-        accuracy = evaluate(model, val_split, cfg, amp)
+        accuracy = evaluate(model, eval_data, amp)
         elapsed = time.perf_counter() - t0
         log.info("epoch %d: loss %.4f, held-out accuracy %.4f, %.0f images/s", epoch,
                  loss_sum / max(1, seen), accuracy, seen / elapsed)
@@ -166,13 +223,16 @@ def train(cfg: TrainConfig) -> Path:
         paddle.save(optimizer.state_dict(), str(last.with_suffix(ckpt.OPT)))
         ckpt.write_meta(last, {
             "arch": cfg.arch, "num_classes": num_classes, "input_size": [cfg.input_size, cfg.input_size],
-            "mean": list(cfg.mean), "std": list(cfg.std), "labels": train_split.classes, "epoch": epoch,
+            "mean": list(cfg.mean), "std": list(cfg.std), "labels": list(source.classes), "epoch": epoch,
             "epochs": cfg.epochs, "eval_accuracy": accuracy, "amp": amp, "amp_requested": cfg.amp,
-            "dataset": cfg.data, "holdout": cfg.holdout, "seed": cfg.seed,
+            "dataset": cfg.data, "holdout": cfg.holdout, "seed": cfg.seed, "batch_size": cfg.batch_size,
+            "lr": cfg.lr, "weight_decay": cfg.weight_decay, "max_steps_per_epoch": cfg.max_steps_per_epoch,
+            "steps_per_epoch": steps, "augment": asdict(cfg.augment) if cfg.augment else None,
+            "init": str(cfg.init) if cfg.init else None,
             "grad_scaler": {k: _plain(v) for k, v in scaler.state_dict().items()} if amp != "O0" else {},
             "paddle_version": paddle.__version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
         })
-    if last is None:
+    if last is None or start_epoch > cfg.epochs:
         raise ValueError(f"nothing to train: resumed at epoch {start_epoch} of {cfg.epochs}")
     return last
 
@@ -188,11 +248,13 @@ def _plain(value):
     return value
 
 
-def _profiler():
-    """Profile steps 2-6 of the first epoch (skipping the slow first steps) and print Paddle's summary."""
+def _profiler(folder: Path):
+    """Profile steps 2-6 of the first epoch (skipping the slow first steps), print Paddle's summary and write the
+    Chrome trace under the run's output folder (never the working directory)."""
     import paddle.profiler as profiler
 
     targets = [profiler.ProfilerTarget.CPU] + ([profiler.ProfilerTarget.GPU] if gpu_available() else [])
-    prof = profiler.Profiler(targets=targets, scheduler=(2, 7), timer_only=False)
+    prof = profiler.Profiler(targets=targets, scheduler=(2, 7), timer_only=False,
+                             on_trace_ready=profiler.export_chrome_tracing(str(folder)))
     prof.start()
     return prof
