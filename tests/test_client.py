@@ -433,7 +433,7 @@ def test_cli_stream_writes_a_line_per_file_names_failures_and_exits_1(srv, clien
     assert summary["failed"] == [broken] and summary["skipped"] == [str(image_dir / "notes.txt")]
     assert summary["images"] == 17 and summary["ok"] == 16 and summary["errors"] == {"INVALID_ARGUMENT": 1}
     assert "it/s" not in r.stderr and "img/s" not in r.stderr  # stderr is a pipe here: no progress bar
-    # .bmp, .gif and .tiff are decoded by the client and give what the server gives for the same pixels as PNG
+    # .bmp and .gif (sent as they are) and .tiff (decoded by the client) give what their pixels give
     for suffix in ("bmp", "gif", "tiff"):
         (item,) = [i for i in items if i["image"].endswith(suffix)]
         pixels = np.asarray(Image.open(item["image"]).convert("RGB"))
@@ -526,7 +526,8 @@ def test_cli_info_and_health(srv, client) -> None:
     assert doc["labels"] == [f"digit_{i}" for i in range(10)]
     pre = doc["preprocessing"]
     assert pre["input_size"] == [SIZE, SIZE] and pre["mean"] == doc["mean"] and pre["std"] == doc["std"]
-    assert pre["color"] == "RGB" and pre["layout"] == "NCHW" and pre["formats"] == ["JPEG", "PNG", "WEBP"]
+    assert pre["color"] == "RGB" and pre["layout"] == "NCHW"
+    assert pre["formats"] == ["JPEG", "PNG", "WEBP", "GIF", "BMP"]
     text = run_cli("resnet-client", "info", "--target", srv.address)
     assert text.returncode == 0 and "0=digit_0, 1=digit_1" in text.stdout and "centre crop to 32x32" in text.stdout
     h = run_cli("resnet-client", "health", "--target", srv.address, "--wait", "30")
