@@ -105,6 +105,8 @@ def build_parser() -> Parser:
                       "one step each, e.g. 50,100")
     b.add_argument("--warmup", type=float, default=1.0, metavar="S", help="seconds of warm-up per step")
     b.add_argument("--duration", type=float, default=5.0, metavar="S", help="measured seconds per step")
+    b.add_argument("--requests", type=int, default=0, metavar="N",
+                   help="closed loop: measure exactly N requests per step instead of --duration seconds")
     b.add_argument("--streams", type=int, default=1, help="streams per process in --mode stream")
     b.add_argument("--processes", type=int, default=1, help="client processes sharing the load (for ceilings)")
     b.add_argument("--protocol", choices=("classifier", "oip"), default="classifier",
@@ -431,6 +433,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise BadInput("--duration must be positive and --warmup non-negative")
     if args.streams < 1 or args.processes < 1:
         raise BadInput("--streams and --processes must be at least 1")
+    if args.requests < 0 or (args.requests and rates):
+        raise BadInput("--requests must be positive and goes with --concurrency, not --rate")
     if args.protocol == "oip" and not args.model:
         raise BadInput("--protocol oip needs --model NAME")
     data = read_input_data(args.input_data) if args.input_data is not None else []
@@ -449,7 +453,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         input_hw = (int(info.input_shape[1]), int(info.input_shape[2]))
     config = loadgen.LoadConfig(
         target=target, mode=args.mode, input=kind, concurrency=concurrency, rates=rates,
-        warmup_s=args.warmup, duration_s=args.duration, streams=args.streams, processes=args.processes,
+        warmup_s=args.warmup, duration_s=args.duration, requests=args.requests, streams=args.streams,
+        processes=args.processes,
         top_k=args.top_k, timeout_s=30.0 if args.timeout is None else args.timeout,
         input_hw=input_hw, options=options_from(args), protocol=args.protocol, model=args.model,
         input_data=tuple(data))
@@ -458,10 +463,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             loadgen.payloads(kind, input_hw, data=data)
         except (OSError, ValueError) as e:
             raise BadInput(f"--input-data {args.input_data}: an image cannot be decoded ({type(e).__name__})") from None
-    total = len(config.steps()) * (args.warmup + args.duration)
     source = f"{len(data)} image(s) from {args.input_data}" if data else "generated pictures"
-    print(f"bench: {len(config.steps())} step(s) of {args.warmup:g} s warm-up + {args.duration:g} s, about "
-          f"{total:.0f} s; input {kind}, {source}", file=sys.stderr)
+    if args.requests:
+        length = f"{args.requests} requests"
+    else:
+        length = f"{args.duration:g} s, about {len(config.steps()) * (args.warmup + args.duration):.0f} s"
+    print(f"bench: {len(config.steps())} step(s) of {args.warmup:g} s warm-up + {length}; input {kind}, {source}",
+          file=sys.stderr)
     # Each step's row as soon as it ends: on stdout for the table, on stderr beside --json's one document.
     rows = sys.stderr if args.json else sys.stdout
     print(loadgen.format_header(), file=rows, flush=True)

@@ -9,6 +9,9 @@ Each step warms up, then measures a window [start, end). Accounting, so totals m
   window (nothing is sent at or after `end`; the step then waits for every outstanding answer);
 - `images_per_s`: successful answers *received* inside the window / the window's length;
 - latency percentiles and `errors` (by gRPC code): over the requests sent inside the window.
+With `requests` set (closed loop only), a step measures exactly that many requests instead of a duration: the
+window runs from `start` to the last answer, and every successful answer to a measured request counts, so
+nothing depends on how much work fits in a time window (what tests use).
 
 Requests are serialised once up front (a request id is appended as an extra protobuf field), and responses of
 unary calls are not even parsed, so the generator stays cheap; `processes` > 1 splits the load over several
@@ -56,6 +59,7 @@ class LoadConfig:
     rates: Sequence[float] = ()  # non-empty: open loop at these images/s instead of the concurrency sweep
     warmup_s: float = 1.0
     duration_s: float = 5.0
+    requests: int = 0  # > 0: each step measures exactly this many requests (closed loop), not a duration
     streams: int = 1  # streams per process in stream mode
     processes: int = 1
     top_k: int = 0
@@ -86,6 +90,8 @@ class LoadConfig:
             raise ValueError("rates must be positive")
         if self.duration_s <= 0 or self.warmup_s < 0:
             raise ValueError("duration must be positive and warm-up non-negative")
+        if self.requests < 0 or (self.requests and self.rates):
+            raise ValueError("requests must be positive and needs the closed loop (concurrency), not rates")
         if self.streams < 1 or self.processes < 1:
             raise ValueError("streams and processes must be at least 1")
 
@@ -114,11 +120,19 @@ class Samples:
 
 
 class Recorder:
-    """Sorts each request into warm-up or measured by its send time, and each answer into the window or not."""
+    """Sorts each request into warm-up or measured by its send time, and each answer into the window or not.
+    With `limit`, the window is `limit` measured requests, however long they take."""
 
-    def __init__(self, start: float, end: float):
-        self.start, self.end = start, end
-        self.s = Samples(window_s=end - start)
+    def __init__(self, start: float, end: float, limit: int = 0):
+        self.start, self.end, self.limit = start, end, limit
+        self.s = Samples(window_s=0.0 if limit else end - start)
+        self.last_done = start
+
+    def open(self, t: float) -> bool:
+        """May a request be sent at t? (Closed loop: the caller then calls sent(t) before any await.)"""
+        if self.limit:
+            return t < self.start or self.s.requests < self.limit
+        return t < self.end
 
     def sent(self, t: float) -> None:
         if t < self.start:
@@ -127,7 +141,12 @@ class Recorder:
             self.s.requests += 1
 
     def done(self, t_sent: float, t_done: float, code: str | None) -> None:
-        if code is None and self.start <= t_done < self.end:
+        if self.limit:
+            if code is None and t_sent >= self.start:
+                self.s.ok_in_window += 1
+                self.last_done = max(self.last_done, t_done)
+                self.s.window_s = self.last_done - self.start
+        elif code is None and self.start <= t_done < self.end:
             self.s.ok_in_window += 1
         if t_sent >= self.start:
             if code is None:
@@ -209,8 +228,9 @@ def with_id(payload: bytes, request_id: str) -> bytes:
 class StepRunner:
     """Runs steps on one grpc.aio channel; `load` is this process's share (concurrency or rate)."""
 
-    def __init__(self, config: LoadConfig, seed: int = 0):
+    def __init__(self, config: LoadConfig, seed: int = 0, requests: int = 0):
         self.config = config
+        self.requests = requests  # this process's share of config.requests
         self.payloads = payloads(config.input, config.input_hw, config.top_k, seed=seed, data=config.input_data)
         self.rng = random.Random(seed)
         self.channel: grpc.aio.Channel = open_channel(grpc.aio, target_string(config.target), config.options)
@@ -230,7 +250,8 @@ class StepRunner:
         if load <= 0:
             return Samples(window_s=self.config.duration_s)
         now = time.perf_counter()
-        rec = Recorder(now + self.config.warmup_s, now + self.config.warmup_s + self.config.duration_s)
+        rec = Recorder(now + self.config.warmup_s, now + self.config.warmup_s + self.config.duration_s,
+                       self.requests if kind == "concurrency" else 0)
         if kind == "rate":
             await self._open_loop(rec, load)
         elif self.config.mode == "unary":
@@ -249,7 +270,7 @@ class StepRunner:
         rec.done(t0, time.perf_counter(), code)
 
     async def _unary_worker(self, rec: Recorder) -> None:
-        while (t0 := time.perf_counter()) < rec.end:
+        while rec.open(t0 := time.perf_counter()):
             await self._one_unary(rec, t0)
 
     async def _closed_streams(self, rec: Recorder, concurrency: int) -> None:
@@ -262,7 +283,7 @@ class StepRunner:
             async def next_send() -> float | None:
                 await slots.acquire()
                 t = time.perf_counter()
-                return t if t < rec.end else None
+                return t if rec.open(t) else None
 
             await self._stream(rec, next_send, slots.release)
 
@@ -315,7 +336,7 @@ class StepRunner:
                 for t0 in sent_at.values():
                     rec.done(t0, now, code)
                     on_answer()
-                more = now < rec.end
+                more = rec.open(now)
 
     async def _write(self, call: Any, rec: Recorder, sent_at: dict[str, float],
                      next_send: Callable[[], Awaitable[float | None]]) -> bool:
@@ -334,12 +355,13 @@ class StepRunner:
 async def _run_steps(config: LoadConfig, share: Callable[[str, float], float], seed: int,
                      before_step: Callable[[], Awaitable[None]] | None = None,
                      after_step: Callable[[Samples], None] = lambda s: None) -> list[Samples]:
+    requests = int(share("concurrency", config.requests))  # this process's part of a request-bounded step
     if config.protocol == "oip":
         from .oip_bench import OIPStepRunner
 
-        runner: StepRunner = OIPStepRunner(config, seed)
+        runner: StepRunner = OIPStepRunner(config, seed, requests)
     else:
-        runner = StepRunner(config, seed)
+        runner = StepRunner(config, seed, requests)
     try:
         out = []
         for kind, load in config.steps():

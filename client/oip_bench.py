@@ -76,8 +76,9 @@ async def model_facts(target: str, model: str, options: ChannelOptions) -> tuple
 class OIPStepRunner(StepRunner):
     """StepRunner's steps (closed loop, open loop, streams) with ModelInfer / ModelStreamInfer calls."""
 
-    def __init__(self, config: LoadConfig, seed: int = 0):  # no super().__init__: no classifier.v1 channel
+    def __init__(self, config: LoadConfig, seed: int = 0, requests: int = 0):  # no super().__init__: no v1 channel
         self.config = config
+        self.requests = requests
         self.inputs = infer_inputs(config.input, config.input_hw, seed=seed, data=config.input_data)
         self.rng = random.Random(seed)
         self.client = new_client(config.target, config.options)
@@ -124,7 +125,7 @@ class OIPStepRunner(StepRunner):
                 for t0 in sent_at.values():
                     rec.done(t0, now, code)
                     on_answer()
-                more = now < rec.end
+                more = rec.open(now)
 
     async def _requests(self, rec: Recorder, sent_at: dict[str, float],
                         next_send: Callable[[], Awaitable[float | None]]) -> AsyncIterator[dict[str, Any]]:

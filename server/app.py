@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from resnet_serve.modeldir import MANIFEST, ModelDirError, list_versions, resolve_version_dir
+from resnet_serve.modeldir import ModelDirError, list_versions, resolve_version_dir
 from resnet_serve.protos import classifier_pb2, classifier_pb2_grpc
 
 from . import serving_model
@@ -88,6 +89,8 @@ class AdminService(classifier_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except ReloadRefused as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except OSError as e:  # the model folder itself cannot be read
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot read the model folder: {e}")
         return classifier_pb2.ReloadModelResponse(version=self.server.model.version, changed=changed,
                                                   message=message)
 
@@ -142,7 +145,7 @@ class Server:
         self._draining = False
         self._engine_ok = True
         self._reload_lock = asyncio.Lock()
-        self._refused: dict[Path, float] = {}  # version dir -> manifest mtime when it was refused
+        self._refused: dict[Path, tuple] = {}  # version dir -> its files' fingerprint when it was refused
         self._tasks: set[asyncio.Task] = set()
         self._live: tuple[LoadedModel, ...] = ()  # serving + retiring versions (both during a reload)
         # Computed at scrape time over every live batcher, so a reload's two batchers never overwrite each other.
@@ -298,11 +301,11 @@ class Server:
             if target.resolve() == self.model.version_dir.resolve():
                 return False, f"already serving version {self.model.version}"
             log.info("reload: loading %s while version %s keeps serving", target, self.model.version)
+            seen = fingerprint(target)  # before loading: a copy that completes meanwhile changes it
             try:
                 new = await self._load(target)
             except Exception as e:
-                mtime = (target / MANIFEST).stat().st_mtime if (target / MANIFEST).exists() else 0.0
-                self._refused[target] = mtime
+                self._refused[target] = seen
                 log.error("reload: refused %s, version %s keeps serving: %s", target, self.model.version, e)
                 raise ReloadRefused(f"version at {target} failed to load: {e}") from e
             old = self.model
@@ -317,9 +320,9 @@ class Server:
         if not versions or self.model is None or versions[-1] <= int(self.model.version):
             return None
         target = self.model_dir / str(versions[-1])
-        refused_at = self._refused.get(target)
-        if refused_at is not None and refused_at == (target / MANIFEST).stat().st_mtime:
-            return None  # already refused and unchanged since
+        refused = self._refused.get(target)
+        if refused is not None and refused == fingerprint(target):
+            return None  # already refused, and none of its files changed since
         return versions[-1]
 
     async def _poll(self) -> None:
@@ -328,11 +331,18 @@ class Server:
             await asyncio.sleep(self.settings.poll_interval_s)
             await self.check_for_new_version()
 
-    async def check_for_new_version(self) -> None:
-        newer = self._newer_version()
-        if newer is not None:
-            with contextlib.suppress(ReloadRefused, ModelDirError):
-                await self.reload(newer)
+    async def check_for_new_version(self, retry_refused: bool = False) -> None:
+        """Load the highest version if it is newer (poller and SIGHUP). Never raises: a failed check is logged
+        and the next one runs. `retry_refused` (SIGHUP: the operator asks) also retries an unchanged refusal."""
+        try:
+            if retry_refused:
+                self._refused.clear()
+            newer = self._newer_version()
+            if newer is not None:
+                with contextlib.suppress(ReloadRefused, ModelDirError):  # logged by reload()
+                    await self.reload(newer)
+        except Exception:
+            log.exception("looking for a new model version failed; the current version keeps serving")
 
     def _close_metrics_http(self) -> None:
         if self._metrics_http is not None:
@@ -350,8 +360,8 @@ class Server:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
         async with self._reload_lock:
-            if self.model is not None:
-                await self.model.retire()
+            if self.model is not None:  # bounded: a hung worker is killed after the grace (plus a second)
+                await self.model.retire(timeout=max(0.0, t0 + grace - time.perf_counter()) + 1.0)
         if hasattr(self, "_loader") and not self._loader.done():
             self._loader.cancel()
         for task in list(self._tasks):
@@ -359,6 +369,16 @@ class Server:
         self.pool.shutdown()
         self._close_metrics_http()
         log.info("stopped after a %.2f s drain", time.perf_counter() - t0)
+
+
+def fingerprint(version_dir: Path) -> tuple:
+    """(name, size, mtime) of every entry of a version folder: a refused version is retried once any changes."""
+    try:
+        with os.scandir(version_dir) as entries:
+            return tuple(sorted((e.name, st.st_size, st.st_mtime_ns) for e in entries
+                                for st in [e.stat(follow_symlinks=False)]))
+    except OSError:
+        return ()
 
 
 async def run(settings: Settings) -> int:
@@ -370,7 +390,7 @@ async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: server._spawn(server.check_for_new_version()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: server._spawn(server.check_for_new_version(retry_refused=True)))
     await server.start()
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({stopper, server._loader}, return_when=asyncio.FIRST_COMPLETED)

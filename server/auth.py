@@ -21,11 +21,23 @@ OIP_PROBES = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInfe
 
 
 def load_tokens(token_file: str = "", environ: dict[str, str] | None = None) -> list[str]:
+    """Every configured token. A source that is configured but yields none raises ValueError: serving without
+    auth because a file held only a comment (or was missing) would silently open every method."""
     environ = os.environ if environ is None else environ
-    tokens = [t.strip() for t in environ.get(TOKENS_ENV, "").split(",") if t.strip()]
+    tokens = []
+    if TOKENS_ENV in environ:
+        tokens = [t.strip() for t in environ[TOKENS_ENV].split(",") if t.strip()]
+        if not tokens:
+            raise ValueError(f"{TOKENS_ENV} is set but holds no token; unset it to serve without auth")
     if token_file:
-        tokens += [line.strip() for line in Path(token_file).read_text().splitlines()
-                   if line.strip() and not line.startswith("#")]
+        try:
+            text = Path(token_file).read_text()
+        except OSError as e:
+            raise ValueError(f"auth token file {token_file}: {e.strerror or e}") from e
+        from_file = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+        if not from_file:
+            raise ValueError(f"auth token file {token_file} holds no token (one per line, # comments)")
+        tokens += from_file
     return tokens
 
 

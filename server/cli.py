@@ -13,8 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     from .settings import load_settings
 
     setup_logging()
+    from .auth import load_tokens
+
     try:
         settings = load_settings(argv)
+        load_tokens(settings.auth_token_file)  # a configured token source that yields no token: refuse now
     except (ValueError, OSError) as e:
         return fail(str(e))
     quiet_frameworks(settings.verbose)  # before the engine workers (where Paddle runs) are started

@@ -11,7 +11,9 @@ Failure semantics:
 - the worker dies while it holds a batch: ``WorkerDied`` for that batch (never a hang: the wait watches
   the pipe and the process sentinel together), and the instance restarts in the background;
 - a worker that dies while idle is noticed by a watcher thread and restarted without failing anything;
-  a runner called while its instance restarts waits for it (at most ``start_timeout_s``).
+  a runner called while its instance restarts waits for it (at most ``start_timeout_s``);
+- a worker that holds a batch longer than the batch time limit (hung: deadlocked, SIGSTOPped, swapping) is
+  killed and replaced, and that batch fails with ``WorkerDied``: no request waits on a worker forever.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ from resnet_serve.server.predictor_config import plan_config
 from resnet_serve.server.worker import shm_bytes, shm_views, worker_main
 
 STOP_TIMEOUT_S = 10.0
+STOP_GRACE_S = 3.0  # close(): how long an idle worker gets to exit on ("stop",) before it is killed
+# Default batch time limit: this many times the slowest worker's warm-up of every bucket (a TensorRT engine built
+# at its first run is built then, so a cold build makes it longer), and never less than the floor.
+BATCH_LIMIT_WARMUPS = 10.0
+BATCH_LIMIT_FLOOR_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class EngineConfig:
     trt_cache_dir: Path | None = None
     start_timeout_s: float = 300.0  # per worker start, TensorRT builds included (settings.worker_start_timeout_s)
     gpus: tuple[int, ...] = ()  # GPU device: instance i runs on gpus[i % len(gpus)] (CUDA_VISIBLE_DEVICES)
+    batch_time_limit_s: float = 0.0  # > 0: fixed; 0: derived from the warm-up timings once started
 
 
 class EngineError(RuntimeError):
@@ -105,6 +113,7 @@ class Engine:
 
         self.load_seconds: float = 0.0
         self.warmup_seconds: float = 0.0
+        self.batch_time_limit_s: float = cfg.batch_time_limit_s or BATCH_LIMIT_FLOOR_S  # set by start()
         self.input_name: str = self.manifest.input_name
         self.output_name: str = ""
         self.build_info: dict[str, Any] = {}  # what the first worker built (GPU: engine, precision built, cache)
@@ -145,13 +154,17 @@ class Engine:
         except BaseException:
             self.close()
             raise
+        self.batch_time_limit_s = self.cfg.batch_time_limit_s or max(BATCH_LIMIT_FLOOR_S,
+                                                                     BATCH_LIMIT_WARMUPS * self.warmup_seconds)
         self._watcher = threading.Thread(target=self._watch, name="engine-watcher", daemon=True)
         self._watcher.start()
 
-    def close(self) -> None:
-        """Stop every worker (stop message, join, terminate if needed) and unlink the shared memory.
+    def close(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop every worker (stop message, up to ``grace_s`` to exit, then SIGKILL) and unlink the shared memory.
 
-        Idempotent. Explicit because Paddle's SIGTERM handler makes killing workers at exit noisy.
+        Idempotent. Bounded whatever the workers do (a hung or SIGSTOPped worker ignores "stop" and SIGTERM; a
+        batch it held then fails with WorkerDied). Explicit because Paddle's SIGTERM handler makes killing
+        workers at exit noisy.
         """
         with self._cond:
             if self._closed:
@@ -162,13 +175,15 @@ class Engine:
             self._cond.notify_all()
         self._wake()
         for inst in self._instances:
-            self._stop_process(inst.proc, inst.conn)
+            self._send_stop(inst.conn)
+        for inst in self._instances:
+            self._stop_process(inst.proc, inst.conn, grace_s)
         for inst in self._instances:
             t = inst.restart_thread
             if t is not None and t is not threading.current_thread():
                 t.join(STOP_TIMEOUT_S)
             # A restart that raced with close may have spawned another process: stop it too.
-            self._stop_process(inst.proc, inst.conn)
+            self._stop_process(inst.proc, inst.conn, grace_s)
         if self._watcher is not None:
             self._watcher.join(STOP_TIMEOUT_S)
         for inst in self._instances:
@@ -292,14 +307,23 @@ class Engine:
             self.call_log.append((inst.index, int(msg[1])))
         if self._before_send is not None:
             self._before_send(inst.index)
+        limit = self.batch_time_limit_s
         try:
             conn.send(msg)
+            deadline = time.monotonic() + limit
             while True:
-                ready = wait([conn, proc.sentinel], timeout=1.0)
+                remaining = deadline - time.monotonic()
+                ready = wait([conn, proc.sentinel], timeout=max(0.0, min(1.0, remaining)))
                 if conn in ready or conn.poll():
                     return conn.recv()
                 if ready or not proc.is_alive():
                     break
+                if remaining <= 0:
+                    proc.kill()  # SIGKILL: also ends a SIGSTOPped process
+                    self._emit("hung", inst.index)
+                    self._on_death(inst, proc)
+                    raise WorkerDied(f"worker {inst.index} (pid {proc.pid}) exceeded the batch time limit of "
+                                     f"{limit:g} s; it was killed and is being replaced")
         except (EOFError, OSError):
             pass
         self._on_death(inst, proc)
@@ -352,16 +376,18 @@ class Engine:
         self.warmup_seconds = max(self.warmup_seconds, float(warm_s))
         self.input_name, self.output_name = input_name, output_name
 
-    def _stop_process(self, proc: Any, conn: Connection | None) -> None:
-        if proc is None:
-            return
+    @staticmethod
+    def _send_stop(conn: Connection | None) -> None:
         if conn is not None:
             with contextlib.suppress(OSError, ValueError):
                 conn.send(("stop",))
-        proc.join(STOP_TIMEOUT_S)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(STOP_TIMEOUT_S)
+
+    def _stop_process(self, proc: Any, conn: Connection | None, grace_s: float = STOP_GRACE_S) -> None:
+        """("stop",), up to grace_s to exit, then SIGKILL (SIGTERM would wait for a SIGSTOPped worker)."""
+        if proc is None:
+            return
+        self._send_stop(conn)
+        proc.join(grace_s)
         if proc.is_alive():
             proc.kill()
             proc.join()

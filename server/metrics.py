@@ -87,6 +87,9 @@ class Metrics:
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests waiting in the batch queue", registry=r)
         self.in_flight = Gauge(f"{PREFIX}_in_flight_requests",
                                "Image requests accepted and not yet answered (queued or computing)", registry=r)
+        self.stream_items = Gauge(f"{PREFIX}_stream_items_held",
+                                  "Stream items read and whose answer is not sent yet, over all streams (at most "
+                                  "max_stream_in_flight per stream)", registry=r)
         self.preprocess_queue = Gauge(f"{PREFIX}_preprocess_queue_depth",
                                       "Images waiting for a preprocess (decode) thread or being preprocessed",
                                       registry=r)

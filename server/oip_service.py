@@ -416,7 +416,8 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
             self._record("ModelStreamInfer", grpc.StatusCode.OK, t0, response.infer_response.model_version)
             return response
 
-        async for response in answer_each(request_iterator, one, self.server.settings.max_stream_in_flight):
+        async for response in answer_each(request_iterator, one, self.server.settings.max_stream_in_flight,
+                                             self.server.metrics.stream_items):
             yield response
 
 

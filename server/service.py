@@ -186,7 +186,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             self._record("ClassifyStream", code, t0, version)
             return response
 
-        async for response in answer_each(request_iterator, handle, self.max_stream_in_flight):
+        async for response in answer_each(request_iterator, handle, self.max_stream_in_flight,
+                                             self.metrics.stream_items):
             yield response
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

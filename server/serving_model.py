@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +45,24 @@ class LoadedModel:
         return {"name": m.name, "version": m.version, "precision": m.precision, "device": m.device,
                 "engine": m.engine, "architecture": m.architecture}
 
-    async def retire(self) -> None:
-        """Let every call that entered finish, then stop the batcher and the workers."""
+    async def retire(self, timeout: float | None = None) -> None:
+        """Let every call that entered finish, then stop the batcher and the workers. After `timeout` seconds
+        (shutdown), stop waiting: what is still queued or computing fails, and the workers are killed at once,
+        so a hung worker never holds up the exit."""
+        try:
+            await asyncio.wait_for(self._drain(), timeout)
+            grace = None
+        except asyncio.TimeoutError:
+            log.warning("retiring version %s: calls still running after %.1f s; killing its workers",
+                        self.version, timeout)
+            grace = 0.0
+        await self.batcher.stop()
+        close = self.engine.close if grace is None else partial(self.engine.close, grace)
+        await asyncio.get_running_loop().run_in_executor(None, close)
+
+    async def _drain(self) -> None:
         await self.pipeline.wait_idle()
         await self.batcher.drain()
-        await self.batcher.stop()
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
 
 def log_build(info: dict, asked: str) -> str:
@@ -76,16 +89,18 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
     s = settings
     # What actually computes the answers (an int8 export runs int8; --engine overrides the manifest's engine):
     # the same values configure the workers and are reported by GetModelInfo and the info metric.
-    manifest = load_manifest(version_dir)
+    loop = asyncio.get_running_loop()
+    # Hashing the parameters takes a while: off the event loop. A mismatch raises ModelDirError (refused).
+    manifest = await loop.run_in_executor(None, partial(load_manifest, version_dir, verify_checksums=True))
     precision, engine_name = (effective_precision(s.precision, manifest),
                               effective_engine(s.engine, manifest, s.device))
     engine = Engine(EngineConfig(version_dir=version_dir, instances=s.instances,
                                  threads_per_instance=s.threads_per_instance, device=s.device, precision=precision,
                                  engine=engine_name, max_batch_size=s.max_batch_size, buckets=s.bucket_sizes(),
                                  trt_cache_dir=Path(s.trt_cache_dir) if s.trt_cache_dir else None,
-                                 start_timeout_s=s.worker_start_timeout_s, gpus=s.gpu_ids()))
+                                 start_timeout_s=s.worker_start_timeout_s, gpus=s.gpu_ids(),
+                                 batch_time_limit_s=s.batch_time_limit_s))
     engine.on_worker_event = on_worker_event
-    loop = asyncio.get_running_loop()
     try:
         await loop.run_in_executor(None, engine.start)
     except BaseException:
@@ -106,6 +121,7 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
         mean=tuple(m.mean), std=tuple(m.std))
     preprocessor = Preprocessor(tuple(m.input_size), s.max_pixels, s.max_aspect_ratio)
     pipeline = Pipeline(batcher, preprocessor, engine.labels, model, metrics, pool)
-    log.info("loaded %s v%s (%s) from %s: load %.2f s, warm-up %.2f s of buckets %s", m.name, m.version,
-             m.architecture, version_dir, engine.load_seconds, engine.warmup_seconds, list(s.bucket_sizes()))
+    log.info("loaded %s v%s (%s) from %s: load %.2f s, warm-up %.2f s of buckets %s; batch time limit %.1f s",
+             m.name, m.version, m.architecture, version_dir, engine.load_seconds, engine.warmup_seconds,
+             list(s.bucket_sizes()), engine.batch_time_limit_s)
     return LoadedModel(version_dir, engine, batcher, pipeline)

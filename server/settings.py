@@ -62,6 +62,9 @@ class Settings:
     auth_exempt_health: bool = True  # health checks and reflection without a token (probes, load balancers)
     poll_interval_s: float = 0.0  # > 0: look for a newer model version this often and switch to it
     unhealthy_after_failures: int = 5  # consecutive failed batches that turn health NOT_SERVING
+    # A worker holding one batch longer than this is killed and replaced (its requests get UNAVAILABLE).
+    # 0: derived from the warm-up, 10 x the time to warm every bucket and at least 30 s.
+    batch_time_limit_s: float = 0.0
     verbose: bool = False  # -v: Paddle's own log lines and warnings too (framework chatter is hidden by default)
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -110,6 +113,8 @@ class Settings:
             raise ValueError(f"port must be 0..65535 (0: a free one), not {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0..65535 (0: a free one, -1: off), not {self.metrics_port}")
+        if self.batch_time_limit_s < 0:
+            raise ValueError("batch_time_limit_s must be >= 0 (0: derived from the warm-up)")
         if not self.max_aspect_ratio >= 1:
             raise ValueError("max_aspect_ratio must be at least 1")
         if self.max_queue_delay_us < 0:
@@ -189,6 +194,8 @@ HELP = {
     "worker_start_timeout_s": "seconds one worker may take to load, build TensorRT engines and warm",
     "preprocess_threads": "threads decoding and resizing images",
     "max_message_bytes": "largest gRPC message accepted or sent",
+    "batch_time_limit_s": "kill and replace a worker holding one batch longer than this (its requests: "
+                          "UNAVAILABLE)",
     "max_pixels": "pixels decoded per image (a JPEG's after reduced-scale decoding); beyond: INVALID_ARGUMENT",
     "max_aspect_ratio": "longer / shorter side of an image; beyond: INVALID_ARGUMENT",
     "max_preprocess_queue": "images waiting for or in a preprocess thread; beyond: RESOURCE_EXHAUSTED",

@@ -5,33 +5,52 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 _END = object()
 
 
-async def answer_each(requests: AsyncIterator, handle: Callable[..., Awaitable], window: int) -> AsyncIterator:
-    """Handle every item of a request stream concurrently (at most `window` at once; beyond it, stop reading:
-    HTTP/2 flow control pushes back) and yield each answer as soon as it is ready. `handle` returns exactly one
-    answer per item (errors as values), so every item read is answered once; a transport failure while reading
-    ends the stream with that error after nothing else is pending."""
-    out: asyncio.Queue = asyncio.Queue()
+class HeldGauge(Protocol):
+    """Counts the items held over all streams (a Prometheus Gauge fits)."""
+
+    def inc(self, amount: float = 1) -> None: ...
+
+    def dec(self, amount: float = 1) -> None: ...
+
+
+async def answer_each(requests: AsyncIterator, handle: Callable[..., Awaitable], window: int,
+                      held: HeldGauge | None = None) -> AsyncIterator:
+    """Handle every item of a request stream concurrently and yield each answer as soon as it is ready.
+
+    An item is held from the moment it is read until its answer has been *sent* (the consumer came back for
+    the next one after the yield: grpc.aio resumes us only once the write went out, which HTTP/2 flow control
+    delays while the client reads nothing). At most `window` items are held; beyond that the stream is not
+    read, so a client that sends without reading is held back by flow control and the server keeps at most
+    `window` requests and answers of it. `handle` returns exactly one answer per item (errors as values), so
+    every item read is answered once; a transport failure while reading ends the stream with that error after
+    nothing else is pending. `held` (optional) counts the held items."""
+    out: asyncio.Queue = asyncio.Queue()  # at most `window` answers: each one holds a slot until sent
     slots = asyncio.Semaphore(window)
     items: set[asyncio.Task] = set()
     read_count = 0
+    holding = 0  # read and not yet sent (what `held` counts for this stream)
 
     async def one(request) -> None:
-        try:
-            answer = await handle(request)
-        finally:
-            slots.release()
-        out.put_nowait(answer)
+        out.put_nowait(await handle(request))
 
     async def read() -> None:
-        nonlocal read_count
+        nonlocal read_count, holding
         try:
-            async for request in requests:
-                await slots.acquire()
+            while True:
+                await slots.acquire()  # before reading: an item waiting for a slot would be one more held
+                try:
+                    request = await anext(requests)
+                except StopAsyncIteration:
+                    break
                 read_count += 1
+                holding += 1
+                if held is not None:
+                    held.inc()
                 task = asyncio.create_task(one(request))
                 items.add(task)
                 task.add_done_callback(items.discard)
@@ -51,8 +70,14 @@ async def answer_each(requests: AsyncIterator, handle: Callable[..., Awaitable],
             else:
                 answered += 1
                 yield answer
+                holding -= 1  # sent: its slot may take the next item
+                if held is not None:
+                    held.dec()
+                slots.release()
     finally:
         reader.cancel()
         for task in list(items):
             task.cancel()
         await asyncio.gather(reader, *items, return_exceptions=True)
+        if held is not None and holding:
+            held.dec(holding)

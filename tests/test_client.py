@@ -572,8 +572,9 @@ def requests_total(srv: InProcessServer, method: str) -> float:
 def test_bench_json_and_request_count_match_the_server(srv, mode: str, extra: list[str]) -> None:
     method = {"unary": "Classify", "stream": "ClassifyStream"}[mode]
     before = requests_total(srv, method)
-    r = run_cli("resnet-client", "bench", "--target", srv.address, "--mode", mode, "--warmup", "0.3",
-                "--duration", "0.7", "--json", *extra)
+    # A request-bounded run: what is asserted never depends on how much work fits in a time window.
+    r = run_cli("resnet-client", "bench", "--target", srv.address, "--mode", mode, "--warmup", "0",
+                "--requests", "12", "--json", *extra)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     steps = doc["steps"]
@@ -581,11 +582,17 @@ def test_bench_json_and_request_count_match_the_server(srv, mode: str, extra: li
     for s in steps:
         assert {"concurrency", "rate", "mode", "input", "duration_s", "requests", "warmup_requests", "images_per_s",
                 "latency_ms", "errors"} <= set(s)
-        assert s["mode"] == mode and s["errors"] == {} and s["requests"] > 0 and s["images_per_s"] > 0
+        assert s["mode"] == mode and s["errors"] == {} and (s["requests"], s["warmup_requests"]) == (12, 0)
+        assert s["images_per_s"] > 0 and s["duration_s"] > 0
         assert set(s["latency_ms"]) == {"p50", "p90", "p99", "max"}
         assert 0 < s["latency_ms"]["p50"] <= s["latency_ms"]["p90"] <= s["latency_ms"]["p99"] <= s["latency_ms"]["max"]
     sent = sum(s["requests"] + s["warmup_requests"] for s in steps)
     assert requests_total(srv, method) - before == sent
+
+
+def test_bench_requests_goes_with_the_closed_loop_only(srv) -> None:
+    r = run_cli("resnet-client", "bench", "--target", srv.address, "--rate", "10", "--requests", "5")
+    assert r.returncode == 2 and "--requests" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bench_open_loop_counts_match_the_server(srv) -> None:

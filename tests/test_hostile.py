@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import start_subprocess_server, wait_for
+from harness import scrape, start_subprocess_server, wait_for
 from PIL import Image
 from tritonclient.grpc import service_pb2 as oip
 
@@ -51,6 +52,12 @@ class Target:
     address: str
     channel: grpc.Channel
     log_lines: list[str] = field(default_factory=list)  # the server's stderr, line by line
+    metrics_port: int = 0
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples whose labels include `labels`, from the server's /metrics."""
+        return sum(v for (n, ls), v in scrape(self.metrics_port).items()
+                   if n == name and labels.items() <= dict(ls).items())
 
     def unary(self, method: str) -> Callable:
         """A raw-bytes unary callable: payloads are serialised before the attack runs."""
@@ -116,7 +123,7 @@ class Baseline:
 @pytest.fixture(scope="module")
 def target(tiny_model_dir: Path):
     proc, ports = start_subprocess_server("--model-dir", str(tiny_model_dir), "--threads-per-instance", "1",
-                                          "--metrics-port", "-1", env={"RESNET_SERVE_AUTH_TOKENS": TOKEN})
+                                          env={"RESNET_SERVE_AUTH_TOKENS": TOKEN})
     lines: list[str] = []
 
     def read(stream) -> None:  # drained, or the server would block on a full pipe
@@ -130,7 +137,7 @@ def target(tiny_model_dir: Path):
     channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 * MB)])
     try:
         wait_for(lambda: _serving(channel), timeout=300, what="the server SERVING")
-        yield Target(proc, address, channel, lines)
+        yield Target(proc, address, channel, lines, ports["metrics_port"])
     finally:
         channel.close()
         proc.terminate()
@@ -312,9 +319,48 @@ def garbage_flood(target: Target) -> Callable[[], None]:
     return fire
 
 
+def stream_that_never_reads(target: Target) -> Callable[[], None]:
+    """Defect 2: a ClassifyStream client sends 2,000 items and reads no answer. The server holds at most
+    --max-stream-in-flight (128) of them, unsent answers included, then stops reading (HTTP/2 flow control holds
+    the client): seen on /metrics as 128 items held while far fewer than 2,000 were answered. Once the client
+    reads, every item is answered exactly once (each is a bad tensor, answered in-stream; the stream goes on)."""
+    items, window = 2000, 128
+    bad = pb.ClassifyRequest(request_id="x" * 1000, tensor=pb.Tensor(dtype=pb.Tensor.UINT8, shape=[32, 32, 3],
+                                                                      data=b"\0" * 3000)).SerializeToString()
+
+    def requests():
+        for _ in range(items):
+            yield bad
+
+    def fire() -> None:
+        def answered() -> float:
+            return target.metric("resnet_serve_requests_total", method="ClassifyStream")
+
+        before = answered()
+        # A fixed 64 KB receive window on this client: its transport fills after some 60 answers.
+        with grpc.insecure_channel(target.address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+            call = channel.stream_stream(CLASSIFY_STREAM)(requests(), metadata=AUTH, timeout=300)
+            try:
+                held = 0.0
+                for _ in range(1200):  # polled gently (a scrape takes the server's GIL): up to about 60 s
+                    if (held := target.metric("resnet_serve_stream_items_held")) == window:
+                        break
+                    time.sleep(0.05)
+                assert held == window, f"the server holds {held} stream items, not a full window of {window}"
+                assert answered() - before < items // 2  # it stopped reading
+                answers = [pb.ClassifyResponse.FromString(r) for r in call]
+            finally:
+                call.cancel()
+        assert len(answers) == items
+        assert {a.error.code for a in answers} == {grpc.StatusCode.INVALID_ARGUMENT.value[0]}
+        assert target.metric("resnet_serve_stream_items_held") == 0  # every answer sent: nothing held
+
+    return fire
+
+
 ATTACKS: list[Callable[[Target], Callable[[], None]]] = [
     extreme_aspect_ratios, millions_of_elements, decode_backlog, bad_oip_parameters, echoed_client_text,
-    garbage_flood,
+    garbage_flood, stream_that_never_reads,
 ]
 
 

@@ -30,6 +30,21 @@ def test_recorder_sorts_requests_by_send_time_and_answers_by_window() -> None:
     assert s.errors == Counter({"RESOURCE_EXHAUSTED": 1}) and s.window_s == 10.0
 
 
+def test_a_request_bounded_recorder_measures_exactly_its_requests() -> None:
+    rec = Recorder(start=10.0, end=11.0, limit=3)
+    assert rec.open(9.0) and rec.open(50.0)  # warm-up; the window is counted in requests, not seconds
+    rec.sent(9.0)
+    rec.done(9.0, 10.2, None)  # warm-up: not measured
+    for sent, done, code in [(10.0, 30.0, None), (10.1, 10.2, "UNAVAILABLE"), (10.2, 40.0, None)]:
+        assert rec.open(sent)
+        rec.sent(sent)
+        rec.done(sent, done, code)
+    assert not rec.open(10.3)
+    s = rec.s
+    assert (s.warmup_requests, s.requests, s.ok_in_window, s.window_s) == (1, 3, 2, 30.0)
+    assert s.errors == Counter({"UNAVAILABLE": 1}) and len(s.latencies_s) == 2
+
+
 def test_merge_adds_processes_and_summary_has_the_documented_fields() -> None:
     a = Samples(window_s=2.0, warmup_requests=1, requests=10, ok_in_window=9, errors=Counter({"UNAVAILABLE": 1}))
     a.latencies_s.extend([0.001] * 9)
@@ -75,7 +90,7 @@ def test_steps_and_validation() -> None:
     assert LoadConfig(target="x:1", concurrency=(1, 4)).steps() == [("concurrency", 1), ("concurrency", 4)]
     assert LoadConfig(target="x:1", rates=(50.0,)).steps() == [("rate", 50.0)]
     for bad in (dict(mode="bidi"), dict(input="png"), dict(concurrency=(0,)), dict(rates=(-1.0,)),
-                dict(duration_s=0), dict(processes=0)):
+                dict(duration_s=0), dict(processes=0), dict(requests=-1), dict(requests=5, rates=(1.0,))):
         with pytest.raises(ValueError):
             LoadConfig(target="x:1", **bad).validate()
 

@@ -170,3 +170,26 @@ def test_health_can_require_token(tiny_model_dir: Path, pki) -> None:
         assert ok.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("source", ["comment-only file", "blank file", "missing file", "empty env"])
+def test_a_token_source_that_yields_no_token_refuses_to_start(tiny_model_dir: Path, tmp_path: Path,
+                                                             source: str) -> None:
+    """Configured auth that yields no token must not serve every method unauthenticated: one line, exit 2."""
+    from conftest import run_cli
+
+    tokens = tmp_path / "tokens"
+    env = {}
+    if source == "comment-only file":
+        tokens.write_text("# the production token goes here\n")
+    elif source == "blank file":
+        tokens.write_text("\n  \n")
+    elif source == "empty env":
+        env["RESNET_SERVE_AUTH_TOKENS"] = " , "
+    args = ["resnet-serve", "--model-dir", str(tiny_model_dir), "--port", "0", "--metrics-port", "-1"]
+    if source != "empty env":
+        args += ["--auth-token-file", str(tokens)]
+    r = run_cli(*args, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: ") and ("no token" in r.stderr or "No such file" in r.stderr), r.stderr

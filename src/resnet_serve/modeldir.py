@@ -65,13 +65,21 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def version_of(name: str) -> int | None:
+    """The version a folder name stands for: ASCII digits only, no leading zero, above 0; else None
+    (str.isdigit() also accepts '²', which int() then refuses)."""
+    if name.isascii() and name.isdigit() and not name.startswith("0"):
+        return int(name)
+    return None
+
+
 def list_versions(model_dir: Path) -> list[int]:
     """Versions present under models/<name>/ (numeric subfolders holding a manifest), ascending."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir()
-                  if p.is_dir() and p.name.isdigit() and (p / MANIFEST).is_file())
+    return sorted(v for p in model_dir.iterdir()
+                  if (v := version_of(p.name)) is not None and p.is_dir() and (p / MANIFEST).is_file())
 
 
 def resolve_version_dir(model_dir: Path, version: int | None = None) -> Path:
@@ -92,27 +100,59 @@ def resolve_version_dir(model_dir: Path, version: int | None = None) -> Path:
     return model_dir / str(version)
 
 
+def inside(version_dir: Path, name: str) -> Path:
+    """version_dir/name, refused unless it resolves inside version_dir: a manifest names files of its own
+    folder, never an absolute path, a `..` way out, or a symlink leading elsewhere."""
+    version_dir = Path(version_dir)
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise ModelDirError(f"{version_dir / MANIFEST}: file name {name!r} must be relative to its version folder")
+    path = version_dir / name
+    base, target = version_dir.resolve(), path.resolve()
+    if target == base or base not in target.parents:
+        raise ModelDirError(f"{version_dir / MANIFEST}: {name!r} leads outside its version folder")
+    return path
+
+
 def load_manifest(version_dir: Path, verify_checksums: bool = False) -> Manifest:
+    """The version's manifest, every file name it gives checked to stay inside the folder. With
+    verify_checksums, every file the server reads must be listed in `files` and match its sha256."""
     version_dir = Path(version_dir)
     path = version_dir / MANIFEST
     try:
         manifest = Manifest.from_dict(json.loads(path.read_text()))
     except FileNotFoundError as e:
         raise ModelDirError(f"{path} does not exist") from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelDirError(f"{path} is not valid JSON: {e}") from e
+    except TypeError as e:  # a JSON value that is not an object
+        raise ModelDirError(f"{path} is not a manifest object: {e}") from e
+    if not isinstance(manifest.files, dict):
+        raise ModelDirError(f"{path}: files must map file names to sha256 digests")
+    for name in (manifest.model_file, manifest.params_file, manifest.labels_file, *manifest.files):
+        inside(version_dir, name)
     for name in (manifest.model_file, manifest.params_file):
         if not (version_dir / name).is_file():
             raise ModelDirError(f"{version_dir / name} is missing")
     if verify_checksums:
+        needed = [manifest.model_file, manifest.params_file]
+        if (version_dir / manifest.labels_file).exists():
+            needed.append(manifest.labels_file)
+        unlisted = [n for n in needed if n not in manifest.files]
+        if unlisted:
+            raise ModelDirError(f"{path} lists no sha256 for {', '.join(unlisted)} (in `files`)")
         for name, digest in manifest.files.items():
-            if sha256_file(version_dir / name) != digest:
-                raise ModelDirError(f"checksum mismatch for {version_dir / name}")
+            if name == MANIFEST:
+                continue  # a manifest cannot list its own checksum; one that tries is not held against it
+            file = version_dir / name
+            if not file.is_file():
+                raise ModelDirError(f"{file} is missing (listed in {MANIFEST})")
+            if sha256_file(file) != digest:
+                raise ModelDirError(f"checksum mismatch for {file}: the file differs from what {MANIFEST} lists")
     return manifest
 
 
 def read_labels(version_dir: Path, manifest: Manifest) -> list[str]:
     """Labels from labels.txt, one per line; class ids stand in where the file is absent or short."""
-    path = Path(version_dir) / manifest.labels_file
+    path = inside(version_dir, manifest.labels_file)
     labels = path.read_text().splitlines() if path.is_file() else []
     return [labels[i] if i < len(labels) else str(i) for i in range(manifest.num_classes)]
