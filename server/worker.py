@@ -1,7 +1,7 @@
 """The engine worker process: owns one Paddle predictor and runs batches the front process hands it.
 
 Why a process: ``predictor.run()`` holds the GIL for the whole batch, so the gRPC front never runs one
-(DESIGN.md "Process model"). Paddle is imported only inside functions here, so the front can import this
+(docs/architecture.md, "Process model"). Paddle is imported only inside functions here, so the front can import this
 module (it needs ``worker_main`` as the spawn target) without loading Paddle.
 
 Protocol over the control pipe (the batch itself travels through shared memory):
