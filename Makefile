@@ -12,15 +12,22 @@ CHECKPOINTS ?= checkpoints/$(NAME)
 MODELS ?= models/$(NAME)
 PORT ?= 50051
 METRICS_PORT ?= 8000
+PROMETHEUS_PORT ?= 9090
+OBSERVE_DIR ?= runs/prometheus
+# Installed once; again only when pyproject.toml changes (every target depends on install).
+STAMP := $(VENV)/.installed
 
-.PHONY: install proto train export serve demo test bench lint clean deploy-check gpu-check
+.PHONY: install proto train export serve demo test bench lint clean deploy-check gpu-check observe
 
 $(PY):
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-install: $(PY)  ## create .venv and install the project with its dev tools
+install: $(STAMP)  ## create .venv and install the project with its dev tools (once; again when pyproject.toml changes)
+
+$(STAMP): pyproject.toml | $(PY)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
 
 proto: install  ## regenerate the committed gRPC stubs from protos/classifier.proto
 	$(PY) protos/generate.py
@@ -39,6 +46,15 @@ demo: install  ## train -> export -> serve -> classify held-out digits through t
 	@test -d $(CHECKPOINTS) || $(MAKE) --no-print-directory train
 	@test -d $(MODELS) || $(MAKE) --no-print-directory export
 	$(PY) -m resnet_serve.client.demo --model-dir $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+observe:  ## Prometheus (Debian's package) with deploy/prometheus/prometheus.yml, scraping a local `make serve`
+	@command -v prometheus >/dev/null || { echo "error: prometheus not found: apt-get install prometheus" >&2; exit 2; }
+	@mkdir -p $(OBSERVE_DIR)
+	@sed 's/localhost:8000/localhost:$(METRICS_PORT)/' deploy/prometheus/prometheus.yml > $(OBSERVE_DIR)/prometheus.yml
+	@echo "Prometheus: http://localhost:$(PROMETHEUS_PORT) (job resnet-serve scraping localhost:$(METRICS_PORT): run \
+	'make serve' in another shell; Grafana: README.md, Operate; Ctrl-C stops)"
+	@exec prometheus --config.file=$(OBSERVE_DIR)/prometheus.yml --storage.tsdb.path=$(OBSERVE_DIR)/data \
+		--web.listen-address=localhost:$(PROMETHEUS_PORT) --log.level=warn
 
 test: install  ## the whole test suite (CI runs this)
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""`make bench`: DESIGN.md's benchmark protocol in one run on one machine.
+"""`make bench`: The benchmark protocol (docs/BENCHMARKS.md) in one run on one machine.
 
 1. limit      the predictor called in-process (bench/limit.py) at each batch size: best images/s
 2. batched    the server with dynamic batching under the load generator: unary and stream, raw uint8 tensors,
@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     table = render(report)
     print(table)
     if not args.no_docs:
-        args.docs.write_text("# Benchmarks\n\nProduced by `make bench` (bench/run.py; protocol in its docstring and "
-                             "DESIGN.md). Rerun it to reproduce; raw numbers: `" + str(path.relative_to(ROOT)) +
+        args.docs.write_text("# Benchmarks\n\nProduced by `make bench` (bench/run.py; protocol in its docstring). "
+                             "Rerun it to reproduce; raw numbers: `" + str(path.relative_to(ROOT)) +
                              "`.\n\n" + table + "\n")
     log(f"done in {report['elapsed_s'] / 60:.1f} min; wrote {path}")
     return 0

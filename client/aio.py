@@ -82,27 +82,31 @@ class AsyncClassifierClient(ClientBase):
 
     async def classify_many(self, images: Iterable[ImageLike] | AsyncIterable[ImageLike], top_k: int = 0,
                             window: int = 32, timeout: float | None = None,
-                            metadata: Sequence[tuple[str, str]] | None = None) -> list[Result | ClassifierError]:
+                            metadata: Sequence[tuple[str, str]] | None = None,
+                            ids: Iterable[str] | None = None) -> list[Result | ClassifierError]:
         """Many images over one stream, at most `window` unanswered at a time; results in input order, a failed
         item as a ClassifierError in its place."""
-        return [item async for item in self.stream(images, top_k, window, timeout, metadata, ordered=True)]
+        return [item async for item in self.stream(images, top_k, window, timeout, metadata, ordered=True, ids=ids)]
 
     async def stream(self, images: Iterable[ImageLike] | AsyncIterable[ImageLike], top_k: int = 0,
                      window: int = 32, timeout: float | None = None,
                      metadata: Sequence[tuple[str, str]] | None = None, ordered: bool = False,
-                     ) -> AsyncIterator[Result | ClassifierError]:
-        """Like classify_many, but yields each answer as it arrives (ordered=False: arrival order). Streams are
-        not retried. An image that cannot be turned into a request raises its ValueError/TypeError here."""
+                     ids: Iterable[str] | None = None) -> AsyncIterator[Result | ClassifierError]:
+        """Like classify_many, but yields each answer as it arrives (ordered=False: arrival order). Each answer's
+        request_id is the caller's id from `ids` (one per image), by default the path of a file or the index of
+        anything else. Streams are not retried. An image that cannot be turned into a request raises its
+        ValueError/TypeError/OSError here."""
         if window < 1:
             raise ValueError("window must be at least 1")
         call = self.stub.ClassifyStream(timeout=timeout, metadata=self._metadata(metadata))
         slots = asyncio.Semaphore(window)
+        order = StreamOrder(ordered, ids)
 
         async def write() -> None:
             i = 0
             async for image in _aiter(images):
                 await slots.acquire()
-                await call.write(to_request(image, top_k, str(i)))
+                await call.write(order.request(i, image, top_k))
                 i += 1
             await call.done_writing()
 
@@ -112,7 +116,6 @@ class AsyncClassifierClient(ClientBase):
 
         writer = asyncio.create_task(write())
         writer.add_done_callback(on_written)
-        order = StreamOrder(ordered)
         try:
             while True:
                 try:

@@ -8,8 +8,8 @@ import itertools
 import random
 import socket
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from resnet_serve.protos import classifier_pb2 as pb
+
+from .images import ImageLike, to_request
 
 # Unary Classify is a pure function, so a retry is always safe. CANCELLED reaches a client only when the server
 # (not the caller) ended the call, e.g. a connection closed while the server drains (grpc/grpc#41785).
@@ -231,25 +233,56 @@ def health_status(response: health_pb2.HealthCheckResponse) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-class StreamOrder:
-    """Stream answers may come out of order; ordered=True hands them back in request order (request ids are the
-    item indexes), ordered=False as they arrive."""
+def default_id(image: object, index: int) -> str:
+    """A stream item's id when the caller gives none: a file's path, else its position in the input."""
+    return str(image) if isinstance(image, (str, Path)) else str(index)
 
-    def __init__(self, ordered: bool):
+
+class StreamOrder:
+    """Stream answers may come out of order. On the wire an item's request_id is its index (short and unique
+    whatever the caller's ids are); answers are handed back carrying the caller's id, in request order
+    (ordered=True) or as they arrive."""
+
+    def __init__(self, ordered: bool, ids: Iterable[str] | None = None):
         self.ordered = ordered
+        self._ids = None if ids is None else iter(ids)
+        self.names: dict[int, str] = {}  # index -> caller's id; written by the sender before the item is sent
         self.pending: dict[int, Result | ClassifierError] = {}
         self.next_out = 0
 
+    def request(self, index: int, image: ImageLike, top_k: int) -> pb.ClassifyRequest:
+        """The index-th item as a request, noting the id its answer will carry."""
+        if self._ids is None:
+            name = default_id(image, index)
+        else:
+            name = next(self._ids, None)
+            if name is None:
+                raise ValueError(f"fewer request ids than images (none for image {index})")
+        request = to_request(image, top_k, str(index))
+        self.names[index] = str(name)
+        return request
+
     def add(self, response: pb.ClassifyResponse) -> list[Result | ClassifierError]:
-        item = item_of(response)
+        try:
+            index = int(response.request_id)
+        except ValueError:  # not an id this client sent (a server that does not echo ids): as it is
+            return [item_of(response)]
+        item = with_id(item_of(response), self.names.pop(index, response.request_id))
         if not self.ordered:
             return [item]
-        self.pending[int(response.request_id)] = item
+        self.pending[index] = item
         ready = []
         while self.next_out in self.pending:
             ready.append(self.pending.pop(self.next_out))
             self.next_out += 1
         return ready
+
+
+def with_id(item: Result | ClassifierError, request_id: str) -> Result | ClassifierError:
+    if isinstance(item, Result):
+        return replace(item, request_id=request_id)
+    item.request_id = request_id
+    return item
 
 
 class ClientBase:
@@ -277,7 +310,14 @@ def info_dict(info: pb.ModelInfo) -> dict:
     return {"name": info.name, "version": info.version, "architecture": info.architecture,
             "input_shape": list(info.input_shape), "num_classes": info.num_classes, "precision": info.precision,
             "max_batch_size": info.max_batch_size, "device": info.device, "engine": info.engine,
-            "mean": [round(x, 6) for x in info.mean], "std": [round(x, 6) for x in info.std]}
+            "mean": [round(x, 6) for x in info.mean], "std": [round(x, 6) for x in info.std],
+            "labels": list(info.labels), "preprocessing": preprocessing_dict(info.preprocessing)}
+
+
+def preprocessing_dict(p: pb.Preprocessing) -> dict:
+    return {"resize": p.resize, "input_size": list(p.input_size), "color": p.color, "scale": round(p.scale, 8),
+            "mean": [round(x, 6) for x in p.mean], "std": [round(x, 6) for x in p.std], "layout": p.layout,
+            "formats": list(p.formats)}
 
 
 def text_table(rows: Sequence[Sequence[str]]) -> str:

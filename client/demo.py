@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from urllib.request import urlopen
 
+from resnet_serve.cli_util import DefaultsFormatter, add_verbose_flag, quiet_frameworks
 from resnet_serve.modeldir import load_manifest, resolve_version_dir
 
 from .sync import ClassifierClient
@@ -36,19 +37,22 @@ def held_out_images(model_dir: Path, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="demo", description=__doc__)
-    p.add_argument("--model-dir", type=Path, default=Path("models/digits"))
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--metrics-port", type=int, default=8000)
-    p.add_argument("--images", type=Path, default=Path("runs/holdout"))
-    p.add_argument("--min-accuracy", type=float, default=0.8)
+    p = argparse.ArgumentParser(prog="demo", description=__doc__, formatter_class=DefaultsFormatter)
+    p.add_argument("--model-dir", type=Path, default=Path("models/digits"), help="exported model to serve")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port of the server it starts")
+    p.add_argument("--metrics-port", type=int, default=8000, help="metrics port of the server it starts")
+    p.add_argument("--images", type=Path, default=Path("runs/holdout"), help="where the held-out digits are written")
+    p.add_argument("--min-accuracy", type=float, default=0.8, help="exit 1 below this held-out accuracy")
+    add_verbose_flag(p)
     args = p.parse_args(argv)
+    quiet_frameworks(args.verbose)
 
     images = held_out_images(args.model_dir, args.images)
     print(f"demo: {len(images)} held-out digit images under {args.images}", flush=True)
     server = subprocess.Popen([str(Path(sys.executable).parent / "resnet-serve"), "--model-dir", str(args.model_dir),
                                "--host", "127.0.0.1", "--port", str(args.port), "--metrics-port",
-                               str(args.metrics_port)], stdout=subprocess.PIPE, text=True)
+                               str(args.metrics_port), *(["--verbose"] if args.verbose else [])],
+                              stdout=subprocess.PIPE, text=True)
     try:
         ports = json.loads(server.stdout.readline() or "{}")
         if not ports:

@@ -39,7 +39,7 @@ import numpy as np
 
 from resnet_serve.protos import classifier_pb2 as pb
 
-from .common import ChannelOptions, _code, open_channel, target_string, text_table
+from .common import ChannelOptions, _code, open_channel, target_string
 
 CLASSIFY = "/classifier.v1.Classifier/Classify"
 CLASSIFY_STREAM = "/classifier.v1.Classifier/ClassifyStream"
@@ -69,6 +69,7 @@ class LoadConfig:
     seed: int = 0
     protocol: str = "classifier"
     model: str = ""  # the model name OIP requests carry (protocol "oip")
+    input_data: Sequence[bytes] = ()  # the user's image files (--input-data) instead of generated pictures
 
     def steps(self) -> list[tuple[str, float]]:
         """(kind, load) per step: ("concurrency", N) or ("rate", R)."""
@@ -176,9 +177,13 @@ def summarize(config: LoadConfig, kind: str, load: float, s: Samples) -> dict[st
 
 
 # --- payloads --------------------------------------------------------------------------------------------------
-def payloads(kind: str, hw: tuple[int, int], top_k: int = 0, count: int = 8, seed: int = 0) -> list[bytes]:
+def payloads(kind: str, hw: tuple[int, int], top_k: int = 0, count: int = 8, seed: int = 0,
+             data: Sequence[bytes] = ()) -> list[bytes]:
     """Serialised ClassifyRequests without request ids: raw uint8 HWC tensors at the model's input size, or JPEG
-    files of the same pictures (smooth gradients plus noise, so they compress like photographs)."""
+    files of the same pictures (smooth gradients plus noise, so they compress like photographs). With `data`
+    (image files' bytes), those instead: sent as they are (jpeg), or decoded and resized to the input size (raw)."""
+    if data:
+        return [_file_payload(kind, blob, hw, top_k) for blob in data]
     rng = np.random.default_rng(seed)
     h, w = hw
     yy, xx = np.mgrid[0:h, 0:w]
@@ -200,6 +205,19 @@ def payloads(kind: str, hw: tuple[int, int], top_k: int = 0, count: int = 8, see
     return out
 
 
+def _file_payload(kind: str, blob: bytes, hw: tuple[int, int], top_k: int) -> bytes:
+    if kind != "raw":
+        return pb.ClassifyRequest(top_k=top_k, encoded=blob).SerializeToString()
+    from PIL import Image
+
+    from resnet_serve.imaging import resize_crop
+
+    with Image.open(io.BytesIO(blob)) as img:
+        arr = resize_crop(img, *hw)
+    return pb.ClassifyRequest(top_k=top_k, tensor=pb.Tensor(dtype=pb.Tensor.UINT8, shape=list(arr.shape),
+                                                            data=arr.tobytes())).SerializeToString()
+
+
 def with_id(payload: bytes, request_id: str) -> bytes:
     """Protobuf merges concatenated messages: appending a serialised {request_id} sets the id without
     re-serialising the image."""
@@ -213,7 +231,7 @@ class StepRunner:
     def __init__(self, config: LoadConfig, seed: int = 0, requests: int = 0):
         self.config = config
         self.requests = requests  # this process's share of config.requests
-        self.payloads = payloads(config.input, config.input_hw, config.top_k, seed=seed)
+        self.payloads = payloads(config.input, config.input_hw, config.top_k, seed=seed, data=config.input_data)
         self.rng = random.Random(seed)
         self.channel: grpc.aio.Channel = open_channel(grpc.aio, target_string(config.target), config.options)
         self.unary = self.channel.unary_unary(CLASSIFY)  # bytes in, bytes out: nothing parsed
@@ -335,7 +353,8 @@ class StepRunner:
 
 # --- whole runs ------------------------------------------------------------------------------------------------
 async def _run_steps(config: LoadConfig, share: Callable[[str, float], float], seed: int,
-                     before_step: Callable[[], Awaitable[None]] | None = None) -> list[Samples]:
+                     before_step: Callable[[], Awaitable[None]] | None = None,
+                     after_step: Callable[[Samples], None] = lambda s: None) -> list[Samples]:
     requests = int(share("concurrency", config.requests))  # this process's part of a request-bounded step
     if config.protocol == "oip":
         from .oip_bench import OIPStepRunner
@@ -349,6 +368,7 @@ async def _run_steps(config: LoadConfig, share: Callable[[str, float], float], s
             if before_step is not None:
                 await before_step()
             out.append(await runner.run(kind, share(kind, load)))
+            after_step(out[-1])
         return out
     finally:
         await runner.close()
@@ -363,32 +383,45 @@ def _share(total: float, index: int, parts: int, kind: str) -> float:
 
 
 def _child(config: LoadConfig, index: int, barrier: Any, results: Any) -> None:
-    """One client process: its share of every step, starting each step together with the others."""
+    """One client process: its share of every step, starting each step together with the others; each step's
+    samples are sent as soon as it ends, then (index, None, None) says this process is done."""
     async def sync_start() -> None:
         await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
 
     def share(kind: str, load: float) -> float:
         return _share(load, index, config.processes, kind)
 
+    def report(s: Samples) -> None:
+        results.put((index, asdict(s) | {"latencies_s": s.latencies_s.tolist()}, None))
+
     try:
-        samples = asyncio.run(_run_steps(config, share, config.seed + index, sync_start))
-        results.put((index, [(asdict(s) | {"latencies_s": s.latencies_s.tolist()}) for s in samples], None))
+        asyncio.run(_run_steps(config, share, config.seed + index, sync_start, report))
+        results.put((index, None, None))
     except BaseException as e:  # reported by the parent, never lost
         barrier.abort()
         results.put((index, None, f"{type(e).__name__}: {e}"))
 
 
-def run(config: LoadConfig) -> list[dict[str, Any]]:
-    """Every step of the sweep; with processes > 1 the load is split over that many client processes."""
+def run(config: LoadConfig, on_step: Callable[[dict[str, Any]], None] = lambda step: None) -> list[dict[str, Any]]:
+    """Every step of the sweep, each also handed to on_step as soon as it ends (so a report can print it); with
+    processes > 1 the load is split over that many client processes."""
     config.validate()
+    steps = config.steps()
+    out: list[dict[str, Any]] = []
+
+    def done(s: Samples) -> None:
+        kind, load = steps[len(out)]
+        out.append(summarize(config, kind, load, s))
+        on_step(out[-1])
+
     if config.processes == 1:
-        samples = asyncio.run(_run_steps(config, lambda kind, load: load, config.seed))
+        asyncio.run(_run_steps(config, lambda kind, load: load, config.seed, after_step=done))
     else:
-        samples = _run_processes(config)
-    return [summarize(config, kind, load, s) for (kind, load), s in zip(config.steps(), samples, strict=True)]
+        _run_processes(config, done)
+    return out
 
 
-def _run_processes(config: LoadConfig) -> list[Samples]:
+def _run_processes(config: LoadConfig, on_step: Callable[[Samples], None]) -> None:
     ctx = mp.get_context("spawn")  # no forked grpc state
     barrier = ctx.Barrier(config.processes)
     results = ctx.Queue()
@@ -396,43 +429,62 @@ def _run_processes(config: LoadConfig) -> list[Samples]:
              for i in range(config.processes)]
     for p in procs:
         p.start()
-    per_process: list[list[Samples]] = []
+    per_step: list[list[Samples]] = []  # step -> the processes' samples so far
+    received: Counter = Counter()  # process -> steps reported
     failures: list[str] = []
-    reported: set[int] = set()
-    while len(reported) < len(procs):
+    finished: set[int] = set()
+    while len(finished) < len(procs):
         try:
-            index, parts, error = results.get(timeout=1.0)
+            index, part, error = results.get(timeout=1.0)
         except queue.Empty:
-            dead = [i for i, p in enumerate(procs) if i not in reported and p.exitcode not in (None, 0)]
+            dead = [i for i, p in enumerate(procs) if i not in finished and p.exitcode not in (None, 0)]
             if dead:  # died without a word (e.g. killed): do not wait for it forever
                 barrier.abort()
                 failures.append(f"process {dead[0]} exited with code {procs[dead[0]].exitcode}")
-                reported.update(dead)
+                finished.update(dead)
             continue
-        reported.add(index)
-        if error:
-            failures.append(error)
+        if part is None:
+            finished.add(index)
+            if error:
+                failures.append(error)
             continue
-        per_process.append([Samples(window_s=d["window_s"], warmup_requests=d["warmup_requests"],
-                                    requests=d["requests"], ok_in_window=d["ok_in_window"],
-                                    latencies_s=array("d", d["latencies_s"]), errors=Counter(d["errors"]))
-                            for d in parts])
+        step = received[index]
+        received[index] += 1
+        if step == len(per_step):
+            per_step.append([])
+        per_step[step].append(Samples(window_s=part["window_s"], warmup_requests=part["warmup_requests"],
+                                      requests=part["requests"], ok_in_window=part["ok_in_window"],
+                                      latencies_s=array("d", part["latencies_s"]), errors=Counter(part["errors"])))
+        if len(per_step[step]) == len(procs) and not failures:
+            on_step(Samples.merge(per_step[step]))
     for p in procs:
         p.join()
     if failures:
         raise RuntimeError(f"load-generator process failed: {failures[0]}")
-    return [Samples.merge(step) for step in zip(*per_process, strict=True)]
+
+
+TABLE_HEAD = ("mode", "input", "load", "images/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "requests", "errors")
+TABLE_WIDTHS = (6, 5, 10, 9, 8, 8, 8, 8, 8, 0)  # fixed, so rows printed one by one as steps end line up
+
+
+def _line(cells: Sequence[str]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, TABLE_WIDTHS, strict=True)).rstrip()
+
+
+def format_header() -> str:
+    return _line(TABLE_HEAD)
+
+
+def format_row(s: dict[str, Any]) -> str:
+    """One step as a row of the human-readable report."""
+    load = f"c={s['concurrency']}" if s["concurrency"] is not None else f"r={s['rate']:g}/s"
+    lat = s["latency_ms"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    errors = ", ".join(f"{k}={v}" for k, v in s["errors"].items()) or "0"
+    return _line([s["mode"], s["input"], load, f"{s['images_per_s']:.1f}", fmt(lat["p50"]), fmt(lat["p90"]),
+                  fmt(lat["p99"]), fmt(lat["max"]), str(s["requests"]), errors])
 
 
 def format_table(steps: Sequence[dict[str, Any]]) -> str:
     """The human-readable report: one row per step."""
-    head = ["mode", "input", "load", "images/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "requests", "errors"]
-    rows = [head]
-    for s in steps:
-        load = f"c={s['concurrency']}" if s["concurrency"] is not None else f"r={s['rate']:g}/s"
-        lat = s["latency_ms"]
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        errors = ", ".join(f"{k}={v}" for k, v in s["errors"].items()) or "0"
-        rows.append([s["mode"], s["input"], load, f"{s['images_per_s']:.1f}", fmt(lat["p50"]), fmt(lat["p90"]),
-                     fmt(lat["p99"]), fmt(lat["max"]), str(s["requests"]), errors])
-    return text_table(rows)
+    return "\n".join([format_header(), *map(format_row, steps)])

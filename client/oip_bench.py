@@ -8,7 +8,7 @@ import asyncio
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -39,11 +39,12 @@ def code_of(error: InferenceServerException) -> str:
     return (error.status() or "").rpartition(".")[2] or "UNKNOWN"
 
 
-def infer_inputs(kind: str, hw: tuple[int, int], seed: int = 0) -> list[InferInput]:
-    """The classifier.v1 benchmark's pictures (same generator, same seed) as OIP inputs of one image each."""
+def infer_inputs(kind: str, hw: tuple[int, int], seed: int = 0, data: Sequence[bytes] = ()) -> list[InferInput]:
+    """The classifier.v1 benchmark's pictures (same generator, same seed, or the same files) as OIP inputs of one
+    image each."""
     name, datatype = INPUTS[kind]
     out = []
-    for blob in payloads(kind, hw, seed=seed):
+    for blob in payloads(kind, hw, seed=seed, data=data):
         req = pb.ClassifyRequest.FromString(blob)
         if kind == "raw":
             arr = np.frombuffer(req.tensor.data, dtype=np.uint8).reshape(1, *req.tensor.shape)
@@ -78,7 +79,7 @@ class OIPStepRunner(StepRunner):
     def __init__(self, config: LoadConfig, seed: int = 0, requests: int = 0):  # no super().__init__: no v1 channel
         self.config = config
         self.requests = requests
-        self.inputs = infer_inputs(config.input, config.input_hw, seed=seed)
+        self.inputs = infer_inputs(config.input, config.input_hw, seed=seed, data=config.input_data)
         self.rng = random.Random(seed)
         self.client = new_client(config.target, config.options)
         self.headers = dict(config.options.metadata) or None

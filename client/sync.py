@@ -72,22 +72,25 @@ class ClassifierClient(ClientBase):
 
     def classify_many(self, images: Iterable[ImageLike], top_k: int = 0, window: int = 32,
                       timeout: float | None = None, metadata: Sequence[tuple[str, str]] | None = None,
-                      ) -> list[Result | ClassifierError]:
+                      ids: Iterable[str] | None = None) -> list[Result | ClassifierError]:
         """Many images over one stream, at most `window` unanswered at a time; results in input order, a failed
         item as a ClassifierError in its place."""
-        return list(self.stream(images, top_k, window, timeout, metadata, ordered=True))
+        return list(self.stream(images, top_k, window, timeout, metadata, ordered=True, ids=ids))
 
     def stream(self, images: Iterable[ImageLike], top_k: int = 0, window: int = 32, timeout: float | None = None,
                metadata: Sequence[tuple[str, str]] | None = None, ordered: bool = False,
-               ) -> Iterator[Result | ClassifierError]:
-        """Like classify_many, but yields each answer as it arrives (ordered=False: arrival order). Streams are
-        not retried. An image that cannot be turned into a request raises its ValueError/TypeError here."""
+               ids: Iterable[str] | None = None) -> Iterator[Result | ClassifierError]:
+        """Like classify_many, but yields each answer as it arrives (ordered=False: arrival order). Each answer's
+        request_id is the caller's id from `ids` (one per image), by default the path of a file or the index of
+        anything else. Streams are not retried. An image that cannot be turned into a request raises its
+        ValueError/TypeError/OSError here."""
         if window < 1:
             raise ValueError("window must be at least 1")
         slots = threading.Semaphore(window)
         stop = threading.Event()
         failure: list[BaseException] = []
         calls: list[grpc.Future] = []  # the sending thread may start before `call` is bound below
+        order = StreamOrder(ordered, ids)
 
         def requests() -> Iterator[pb.ClassifyRequest]:
             """Runs in gRPC's sending thread: one request per free window slot."""
@@ -96,7 +99,7 @@ class ClassifierClient(ClientBase):
                     slots.acquire()
                     if stop.is_set():
                         return
-                    yield to_request(image, top_k, str(i))
+                    yield order.request(i, image, top_k)
             except Exception as e:  # bad input: end the call and raise it in the caller's thread
                 failure.append(e)
                 if calls:
@@ -104,7 +107,6 @@ class ClassifierClient(ClientBase):
 
         call = self.stub.ClassifyStream(requests(), timeout=timeout, metadata=self._metadata(metadata))
         calls.append(call)
-        order = StreamOrder(ordered)
         try:
             for response in call:
                 slots.release()

@@ -7,12 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from resnet_serve.cli_util import fail, setup_logging
+from resnet_serve.cli_util import DefaultsFormatter, add_verbose_flag, fail, quiet_frameworks, setup_logging
 from resnet_serve.modeldir import version_of
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="resnet-export", description=__doc__)
+    p = argparse.ArgumentParser(prog="resnet-export", description=__doc__, formatter_class=DefaultsFormatter)
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="checkpoint: a .pdparams file, its prefix, or a folder (latest epoch)")
     p.add_argument("--out", type=Path, required=True,
@@ -23,23 +23,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int,
                    help="override the square input side; refused unless --force when it differs from training's")
     p.add_argument("--format", choices=["pir", "legacy"], default="pir",
-                   help="pir: inference.json (default); legacy: inference.pdmodel (INT8, OpenVINO, classic TRT)")
+                   help="pir: inference.json; legacy: inference.pdmodel (INT8, OpenVINO, classic TRT)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
                    help="fp32, or int8 (oneDNN VNNI; legacy format, needs --calibration; gated on top-1 agreement "
                         "with fp32). fp16 runs through TensorRT at serve time")
     p.add_argument("--calibration", metavar="digits|DIR",
                    help="int8: calibration images: 'digits' (its training split) or a folder of images")
-    p.add_argument("--calibration-samples", type=int, default=256, help="int8: calibration images used (256)")
+    p.add_argument("--calibration-samples", type=int, default=256, help="int8: calibration images used")
     p.add_argument("--eval", dest="eval_dir", type=Path, metavar="DIR",
                    help="int8: labelled held-out images in DIR/<label>/ (default: the checkpoint's held-out split)")
     p.add_argument("--threshold", type=float, default=0.99,
-                   help="int8: minimum top-1 agreement with fp32 on the held-out images (default 0.99)")
+                   help="int8: minimum top-1 agreement with fp32 on the held-out images")
     p.add_argument("--no-master-weights", action="store_true",
                    help="AMP-O2: ignore the fp32 master weights in .pdopt and cast the fp16 weights")
     p.add_argument("--rtol", type=float, default=1e-3, help="verification bound, relative to max |logit|")
     p.add_argument("--force", action="store_true",
                    help="replace an existing version folder; int8: write it even if under --threshold; export at an "
                         "--input-size other than the training one")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 
@@ -56,6 +57,7 @@ def out_problem(out: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_frameworks(args.verbose)  # before `import paddle`
     if args.precision == "int8":
         args.format = "legacy"  # INT8 works only through the legacy program
     if args.format == "legacy":

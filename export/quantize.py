@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from resnet_serve.cli_util import framework_output
 from resnet_serve.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_file, normalise, resize_crop
 from resnet_serve.modeldir import MANIFEST, Manifest, load_manifest, read_labels, sha256_file
 from resnet_serve.train import checkpoint as ckpt
@@ -160,7 +161,7 @@ def quantize_model(fp32_dir: Path, out_dir: Path, calib: np.ndarray, mean=IMAGEN
     try:
         scope = paddle.static.Scope()
         exe = paddle.static.Executor(paddle.CPUPlace())
-        with paddle.static.scope_guard(scope):
+        with paddle.static.scope_guard(scope), framework_output():  # calibration's bars: only with -v
             ptq = PostTrainingQuantization(
                 executor=exe, model_dir=str(fp32_dir), model_filename="inference.pdmodel",
                 params_filename="inference.pdiparams", data_loader=loader, batch_nums=batches,
@@ -170,7 +171,8 @@ def quantize_model(fp32_dir: Path, out_dir: Path, calib: np.ndarray, mean=IMAGEN
                                      params_filename="inference.pdiparams")
         scope = paddle.static.Scope()
         with paddle.static.scope_guard(scope):
-            program, feeds, fetches = paddle.static.load_inference_model(str(raw / "inference"), exe)
+            with framework_output():  # "the old way to load inference model is deprecated"
+                program, feeds, fetches = paddle.static.load_inference_model(str(raw / "inference"), exe)
             widened = []
             for name in residual_outputs(program):
                 var = scope.find_var(f"{name}@scale")

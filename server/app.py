@@ -95,6 +95,25 @@ class AdminService(classifier_pb2_grpc.AdminServicer):
                                                   message=message)
 
 
+class ListenError(OSError):
+    """A port the settings name cannot be listened on (in use, not permitted): the user's to fix, one line."""
+
+
+def _why_not_bindable(host: str, port: int) -> str | None:
+    """Why host:port cannot be listened on (e.g. "Address already in use"), or None if it can. Asked before
+    gRPC binds, because gRPC says only "Failed to bind" and logs its own multi-line error first."""
+    import socket
+
+    bare = host.strip("[]") or "0.0.0.0"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            probe.bind((bare, port))
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 class ReloadRefused(Exception):
     """The new version failed to load or warm; the current one keeps serving."""
 
@@ -132,6 +151,8 @@ class Server:
         # Computed at scrape time over every live batcher, so a reload's two batchers never overwrite each other.
         self.metrics.queue_depth.set_function(lambda: sum(m.batcher.queue_depth for m in self._live))
         self.metrics.in_flight.set_function(lambda: sum(m.batcher.in_flight for m in self._live))
+        self.metrics.watch_workers(lambda: [(m.version, i, pid) for m in self._live
+                                            for i, pid in enumerate(m.engine.worker_pids())])
         self.sweeper = MemorySweeper()
         self.metrics.preprocess_queue.set_function(lambda: self.pool.images)
         self.metrics.preprocess_queue_bytes.set_function(lambda: self.pool.bytes)
@@ -180,7 +201,13 @@ class Server:
         """Listen at once (health NOT_SERVING), then load and warm the model in the background."""
         s = self.settings
         if s.metrics_port >= 0:
-            self._metrics_http, _ = self.metrics.serve_http(s.metrics_port)
+            metrics_host = s.metrics_host or s.host
+            try:
+                self._metrics_http = self.metrics.serve_http(s.metrics_port, metrics_host, self._serving)
+            except OSError as e:
+                raise ListenError(f"cannot listen on {metrics_host}:{s.metrics_port} for /metrics "
+                                  f"({e.strerror or e}): choose another metrics_port (--metrics-port; -1 turns "
+                                  f"it off)") from None
             self.metrics_port = self._metrics_http.server_port
         options = [("grpc.max_receive_message_length", s.max_message_bytes),
                    ("grpc.max_send_message_length", s.max_message_bytes),
@@ -201,20 +228,32 @@ class Server:
         reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME,
                                              OIPService.SERVICE_NAME), self.grpc_server)
         address = f"{s.host}:{s.port}"
-        if s.tls_cert:
-            self.port = self.grpc_server.add_secure_port(address, server_credentials(s.tls_cert, s.tls_key,
-                                                                                     s.tls_client_ca))
-        else:
-            self.port = self.grpc_server.add_insecure_port(address)
+        why = _why_not_bindable(s.host, s.port)  # port 0 too: the host may be no address of this machine
+        if why is None:
+            try:
+                if s.tls_cert:
+                    self.port = self.grpc_server.add_secure_port(
+                        address, server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca))
+                else:
+                    self.port = self.grpc_server.add_insecure_port(address)
+            except RuntimeError:  # grpc's "Failed to bind to address"
+                self.port = 0
         if not self.port:
-            raise OSError(f"cannot listen on {address}")
+            self._close_metrics_http()
+            raise ListenError(f"cannot listen on {address} for gRPC ({why or 'gRPC could not bind it'}): "
+                              f"choose another port (--port) or host (--host)")
+        if s.host in ("0.0.0.0", "::", "[::]", "") and not tokens and not s.tls_client_ca:
+            log.warning("serving on every interface (%s) without authentication: anyone who can reach this "
+                        "port can classify and read model info; use --host 127.0.0.1 or --auth-token-file "
+                        "(docs/server.md)", s.host or "all")
         await self._update_health()
         await self.grpc_server.start()
         self._spawn(self.sweeper.run())
-        log.info("listening on %s:%d (gRPC%s%s, %s), metrics on :%s; loading %s", s.host, self.port,
+        log.info("listening on %s:%d (gRPC%s%s, %s), metrics on %s; loading %s", s.host, self.port,
                  ", TLS" if s.tls_cert else "", ", mutual TLS" if s.tls_client_ca else "",
                  f"{len(tokens)} bearer token(s)" if tokens else "no auth",
-                 self.metrics_port if s.metrics_port >= 0 else "off", self.version_dir)
+                 f"{s.metrics_host or s.host}:{self.metrics_port}" if s.metrics_port >= 0 else "off",
+                 self.version_dir)
         print(json.dumps({"event": "listening", "port": self.port, "metrics_port": self.metrics_port}), flush=True)
         self._loader = asyncio.create_task(self._load_first())
 
@@ -235,6 +274,7 @@ class Server:
         self.metrics.model_warmup.set(model.engine.warmup_seconds)
         self.metrics.workers_alive.set(model.engine.alive_instances())
         self.metrics.model_info.info(model.info_labels())
+        self.metrics.model_published(model.pipeline.model.name, model.pipeline.model.version)
 
     async def _load_first(self) -> None:
         try:
@@ -304,6 +344,12 @@ class Server:
         except Exception:
             log.exception("looking for a new model version failed; the current version keeps serving")
 
+    def _close_metrics_http(self) -> None:
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+
     # --- drain ---------------------------------------------------------------------------------------------
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new RPCs, answer everything accepted, then stop workers."""
@@ -321,8 +367,7 @@ class Server:
         for task in list(self._tasks):
             task.cancel()
         self.pool.shutdown()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
+        self._close_metrics_http()
         log.info("stopped after a %.2f s drain", time.perf_counter() - t0)
 
 

@@ -1,7 +1,7 @@
 """Dynamic batching of single requests into engine-sized batches.
 
 Knows nothing of gRPC or Paddle: requests are numpy arrays, engines are blocking callables ("runners") that
-are run in worker threads so the event loop stays responsive. See DESIGN.md, "Dynamic batching".
+are run in worker threads so the event loop stays responsive. See docs/architecture.md, "Dynamic batching".
 
 Rules, in short:
 - one consumer task per runner; each handles one batch at a time, the next batch forms while it computes;

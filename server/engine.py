@@ -1,7 +1,7 @@
 """Front-process side of the engine: worker processes, their shared input buffers, death and restart.
 
 Why processes: ``predictor.run()`` holds the GIL for a whole batch, so each engine instance is a worker
-process owning one predictor (DESIGN.md "Process model"). A batch is written into that worker's
+process owning one predictor (docs/architecture.md, "Process model"). A batch is written into that worker's
 preallocated shared-memory buffer and announced with a small message on its control pipe; the worker
 answers with the logits and its compute time. This module never imports Paddle (directly or through
 ``worker``), so the gRPC front stays free of it.

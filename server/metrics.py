@@ -3,6 +3,12 @@ dashboard in deploy/ uses exactly these names). One registry per server, so test
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -12,8 +18,9 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 
 PREFIX = "resnet_serve"
 # Latencies from 0.5 ms to 30 s: loopback unary calls on tiny models through ResNet-50 batches on 2 cores.
@@ -46,12 +53,16 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        self.requests = Counter(f"{PREFIX}_requests_total", "Requests answered, by RPC method and gRPC status code "
-                                "(a stream item counts as one request of method ClassifyStream)",
-                                ["method", "code"], registry=r)
+        self.requests = Counter(f"{PREFIX}_requests_total", "Requests answered, by RPC method, gRPC status code and "
+                                "the model name and version serving (a stream item counts as one request of "
+                                "method ClassifyStream)", ["method", "code", "model", "version"], registry=r)
         self.request_latency = Histogram(f"{PREFIX}_request_duration_seconds",
-                                         "End-to-end time of one image request inside the server",
-                                         ["method"], buckets=LATENCY_BUCKETS, registry=r)
+                                         "End-to-end time of one image request inside the server, by method and "
+                                         "the model name and version that answered",
+                                         ["method", "model", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        # (name, version) of the model serving now: the model/version labels of requests that name no version
+        # (errors). Set from what is loaded, never from a request: clients cannot grow the label sets.
+        self.serving = ("", "")
         self.queue_wait = Histogram(f"{PREFIX}_queue_wait_seconds",
                                     "Time from entering the batch queue to being dispatched in a batch (requests "
                                     "dropped while queued are counted in dropped_requests_total instead)",
@@ -93,13 +104,154 @@ class Metrics:
         self.worker_restarts = Counter(f"{PREFIX}_worker_restarts_total", "Engine worker processes restarted",
                                        registry=r)
         self.model_info = Info(f"{PREFIX}_model", "The model being served", registry=r)
-        for method in METHODS:
-            self.requests.labels(method, "OK")
         for reason in FLUSH_REASONS:
             self.batches.labels(reason)
         for reason in DROP_REASONS:
             self.dropped.labels(reason)
 
-    def serve_http(self, port: int, addr: str = "0.0.0.0"):
-        """Expose /metrics on its own port (a daemon thread); returns (server, thread)."""
-        return start_http_server(port, addr=addr, registry=self.registry)
+    def model_published(self, name: str, version: str) -> None:
+        """A model version now serves: its OK series exist from now on, at 0, so rate() works at once."""
+        self.serving = (name, version)
+        for method in METHODS:
+            self.requests.labels(method, "OK", name, version)
+
+    def record_request(self, method: str, code: str, seconds: float | None, version: str | None = None) -> None:
+        """One answered request; `version` is the one that computed it (a reload may have switched since),
+        default the serving one. seconds None: counted, not timed (GetModelInfo)."""
+        model, serving = self.serving
+        version = version or serving
+        self.requests.labels(method, code, model, version).inc()
+        if seconds is not None:
+            self.request_latency.labels(method, model, version).observe(seconds)
+
+    def watch_workers(self, workers: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        """Export CPU seconds and resident memory of the engine worker processes: `workers` gives (model version,
+        worker index, pid) of every live worker at scrape time."""
+        self.registry.register(WorkerCollector(workers))
+
+    def serve_http(self, port: int, addr: str, ready: Callable[[], bool]) -> MetricsHTTPServer:
+        """Serve /metrics, /healthz and /readyz on addr:port from a daemon thread; OSError if it cannot bind."""
+        return serve_http(self.registry, port, addr, ready)
+
+
+class WorkerCollector:
+    """Per engine worker: CPU seconds and resident memory, read from /proc when scraped. The workers run the
+    predictors (where the CPU goes) but have no metrics port of their own; labels worker (index, bounded by
+    --instances) and version (bounded by the versions loaded side by side during a reload)."""
+
+    CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+    PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+    def __init__(self, workers: Callable[[], Iterable[tuple[str, int, int]]]):
+        self.workers = workers
+
+    def _families(self) -> tuple[CounterMetricFamily, GaugeMetricFamily]:
+        labels = ["worker", "version"]
+        return (CounterMetricFamily(f"{PREFIX}_worker_cpu_seconds", "User and system CPU time of each engine worker "
+                                    "process (resets when a worker restarts)", labels=labels),
+                GaugeMetricFamily(f"{PREFIX}_worker_resident_memory_bytes",
+                                  "Resident memory of each engine worker process", labels=labels))
+
+    def describe(self) -> Iterator[Metric]:  # names only: registering must not read /proc of workers not started
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        cpu, rss = self._families()
+        for version, index, pid in self.workers():
+            figures = self.read(pid)
+            if figures is not None:
+                cpu.add_metric([str(index), version], figures[0])
+                rss.add_metric([str(index), version], figures[1])
+        yield cpu
+        yield rss
+
+    @classmethod
+    def read(cls, pid: int) -> tuple[float, float] | None:
+        """(CPU seconds, resident bytes) of a process, or None if it is gone."""
+        if pid <= 0:
+            return None
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/statm") as f:
+                resident_pages = int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            return None
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": fields 3 (state) onwards
+        utime, stime = int(fields[11]), int(fields[12])
+        return (utime + stime) / cls.CLOCK_TICKS, float(resident_pages * cls.PAGE_SIZE)
+
+
+HANDLER_TIMEOUT_S = 10.0  # a scrape or probe sends its request at once; a silent connection is closed
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """GET /metrics (the exposition), /healthz (200 while the process answers), /readyz (200 when the gRPC health
+    is SERVING, else 503); 404 for any other path, so a mistyped probe fails loudly instead of scraping."""
+
+    registry: CollectorRegistry
+    ready: Callable[[], bool]
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._reply(200, encoder(self.registry), content_type)
+        elif path == "/healthz":
+            self._reply(200, b"ok\n")
+        elif path == "/readyz":
+            ok = self.ready()
+            self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+        else:
+            self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+    def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (scrapes every few seconds: no access log)
+        pass
+
+
+class MetricsHTTPServer(ThreadingHTTPServer):
+    """One thread per connection, at most MAX_CONNECTIONS at once (more are closed at once, and counted), each
+    closed after HANDLER_TIMEOUT_S of silence: idle or slow clients cannot pile up threads."""
+
+    daemon_threads = True
+    MAX_CONNECTIONS = 16
+
+    def __init__(self, *args, **kwargs):
+        self.slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def serve_http(registry: CollectorRegistry, port: int, addr: str, ready: Callable[[], bool]) -> MetricsHTTPServer:
+    host = addr.strip("[]")
+    handler = type("Handler", (_Handler,), {"registry": registry, "ready": staticmethod(ready),
+                                            "timeout": HANDLER_TIMEOUT_S})
+    server_cls = type("MetricsHTTPServer", (MetricsHTTPServer,),
+                      {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+    httpd = server_cls((host, port), handler)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd

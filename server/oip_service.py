@@ -94,7 +94,7 @@ def _int_parameter(p: pb.InferParameter, name: str) -> int:
 
 
 def top_k_of(request: pb.ModelInferRequest) -> int:
-    """The `top_k` request parameter; 0 or absent: the server's default (5, or fewer classes if the model has)."""
+    """The `top_k` request parameter; 0 or absent: the server's default (5); capped at the class count later."""
     if TOP_K not in request.parameters:
         return 0
     k = _int_parameter(request.parameters[TOP_K], TOP_K)
@@ -230,7 +230,7 @@ def _sample_values(metric) -> dict[tuple[str, tuple], float]:
 
 class OIPService(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over the server's current Pipeline (read at call time: hot reload works).
-    RPCs not implemented here (repository, shared memory, trace, logging) answer UNIMPLEMENTED."""
+    RPCs not implemented here (repository load/unload, shared memory, trace, logging) answer UNIMPLEMENTED."""
 
     SERVICE_NAME = SERVICE_NAME
 
@@ -253,10 +253,8 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(e.code, e.message)
         return model
 
-    def _record(self, method: str, code: grpc.StatusCode, t0: float) -> None:
-        m = self.server.metrics
-        m.requests.labels(method, code.name).inc()
-        m.request_latency.labels(method).observe(time.perf_counter() - t0)
+    def _record(self, method: str, code: grpc.StatusCode, t0: float, version: str | None = None) -> None:
+        self.server.metrics.record_request(method, code.name, time.perf_counter() - t0, version)
 
     @staticmethod
     def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -309,6 +307,24 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
             inputs=[T(name=n, datatype=d, shape=s) for n, d, s in input_metadata(model)],
             outputs=[T(name=n, datatype=d, shape=s) for n, d, s in output_metadata()])
 
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
+        """The one model this server serves (how tritonclient's get_model_repository_index() discovers models):
+        its version and state READY, or LOADING / UNAVAILABLE (with the reason) before it serves."""
+        pipeline = self.server.service.pipeline
+        if pipeline is not None:
+            name, version = pipeline.model.name, pipeline.model.version
+        else:  # not loaded yet (or failed): the manifest says what is being loaded
+            from resnet_serve.modeldir import load_manifest
+
+            manifest = await asyncio.to_thread(load_manifest, self.server.version_dir)
+            name, version = manifest.name, str(manifest.version)
+        serving = self.server._serving()
+        failed = self.server.failed
+        state = "READY" if serving else "UNAVAILABLE" if failed or pipeline is not None else "LOADING"
+        reason = f"failed to load: {failed}" if failed else "" if serving else "not serving (loading or draining)"
+        models = [pb.RepositoryIndexResponse.ModelIndex(name=name, version=version, state=state, reason=reason)]
+        return pb.RepositoryIndexResponse(models=[m for m in models if serving or not request.ready])
+
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
         model = await self._model(context, request.name, request.version)
         s = self.server.settings
@@ -341,7 +357,8 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
         m = self.server.metrics
         batches, queue, requests = (_sample_values(x) for x in (m.batch_size, m.queue_wait, m.requests))
         total = "resnet_serve_requests_total"
-        ok = sum(requests.get((total, (("code", "OK"), ("method", meth))), 0.0) for meth in _IMAGE_METHODS)
+        ok = sum(v for (name, labels), v in requests.items() if name == total
+                 and dict(labels)["method"] in _IMAGE_METHODS and dict(labels)["code"] == "OK")
         failed = sum(v for (name, labels), v in requests.items() if name == total
                      and dict(labels)["method"] in _IMAGE_METHODS and dict(labels)["code"] != "OK")
         D = pb.StatisticDuration
@@ -371,7 +388,7 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
         except asyncio.CancelledError:
             self._record("ModelInfer", _cancel_code(context), t0)
             raise
-        self._record("ModelInfer", grpc.StatusCode.OK, t0)
+        self._record("ModelInfer", grpc.StatusCode.OK, t0, response.model_version)
         return response
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
@@ -396,7 +413,7 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
             except asyncio.CancelledError:
                 self._record("ModelStreamInfer", _cancel_code(context), t0)
                 raise
-            self._record("ModelStreamInfer", grpc.StatusCode.OK, t0)
+            self._record("ModelStreamInfer", grpc.StatusCode.OK, t0, response.infer_response.model_version)
             return response
 
         async for response in answer_each(request_iterator, one, self.server.settings.max_stream_in_flight,

@@ -78,11 +78,8 @@ class Pipeline:
         await self._idle.wait()
 
     def resolve_top_k(self, requested: int) -> int:
-        if requested == 0:
-            return min(DEFAULT_TOP_K, self.model.num_classes)
-        if requested > self.model.num_classes:
-            raise InvalidInput(f"top_k {requested} exceeds the model's {self.model.num_classes} classes")
-        return requested
+        """One rule for the default and an explicit k: 0 means 5, and any k is capped at the class count."""
+        return min(requested or DEFAULT_TOP_K, self.model.num_classes)
 
     def _prepare(self, image: ImageInput) -> np.ndarray:
         t0 = time.perf_counter()

@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 
+from resnet_serve.imaging import FORMATS
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
 
 from .admission import PreprocessQueueFull
 from .batcher import DeadlineExpired, QueueFull, ShuttingDown
 from .metrics import Metrics
-from .pipeline import Answer, ImageInput, Pipeline
+from .pipeline import Answer, ImageInput, ModelDescription, Pipeline
 from .preprocess import InvalidInput
 from .streams import answer_each
 from .wire import Malformed
@@ -29,6 +30,9 @@ BASE_ERROR_CODES: dict[type[BaseException], grpc.StatusCode] = {
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
+# resnet_serve.imaging.decode/upright/to_rgb/resize_crop, as GetModelInfo states it.
+RESIZE_RULE = ("EXIF orientation applied, transparency over white; the centre region with input_size's aspect "
+               "ratio (shorter side kept) resized to input_size, bilinear (Pillow resize with box): a centre crop")
 MESSAGES = {QueueFull: "server queue is full, retry later", DeadlineExpired: "deadline expired while queued",
             ShuttingDown: "server is shutting down",
             PreprocessQueueFull: "server is busy preprocessing images, retry later"}
@@ -82,6 +86,12 @@ def image_of(request: pb.ClassifyRequest) -> ImageInput:
     raise InvalidInput("request carries no image (set `encoded` or `tensor`)")
 
 
+def preprocessing_of(model: ModelDescription) -> pb.Preprocessing:
+    """What server/preprocess.py and resnet_serve.imaging do to an image, stated for clients (GetModelInfo)."""
+    return pb.Preprocessing(resize=RESIZE_RULE, input_size=model.input_shape[1:], color="RGB", scale=1 / 255,
+                            mean=model.mean, std=model.std, layout="NCHW", formats=FORMATS)
+
+
 def check_request_id(request_id: str, limit: int) -> None:
     """Every answer echoes the id: bounding it keeps every answer within the message size clients accept."""
     if len(request_id) > limit:
@@ -129,9 +139,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             predictions=[pb.Prediction(class_id=p.class_id, label=p.label, score=p.score)
                          for p in answer.predictions])
 
-    def _record(self, method: str, code: grpc.StatusCode, t0: float) -> None:
-        self.metrics.requests.labels(method, code.name).inc()
-        self.metrics.request_latency.labels(method).observe(time.perf_counter() - t0)
+    def _record(self, method: str, code: grpc.StatusCode, t0: float, version: str | None = None) -> None:
+        self.metrics.record_request(method, code.name, time.perf_counter() - t0, version)
 
     @staticmethod
     def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -149,7 +158,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         except asyncio.CancelledError:
             self._record("Classify", _cancel_code(context), t0)
             raise
-        self._record("Classify", grpc.StatusCode.OK, t0)
+        self._record("Classify", grpc.StatusCode.OK, t0, answer.model_version)
         return self._response(request.request_id, answer)
 
     async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
@@ -160,9 +169,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
         async def handle(request: pb.ClassifyRequest) -> pb.ClassifyResponse:
             t0 = time.perf_counter()
+            version = None
             try:
-                response = self._response(request.request_id, await self._classify_one(request, deadline))
-                code = grpc.StatusCode.OK
+                answer = await self._classify_one(request, deadline)
+                response = self._response(request.request_id, answer)
+                code, version = grpc.StatusCode.OK, answer.model_version
             except RequestError as e:
                 code = e.code
                 request_id = request.request_id  # not echoed when over the limit: the answer must fit
@@ -172,7 +183,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             except asyncio.CancelledError:
                 self._record("ClassifyStream", _cancel_code(context), t0)
                 raise
-            self._record("ClassifyStream", code, t0)
+            self._record("ClassifyStream", code, t0, version)
             return response
 
         async for response in answer_each(request_iterator, handle, self.max_stream_in_flight,
@@ -182,10 +193,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         pipeline = self.pipeline
         if pipeline is None:
-            self.metrics.requests.labels("GetModelInfo", "UNAVAILABLE").inc()
+            self.metrics.record_request("GetModelInfo", "UNAVAILABLE", None)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading, not serving yet")
         m = pipeline.model
-        self.metrics.requests.labels("GetModelInfo", "OK").inc()
+        self.metrics.record_request("GetModelInfo", "OK", None)
         return pb.ModelInfo(name=m.name, version=m.version, architecture=m.architecture, input_shape=m.input_shape,
                             num_classes=m.num_classes, precision=m.precision, max_batch_size=m.max_batch_size,
-                            device=m.device, mean=m.mean, std=m.std, engine=m.engine)
+                            device=m.device, mean=m.mean, std=m.std, engine=m.engine, labels=pipeline.labels,
+                            preprocessing=preprocessing_of(m))

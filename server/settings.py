@@ -26,6 +26,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 8000  # -1 disables /metrics; 0 picks a free port
+    metrics_host: str = ""  # where /metrics, /healthz, /readyz listen; empty = the gRPC host
     max_batch_size: int = 8
     max_queue_delay_us: int = 2000
     max_queue_size: int = 256
@@ -64,6 +65,7 @@ class Settings:
     # A worker holding one batch longer than this is killed and replaced (its requests get UNAVAILABLE).
     # 0: derived from the warm-up, 10 x the time to warm every bucket and at least 30 s.
     batch_time_limit_s: float = 0.0
+    verbose: bool = False  # -v: Paddle's own log lines and warnings too (framework chatter is hidden by default)
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
     def bucket_sizes(self) -> tuple[int, ...]:
@@ -107,6 +109,10 @@ class Settings:
                      "max_request_id_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535 (0: a free one), not {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0..65535 (0: a free one, -1: off), not {self.metrics_port}")
         if self.batch_time_limit_s < 0:
             raise ValueError("batch_time_limit_s must be >= 0 (0: derived from the warm-up)")
         if not self.max_aspect_ratio >= 1:
@@ -166,31 +172,69 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+HELP = {
+    "model_dir": "models/<name> (serves the highest version) or a version folder",
+    "version": "pin this version number instead of the highest",
+    "host": "gRPC listen address; 0.0.0.0 = every interface (logs a WARNING without auth), 127.0.0.1 = loopback",
+    "port": "gRPC port; 0 picks a free one",
+    "metrics_port": "HTTP port of /metrics, /healthz, /readyz; -1 disables it, 0 picks a free one",
+    "metrics_host": "listen address of the metrics port",
+    "max_batch_size": "largest batch sent to a predictor",
+    "max_queue_delay_us": "how long the oldest queued request may wait for its batch to fill",
+    "max_queue_size": "queued requests beyond which new ones get RESOURCE_EXHAUSTED",
+    "buckets": "batch sizes to warm and run, e.g. 1,2,4,8",
+    "instances": "engine worker processes (one predictor each)",
+    "threads_per_instance": "CPU math threads of each predictor",
+    "device": "cpu | gpu",
+    "precision": "fp32 | int8 (int8 exports run int8 anyway) | fp16 (GPU)",
+    "engine": "paddle (as the manifest says on CPU, tensorrt on GPU) | onednn | openvino (CPU, fp32 legacy "
+              "exports) | tensorrt | cuda (GPU, no TensorRT)",
+    "trt_cache_dir": "where TensorRT engines are cached (GPU)",
+    "gpus": "GPU ids for --device gpu, e.g. 0,1: worker i runs on gpus[i % n]",
+    "worker_start_timeout_s": "seconds one worker may take to load, build TensorRT engines and warm",
+    "preprocess_threads": "threads decoding and resizing images",
+    "max_message_bytes": "largest gRPC message accepted or sent",
+    "batch_time_limit_s": "kill and replace a worker holding one batch longer than this (its requests: "
+                          "UNAVAILABLE)",
+    "max_pixels": "pixels decoded per image (a JPEG's after reduced-scale decoding); beyond: INVALID_ARGUMENT",
+    "max_aspect_ratio": "longer / shorter side of an image; beyond: INVALID_ARGUMENT",
+    "max_preprocess_queue": "images waiting for or in a preprocess thread; beyond: RESOURCE_EXHAUSTED",
+    "max_preprocess_queue_bytes": "payload bytes of those images; beyond: RESOURCE_EXHAUSTED",
+    "max_request_id_length": "characters of a request id (echoed in every answer)",
+    "max_stream_in_flight": "items of one stream being processed at once",
+    "grace_period_s": "on SIGTERM, how long calls in progress may take to finish",
+    "max_concurrent_streams": "concurrent calls per client connection (HTTP/2)",
+    "max_connection_age_s": "> 0: close client connections after this long, so DNS-balanced clients re-resolve",
+    "tls_cert": "PEM certificate chain: serve TLS only (with --tls-key)",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    "auth_token_file": "file of bearer tokens, one per line (or RESNET_SERVE_AUTH_TOKENS); never logged",
+    "auth_exempt_health": "health checks and reflection need no token (probes, load balancers)",
+    "poll_interval_s": "> 0: look for a newer model version this often and switch to it",
+    "unhealthy_after_failures": "consecutive failed batches that turn health NOT_SERVING",
+}
+# What an empty or None default means, in --help.
+EMPTY_DEFAULT = {"version": "the highest", "metrics_host": "the --host", "buckets": "powers of two up to "
+                 "--max-batch-size", "trt_cache_dir": "<version folder>/_opt_cache", "model_dir": "none, required",
+                 "gpus": "GPU 0"}
+
+
+def _help(name: str) -> str:
+    default = getattr(Settings, name)
+    shown = EMPTY_DEFAULT.get(name, "none") if default in (None, "") else default
+    return f"{HELP.get(name, 'see docs/server.md')} (default: {shown})".replace("%", "%%")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="resnet-serve", description="Serve a exported ResNet over gRPC with dynamic "
+    p = argparse.ArgumentParser(prog="resnet-serve", description="Serve an exported ResNet over gRPC with dynamic "
                                 "batching. Every flag can also come from RESNET_SERVE_<NAME> or a config file.")
     p.add_argument("--config", type=Path, help="TOML ([server] table or top level) or JSON file of settings")
-    help_text = {"model_dir": "models/<name> (serves the highest version) or a version folder",
-                 "max_queue_delay_us": "how long the oldest queued request may wait for its batch to fill",
-                 "max_queue_size": "queued requests beyond which new ones get RESOURCE_EXHAUSTED",
-                 "instances": "engine worker processes (one predictor each)",
-                 "buckets": "batch sizes to warm and run, e.g. 1,2,4,8",
-                 "metrics_port": "-1 disables /metrics, 0 picks a free port",
-                 "batch_time_limit_s": "kill and replace a worker holding one batch longer than this (its requests: "
-                                       "UNAVAILABLE); 0 = 10 x the warm-up time, at least 30 s",
-                 "max_pixels": "pixels decoded per image (a JPEG's after reduced-scale decoding); beyond: "
-                               "INVALID_ARGUMENT",
-                 "max_aspect_ratio": "longer / shorter side of an image; beyond: INVALID_ARGUMENT",
-                 "max_preprocess_queue": "images waiting for or in a preprocess thread; beyond: RESOURCE_EXHAUSTED",
-                 "max_preprocess_queue_bytes": "payload bytes of those images; beyond: RESOURCE_EXHAUSTED",
-                 "max_request_id_length": "characters of a request id (echoed in every answer)",
-                 "precision": "fp32 | int8 (int8 exports run int8 anyway) | fp16 (GPU)",
-                 "engine": "onednn | openvino (CPU, fp32 legacy exports) | tensorrt | cuda (GPU, no TensorRT); "
-                           "default paddle: as the manifest says on CPU, tensorrt on GPU",
-                 "gpus": "GPU ids for --device gpu, e.g. 0,1: worker i runs on gpus[i %% n] (default 0)",
-                 "worker_start_timeout_s": "seconds one worker may take to load, build TensorRT engines and warm"}
     for name in FIELDS:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text.get(name))
+        if name == "verbose":
+            p.add_argument("-v", "--verbose", dest=name, action="store_const", const=True, default=None,
+                           help="show Paddle's own log lines and warnings (hidden by default)")
+            continue
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=_help(name))
     return p
 
 

@@ -1,7 +1,7 @@
 """The engine worker process: owns one Paddle predictor and runs batches the front process hands it.
 
 Why a process: ``predictor.run()`` holds the GIL for the whole batch, so the gRPC front never runs one
-(DESIGN.md "Process model"). Paddle is imported only inside functions here, so the front can import this
+(docs/architecture.md, "Process model"). Paddle is imported only inside functions here, so the front can import this
 module (it needs ``worker_main`` as the spawn target) without loading Paddle.
 
 Protocol over the control pipe (the batch itself travels through shared memory):
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from resnet_serve.cli_util import framework_output
 from resnet_serve.imaging import Normaliser
 from resnet_serve.modeldir import Manifest, load_manifest
 from resnet_serve.server.predictor_config import apply_plan, model_files, plan_config
@@ -71,7 +72,8 @@ def build(version_dir: Path | str, manifest: Manifest | None = None, device: str
                        **plan_args)
     config = paddle_infer.Config(*model_files(version_dir, manifest, plan))
     apply_plan(config, plan)
-    return paddle_infer.create_predictor(config), {}
+    with framework_output():  # oneDNN INT8 passes print to stderr even with glog info off
+        return paddle_infer.create_predictor(config), {}
 
 
 TEST_GATE_ENV = "RESNET_SERVE_TEST_WORKER_GATE"

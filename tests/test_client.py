@@ -118,9 +118,34 @@ def test_sync_and_async_clients_give_identical_results(srv, client, tmp_path, ki
     assert_same([sync_one], [sync_many[0]])
 
 
+def test_model_info_preprocessing_reproduces_the_servers(client) -> None:
+    """A client that follows GetModelInfo's preprocessing and sends FLOAT32 gets what sending the PNG gets."""
+    info = client.model_info()
+    p = info.preprocessing
+    assert list(info.labels) == [f"digit_{i}" for i in range(10)] and "centre crop" in p.resize
+    arr = picture(5, 45, 60)
+    h, w = p.input_size
+    img = Image.fromarray(arr)
+    scale = max(h / img.height, w / img.width)
+    box_w, box_h = w / scale, h / scale
+    left, top = (img.width - box_w) / 2, (img.height - box_h) / 2
+    img = img.resize((w, h), Image.BILINEAR, box=(left, top, left + box_w, top + box_h))
+    x = (np.asarray(img, np.float32) * p.scale - np.float32(p.mean)) / np.float32(p.std)
+    mine = client.classify(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32), top_k=10)
+    assert_same([client.classify(png(arr), top_k=10)], [mine])
+
+
 def test_path_bytes_and_pil_of_one_picture_agree(client, tmp_path) -> None:
     results = [client.classify(make_input(kind, tmp_path)) for kind in ("path", "bytes", "pil")]
     assert_same(results[:1] * 3, results)
+
+
+def test_top_k_one_rule_default_and_explicit_capped_at_the_class_count(client) -> None:
+    """10 classes: the default is 5, any k above 10 (the default's rule) returns all 10 rather than an error."""
+    assert len(client.classify(picture(1)).predictions) == 5
+    assert len(client.classify(picture(1), top_k=3).predictions) == 3
+    for k in (10, 11, 1000):
+        assert len(client.classify(picture(1), top_k=k).predictions) == 10
 
 
 def test_unordered_stream_answers_each_item_once(srv, client) -> None:
@@ -133,6 +158,31 @@ def test_unordered_stream_answers_each_item_once(srv, client) -> None:
     got_async = aio(srv.address, collect)
     assert set(got) == set(got_async) == {str(i) for i in range(20)}
     assert_same([got[str(i)] for i in range(20)], [got_async[str(i)] for i in range(20)])
+
+
+def test_stream_ids_are_the_callers_paths_by_default(srv, client, tmp_path) -> None:
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"img{i}.png")
+        paths[-1].write_bytes(png(picture(i)))
+    assert sorted(r.request_id for r in client.stream(paths, window=2)) == sorted(map(str, paths))
+    ids = [f"photo-{i}" for i in range(6)]
+    assert [r.request_id for r in client.classify_many(paths, ids=ids)] == ids
+    arrays = [picture(i) for i in range(3)]
+    bad = [picture(0), b"not an image", picture(1)]
+
+    async def collect(c):
+        got = [r.request_id async for r in c.stream(paths, window=2)]
+        named = [r.request_id for r in await c.classify_many(arrays, ids=["a", "a", "b"])]  # duplicates are fine
+        return got, named, await c.classify_many(bad, ids=["x", "y", "z"])
+
+    got, named, mixed = aio(srv.address, collect)
+    assert sorted(got) == sorted(map(str, paths)) and named == ["a", "a", "b"]
+    assert [type(r) for r in mixed] == [Result, ClassifierError, Result]
+    assert [r.request_id for r in mixed] == ["x", "y", "z"]  # an item's error carries the caller's id too
+    assert [r.request_id for r in client.classify_many(arrays)] == ["0", "1", "2"]  # not files: positions
+    with pytest.raises(ValueError, match="fewer request ids"):
+        client.classify_many(arrays, ids=["only-one"])
 
 
 def test_leaving_a_stream_early_cancels_it_and_the_client_goes_on(srv, client) -> None:
@@ -242,7 +292,7 @@ def both_raise(address: str, call: Callable, acall: Callable, **kwargs) -> tuple
 
 
 def test_invalid_input_is_invalid_argument(srv) -> None:
-    for make in (lambda c: c.classify(b"not an image"), lambda c: c.classify(picture(1), top_k=11)):
+    for make in (lambda c: c.classify(b"not an image"), lambda c: c.classify(np.zeros((3, 8, 8), np.float32))):
         errors = both_raise(srv.address, make, make)
         assert {e.code for e in errors} == {grpc.StatusCode.INVALID_ARGUMENT}
         assert errors[0].message == errors[1].message and errors[0].message
@@ -342,13 +392,16 @@ def test_token_flag_and_environment_become_bearer_metadata(monkeypatch) -> None:
 # --- the command line ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 class folders named after the model's labels with 4 PNGs each, one broken file, one at the top."""
+    """3 class folders named after the model's labels with 4 PNGs each, a BMP, GIF and TIFF in digit_1, one broken
+    file, one PNG and one text file at the top."""
     root = tmp_path_factory.mktemp("images")
     for c in range(3):
         (root / f"digit_{c}").mkdir()
         for i in range(4):
             (root / f"digit_{c}" / f"{i}.png").write_bytes(png(picture(10 * c + i)))
     (root / "digit_2" / "broken.JPG").write_bytes(b"not a jpeg")
+    for suffix, seed in (("bmp", 40), ("gif", 41), ("tiff", 42)):  # formats the client decodes itself
+        Image.fromarray(picture(seed)).save(root / "digit_1" / f"{suffix}.{suffix}")
     (root / "top.png").write_bytes(png(picture(99)))
     (root / "notes.txt").write_text("not an image")
     return root
@@ -368,25 +421,115 @@ def test_cli_classify_json_matches_the_library(srv, client, image_dir) -> None:
     assert table.returncode == 0 and table.stdout.split()[:4] == ["IMAGE", "CLASS", "LABEL", "SCORE"]
 
 
-def test_cli_stream_directory_reports_accuracy(srv, client, image_dir) -> None:
+def test_cli_stream_writes_a_line_per_file_names_failures_and_exits_1(srv, client, image_dir) -> None:
     r = run_cli("resnet-client", "stream", str(image_dir), "--target", srv.address, "--json", "--window", "3")
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)
-    files = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in (".png", ".jpg"))
-    assert doc["images"] == len(files) == 14 and doc["errors"] == {"INVALID_ARGUMENT": 1}
-    assert "14/14" in r.stderr  # the progress bar
-    labelled = [(f.parent.name, client.classify(f)) for f in files if f.parent != image_dir and f.suffix == ".png"]
+    assert r.returncode == 1, r.stderr  # broken.JPG failed
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    items, summary = lines[:-1], lines[-1]["summary"]
+    files = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".bmp", ".gif", ".tiff"))
+    assert sorted(i["image"] for i in items) == sorted(map(str, files)) and len(files) == 17
+    broken = str(image_dir / "digit_2" / "broken.JPG")
+    assert [i["image"] for i in items if "error" in i] == [broken]
+    assert summary["failed"] == [broken] and summary["skipped"] == [str(image_dir / "notes.txt")]
+    assert summary["images"] == 17 and summary["ok"] == 16 and summary["errors"] == {"INVALID_ARGUMENT": 1}
+    assert "it/s" not in r.stderr and "img/s" not in r.stderr  # stderr is a pipe here: no progress bar
+    # .bmp and .gif (sent as they are) and .tiff (decoded by the client) give what their pixels give
+    for suffix in ("bmp", "gif", "tiff"):
+        (item,) = [i for i in items if i["image"].endswith(suffix)]
+        pixels = np.asarray(Image.open(item["image"]).convert("RGB"))
+        assert item["predictions"][0]["class_id"] == client.classify(pixels).top1.class_id
+    labelled = [(f.parent.name, client.classify(cli.load_image(f))) for f in files
+                if f.parent != image_dir and str(f) != broken]
     top1 = sum(res.top1.label == label for label, res in labelled)
-    acc = doc["accuracy"]
-    assert acc["labelled"] == 13 and acc["top1_correct"] == top1  # the broken file counts as a miss
+    acc = summary["accuracy"]
+    assert acc["labelled"] == 16 and acc["top1_correct"] == top1  # the broken file counts as a miss
     text = run_cli("resnet-client", "stream", str(image_dir), "--target", srv.address, "--no-progress")
-    assert text.returncode == 0 and f"top-1 {top1}/13" in text.stdout and "images/s" in text.stdout
+    assert text.returncode == 1 and "images/s" in text.stdout and "/16" in text.stdout
+    out = text.stdout.splitlines()
+    assert out[0].split() == ["IMAGE", "CLASS", "LABEL", "SCORE"]
+    assert sum(line.startswith(str(image_dir)) for line in out) == 17  # a row per file
+    assert f"failed (1): {broken}" in text.stdout and "skipped, not images (1)" in text.stdout
+
+
+def test_cli_stream_draws_progress_only_on_a_terminal(srv, image_dir) -> None:
+    """stderr on a pseudo-terminal (80x24): the bar is drawn there, and stdout still gets every row."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    drawn = bytearray()
+
+    def read_all() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: every writer of the terminal has closed it
+                return
+            if not chunk:
+                return
+            drawn.extend(chunk)
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run([str(Path(sys.executable).parent / "resnet-client"), "stream", str(image_dir),
+                               "--target", srv.address], stdout=subprocess.PIPE, stderr=terminal, timeout=120)
+    finally:
+        os.close(terminal)
+        reader.join(30)
+        os.close(controller)
+    assert proc.returncode == 1 and b"17/17" in drawn and b"img" in drawn
+    assert proc.stdout.decode().count(str(image_dir)) >= 17
+
+
+def test_cli_classify_keeps_going_and_reports_every_file(srv, client, image_dir, tmp_path) -> None:
+    good, bmp = image_dir / "digit_0" / "0.png", image_dir / "digit_1" / "bmp.bmp"
+    notes, broken = image_dir / "notes.txt", image_dir / "digit_2" / "broken.JPG"
+    r = run_cli("resnet-client", "classify", "--target", srv.address, "--json", str(good), str(notes), str(bmp),
+                str(broken))
+    assert r.returncode == 1  # the server refused two, nothing was unreadable
+    doc = json.loads(r.stdout)
+    assert [d["image"] for d in doc] == [str(good), str(notes), str(bmp), str(broken)]
+    assert ["error" in d for d in doc] == [False, True, False, True]
+    assert doc[1]["error"]["code"] == "INVALID_ARGUMENT"
+    assert doc[0]["predictions"][0]["class_id"] == client.classify(good).top1.class_id
+    errors = r.stderr.strip().splitlines()
+    assert len(errors) == 2 and all(e.startswith("error: INVALID_ARGUMENT: ") for e in errors)
+    assert str(notes) in errors[0] and str(broken) in errors[1]
+    # a missing file: the others still classified, exit 2 (the user's input), one line for it
+    r = run_cli("resnet-client", "classify", "--target", srv.address, str(good), "/no/such.png", str(good))
+    assert r.returncode == 2 and r.stderr.strip() == "error: /no/such.png: no such file"
+    assert sum(line.startswith(str(good)) for line in r.stdout.splitlines()) == 2
+
+
+def test_cli_classify_a_directory_classifies_what_is_in_it(srv, image_dir, tmp_path) -> None:
+    r = run_cli("resnet-client", "classify", "--target", srv.address, "--json", str(image_dir / "digit_0"))
+    assert r.returncode == 0, r.stderr
+    assert sorted(d["image"] for d in json.loads(r.stdout)) == sorted(str(p) for p in (image_dir / "digit_0").iterdir())
+    (tmp_path / "empty").mkdir()
+    r = run_cli("resnet-client", "classify", "--target", srv.address, str(tmp_path / "empty"))
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {tmp_path / 'empty'}: a directory with no images")
+    assert "no such file" not in r.stderr
 
 
 def test_cli_info_and_health(srv, client) -> None:
     r = run_cli("resnet-client", "info", "--target", srv.address, "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == info_dict(client.model_info())
+    doc = json.loads(r.stdout)
+    assert doc == info_dict(client.model_info())
+    assert doc["labels"] == [f"digit_{i}" for i in range(10)]
+    pre = doc["preprocessing"]
+    assert pre["input_size"] == [SIZE, SIZE] and pre["mean"] == doc["mean"] and pre["std"] == doc["std"]
+    assert pre["color"] == "RGB" and pre["layout"] == "NCHW"
+    assert pre["formats"] == ["JPEG", "PNG", "WEBP", "GIF", "BMP"]
+    text = run_cli("resnet-client", "info", "--target", srv.address)
+    assert text.returncode == 0 and "0=digit_0, 1=digit_1" in text.stdout and "centre crop to 32x32" in text.stdout
     h = run_cli("resnet-client", "health", "--target", srv.address, "--wait", "30")
     assert (h.returncode, h.stdout.strip()) == (0, "SERVING")
 
@@ -399,6 +542,7 @@ def test_cli_info_and_health(srv, client) -> None:
     ["bench", "--rate", "fast"],
     ["info", "--tls-cert", "/etc/hostname"],
     ["info", "--target", "127.0.0.1:1,b"],
+    ["bench", "--input-data", "/no/such/dir"],
     ["frobnicate"],
 ], ids=lambda a: " ".join(a))
 def test_cli_bad_input_is_one_line_and_exit_2(argv: list[str]) -> None:
@@ -459,6 +603,46 @@ def test_bench_open_loop_counts_match_the_server(srv) -> None:
     (step,) = json.loads(r.stdout)["steps"]
     assert step["rate"] == 100.0 and step["concurrency"] is None and step["requests"] > 0
     assert requests_total(srv, "Classify") - before == step["requests"] + step["warmup_requests"]
+
+
+def test_bench_help_states_the_real_defaults() -> None:
+    r = run_cli("resnet-client", "bench", "--help")
+    assert r.returncode == 0 and r.stderr == ""
+    text = " ".join(r.stdout.split())
+    assert "e.g. 1,4,16 (default: 1)" in text and "(default: 5.0)" in text and "--input-data DIR" in text
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_bench_hands_over_each_step_as_it_ends(srv, processes: int) -> None:
+    """When step 1 is reported, the server has seen exactly step 1's requests: nothing of step 2 was sent yet."""
+    from resnet_serve.client import loadgen
+
+    config = loadgen.LoadConfig(target=srv.address, concurrency=(2, 2), warmup_s=0.1, duration_s=0.3,
+                                processes=processes, input_hw=(SIZE, SIZE))
+    before = requests_total(srv, "Classify")
+    seen: list[tuple[dict, float]] = []
+    steps = loadgen.run(config, on_step=lambda step: seen.append((step, requests_total(srv, "Classify"))))
+    assert [step for step, _ in seen] == steps and len(steps) == 2
+    first, at_first = seen[0]
+    assert at_first - before == first["requests"] + first["warmup_requests"]
+    assert loadgen.format_row(first).startswith("unary")
+
+
+@pytest.mark.parametrize("kind,extra", [("encoded", []), ("uint8", ["--input", "raw"])])
+def test_bench_input_data_sends_the_users_images(srv, tmp_path, kind: str, extra: list[str]) -> None:
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(png(picture(200 + i, 50, 70)))
+    (tmp_path / "readme.txt").write_text("not an image")
+    count = lambda: srv.metrics().get(("resnet_serve_preprocess_duration_seconds_count", (("kind", kind),)), 0)  # noqa: E731
+    before = count()
+    r = run_cli("resnet-client", "bench", "--target", srv.address, "--input-data", str(tmp_path), "--warmup", "0.1",
+                "--duration", "0.3", "--json", *extra)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    (step,) = doc["steps"]
+    assert doc["input_data"] == str(tmp_path) and step["errors"] == {}
+    assert count() - before == step["requests"] + step["warmup_requests"] > 0
+    assert "3 image(s) from" in r.stderr and "c=1" in r.stderr  # the step's row, on stderr beside --json
 
 
 # Last: a call abandoned by its client may still be answered (and counted) by the server a little later.

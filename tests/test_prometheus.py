@@ -31,6 +31,8 @@ SCRAPE_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
 SIZE = 32
 # What Grafana substitutes for its built-in interval variables; the window covers the whole test run.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1m"}
+# The dashboard's variables, set to "All" (Grafana's allValue), or bound to one server (bound_variables()).
+DASHBOARD_VARIABLES = {"$job": ".*", "$instance": ".*", "$model": ".*"}
 
 
 def binary(name: str) -> str:
@@ -48,8 +50,9 @@ def job_name() -> str:
     return re.search(r"job_name:\s*\"?([\w-]+)", SCRAPE_CONFIG.read_text()).group(1)
 
 
-def dashboard_expressions() -> list[tuple[str, str]]:
-    """(panel title, PromQL) of every target of every panel, rows included, Grafana variables substituted."""
+def dashboard_expressions(bound: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target of every panel, rows included, Grafana's interval variables and the
+    dashboard's own ($job, $instance, $model: each a regex, as Grafana formats them) substituted."""
     def panels(items: list[dict]) -> Iterator[dict]:
         for p in items:
             yield p
@@ -59,9 +62,9 @@ def dashboard_expressions() -> list[tuple[str, str]]:
     for p in panels(json.loads(DASHBOARD.read_text())["panels"]):
         for t in p.get("targets", []):
             expr = t["expr"]
-            for var, value in GRAFANA_VARIABLES.items():
+            for var, value in {**GRAFANA_VARIABLES, **(DASHBOARD_VARIABLES if bound is None else bound)}.items():
                 expr = expr.replace(var, value)
-            assert "$" not in expr, f"unknown Grafana variable in {p['title']!r}: {t['expr']}"
+            assert bound == {} or "$" not in expr, f"unknown Grafana variable in {p['title']!r}: {t['expr']}"
             out.append((p["title"], expr))
     return out
 
@@ -120,7 +123,10 @@ class Prometheus:
             box[0] = self.query(expr)
             return accept(box[0])
 
-        wait_for(check, timeout=timeout, what=f"{what} (last answer to {expr}: {box[0]})")
+        try:
+            wait_for(check, timeout=timeout, what=what)
+        except AssertionError as e:
+            raise AssertionError(f"{e} (last answer to {expr}: {box[0]})") from None
         return box[0]
 
     def close(self) -> None:
@@ -204,6 +210,52 @@ def test_histogram_quantile_answers(prom: Prometheus, traffic: dict) -> None:
     assert 0 < float(result[0]["value"][1]) <= 30.0  # within the histogram's finite buckets
 
 
+def bound_variables(srv: InProcessServer) -> dict[str, str]:
+    """$job, $instance and $model as Grafana substitutes them with this test server chosen (a single value: its
+    regex metacharacters, here the dots, match themselves too)."""
+    return {"$job": job_name(), "$instance": f"127.0.0.1:{srv.server.metrics_port}",
+            "$model": srv.server.model.pipeline.model.name}
+
+
+def test_every_dashboard_query_uses_the_job_instance_and_model_variables() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert {"job", "instance", "model"} <= set(variables)
+    assert all(variables[v]["includeAll"] and variables[v]["allValue"] == ".*" for v in ("job", "instance", "model"))
+    for title, expr in dashboard_expressions(bound={}):
+        for var in ("$job", "$instance", "$model"):
+            assert var in expr, f"{title!r} does not filter by {var}: {expr}"
+        assert 'job="' not in expr, f"{title!r} hard-codes a job: {expr}"
+
+
+def test_every_dashboard_query_with_the_variables_bound_returns_the_servers_data(
+        srv: InProcessServer, prom: Prometheus, traffic: dict) -> None:
+    expressions = dashboard_expressions(bound_variables(srv))
+    assert len(expressions) >= 20
+    for _, expr in expressions:
+        prom.query(expr)  # parses (a syntax error fails at once, with Prometheus's message)
+    for title, expr in expressions:
+        prom.poll(expr, bool, f"data for panel {title!r}")
+    # ... and the filters filter: another model or instance gives no data
+    for other in ({"$model": "no-such-model"}, {"$instance": "127.0.0.1:1"}):
+        for title, expr in dashboard_expressions({**bound_variables(srv), **other}):
+            if "vector(0)" not in expr:
+                assert prom.query(expr) == [], f"{title!r} ignores {other}: {expr}"
+
+
+def test_model_version_and_worker_series(srv: InProcessServer, prom: Prometheus, traffic: dict) -> None:
+    """Requests and latency by model and version (from what is loaded); CPU and memory of each worker process."""
+    result = prom.poll('sum by (model, version) (resnet_serve_request_duration_seconds_count{method="Classify"})',
+                       lambda r: by_labels(r, "model", "version") == {("tiny", "1"): traffic[("Classify", "OK")]
+                                                                     + traffic[("Classify", "INVALID_ARGUMENT")]},
+                       "Classify latency counts by model version")
+    assert len(result) == 1
+    cpu = prom.poll("resnet_serve_worker_cpu_seconds_total", bool, "worker CPU seconds")
+    rss = prom.poll("resnet_serve_worker_resident_memory_bytes", bool, "worker memory")
+    assert by_labels(cpu, "worker", "version").keys() == {("0", "1")} == by_labels(rss, "worker", "version").keys()
+    assert float(cpu[0]["value"][1]) > 0 and float(rss[0]["value"][1]) > 20e6  # a Paddle predictor process
+
+
 def test_every_dashboard_query_parses_and_returns_data(prom: Prometheus, traffic: dict) -> None:
     expressions = dashboard_expressions()
     assert len(expressions) >= 20
@@ -255,3 +307,28 @@ def test_grafana_dashboard_and_provisioning_fit_together() -> None:
     for topic in ("throughput", "p50/p95/p99", "batch-size", "flush reasons", "queue depth", "errors by code",
                   "model"):
         assert topic in titles, topic
+
+
+def test_make_observe_prints_the_url_and_scrapes_a_local_server(srv: InProcessServer, tmp_path: Path) -> None:
+    """`make observe` as a user runs it (METRICS_PORT pointing at this test server): the URL it prints answers,
+    and the shipped scrape config's job scrapes the server."""
+    binary("prometheus")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["make", "-s", "observe", f"METRICS_PORT={srv.server.metrics_port}",
+                             f"PROMETHEUS_PORT={port}", f"OBSERVE_DIR={tmp_path}"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"Prometheus: http://localhost:{port} ") and "make serve" in line, line
+        prom = Prometheus.__new__(Prometheus)  # the API helpers, on make's Prometheus
+        prom.port, prom.proc, prom.log = port, proc, tmp_path / "none"
+        wait_for(lambda: prom._ready(), timeout=30, what="make observe's Prometheus")
+        up = prom.poll(f'up{{job="{job_name()}"}} == 1', bool, "the shipped job to scrape the test server")
+        assert up[0]["metric"]["instance"] == f"localhost:{srv.server.metrics_port}"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+        proc.stdout.close()
+        proc.stderr.close()

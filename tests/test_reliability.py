@@ -221,7 +221,8 @@ def test_soak_mixed_traffic_above_capacity(tiny_model_dir: Path, capsys) -> None
                  what="an empty server")
         m = srv.metrics()
         invalid = sum(1 for k, _ in results if k in ("malformed", "oversized"))
-        assert m[("resnet_serve_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "Classify")))] == invalid
+        assert m[("resnet_serve_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "Classify"),
+                                                  ("model", "tiny"), ("version", "1")))] == invalid
         assert m[("resnet_serve_queue_depth", ())] == 0 and m[("resnet_serve_in_flight_requests", ())] == 0
         codes = Counter(code for _, code in results)
         rss_end, worker_end = rss_mb(), rss_mb(srv.engine.worker_pids()[0])

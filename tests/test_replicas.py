@@ -31,8 +31,8 @@ IMAGE = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 
 def classify_ok(metrics_port: int) -> int:
     """This replica's resnet_serve_requests_total{method="Classify",code="OK"}."""
-    return int(scrape(metrics_port).get(("resnet_serve_requests_total", (("code", "OK"), ("method", "Classify"))),
-                                        0))
+    return int(scrape(metrics_port).get(("resnet_serve_requests_total", (("code", "OK"), ("method", "Classify"),
+                                                                          ("model", "tiny"), ("version", "1"))), 0))
 
 
 @pytest.fixture

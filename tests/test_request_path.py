@@ -286,7 +286,8 @@ def status(call, request, **kw) -> tuple[grpc.StatusCode, str]:
 def test_ok_series_of_every_method_exist_from_the_start(srv: InProcessServer) -> None:
     samples = srv.metrics()
     for method in ("Classify", "ClassifyStream", "GetModelInfo", "ModelInfer", "ModelStreamInfer"):
-        assert (("resnet_serve_requests_total", (("code", "OK"), ("method", method)))) in samples, method
+        assert (("resnet_serve_requests_total", (("code", "OK"), ("method", method), ("model", "tiny"),
+                                                 ("version", "1")))) in samples, method
     assert ("resnet_serve_dropped_requests_total", (("reason", "preprocess_full"),)) in samples
 
 
@@ -335,9 +336,10 @@ def test_request_id_too_long_for_an_answer_is_refused_and_counted_as_refused(srv
     code, details = status(srv.stub.Classify, valid(huge), metadata=AUTH)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and f"request id is {len(huge)} characters" in details
     after = srv.metrics()
-    key = ("resnet_serve_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "Classify")))
+    key = ("resnet_serve_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "Classify"), ("model", "tiny"),
+                                           ("version", "1")))
     assert after[key] - before.get(key, 0) == 1
-    ok = ("resnet_serve_requests_total", (("code", "OK"), ("method", "Classify")))
+    ok = ("resnet_serve_requests_total", (("code", "OK"), ("method", "Classify"), ("model", "tiny"), ("version", "1")))
     assert after[ok] == before[ok]
     answers = list(srv.stub.ClassifyStream(iter([valid("a"), valid(huge), valid("b")]), metadata=AUTH, timeout=60))
     assert sorted((a.request_id, a.error.code) for a in answers) == [

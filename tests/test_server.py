@@ -109,7 +109,7 @@ def _malformed(i: int) -> pb.ClassifyRequest:
     kinds = [pb.ClassifyRequest(encoded=b"garbage bytes"), pb.ClassifyRequest(),
              pb.ClassifyRequest(tensor=pb.Tensor(dtype=pb.Tensor.UINT8, shape=[SIZE, SIZE, 3], data=b"x")),
              pb.ClassifyRequest(encoded=encode(picture(), "JPEG")[:60]),
-             pb.ClassifyRequest(encoded=encode(picture(), "PNG"), top_k=11)]
+             pb.ClassifyRequest(tensor=pb.Tensor(dtype=pb.Tensor.FLOAT32, shape=[3, 8, 8], data=b""))]
     req = kinds[i % len(kinds)]
     req.request_id = str(i)
     return req
@@ -168,7 +168,6 @@ BAD_UNARY = [
     ("nan", pb.ClassifyRequest(tensor=pb.Tensor(dtype=pb.Tensor.FLOAT32, shape=[3, SIZE, SIZE],
                                                 data=np.full((3, SIZE, SIZE), np.nan, np.float32).tobytes())),
      "NaN"),
-    ("top_k", pb.ClassifyRequest(encoded=encode(picture(), "PNG"), top_k=11), "top_k 11 exceeds the model's 10"),
 ]
 
 
@@ -190,8 +189,10 @@ def test_image_over_pixel_limit_is_refused_before_decoding(srv) -> None:
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "over the limit" in details
 
 
-def test_top_k_zero_means_five(srv) -> None:
+def test_top_k_zero_means_five_and_any_k_is_capped_at_the_class_count(srv) -> None:
     assert len(srv.stub.Classify(pb.ClassifyRequest(encoded=encode(picture(), "PNG")), timeout=30).predictions) == 5
+    many = srv.stub.Classify(pb.ClassifyRequest(encoded=encode(picture(), "PNG"), top_k=11), timeout=30)
+    assert len(many.predictions) == 10  # one rule for the default and an explicit k (docs/api.md)
 
 
 def test_model_info(srv) -> None:

@@ -98,5 +98,5 @@ def test_demo_path_classifies_held_out_digits(trained_checkpoint: Path, tmp_path
                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "demo: 359 held-out digit images" in r.stdout and "held-out accuracy" in r.stdout
-    assert 'resnet_serve_requests_total{code="OK",method="ClassifyStream"} 359.0' in r.stdout
+    assert 'resnet_serve_requests_total{code="OK",method="ClassifyStream",model="digits",version="1"} 359.0' in r.stdout
     assert "exited with code 0" in r.stdout

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from resnet_serve.cli_util import fail, setup_logging
+from resnet_serve.cli_util import add_verbose_flag, fail, quiet_frameworks, setup_logging
 
 from . import checkpoint as ckpt
 from .data import DIGITS, Augment, DatasetError, Source, open_source, report_source, split_indices
@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--write-holdout", type=Path, metavar="DIR",
                    help="write the held-out images as PNG files under DIR/<class>/ and exit")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 
@@ -262,6 +263,7 @@ def _check_init(args: argparse.Namespace, arch: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_frameworks(args.verbose)  # before `import paddle`
     setup_logging()
     try:
         if args.write_holdout:

@@ -1,6 +1,6 @@
 """The model directory contract shared by export (writes it) and the server (reads it).
 
-Layout (DESIGN.md "Model directory"):  models/<name>/<version>/{inference.json|.pdmodel, inference.pdiparams,
+Layout (docs/architecture.md, "Model directory"): models/<name>/<version>/{inference.json|.pdmodel, inference.pdiparams,
 manifest.json, labels.txt}. Versions are positive integers; the server serves the highest unless told otherwise.
 """
 
