@@ -3,7 +3,7 @@
 Handles the three layouts training writes: fp32; AMP-O1 (fp32 parameters too); AMP-O2 (fp16/bf16 conv and
 linear parameters, fp32 BatchNorm, fp32 master weights in the `.pdopt` keyed by runtime parameter name). The map
 from state-dict key to runtime name lives in the state dict under `StructuredToParameterName@@` and survives
-`paddle.load` only with `keep_name_table=True` (PADDLE_FACTS.md). `set_state_dict` does not cast and only warns on
+`paddle.load` only with `keep_name_table=True` (docs/paddle.md). `set_state_dict` does not cast and only warns on
 missing keys or wrong shapes, so keys and shapes are checked here, naming the first problem.
 """
 

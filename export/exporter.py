@@ -1,4 +1,4 @@
-"""Checkpoint -> versioned, verified Paddle Inference model directory (DESIGN.md "Model directory").
+"""Checkpoint -> versioned, verified Paddle Inference model directory (docs/architecture.md).
 
 Everything is written into a hidden temporary folder beside the target and renamed into place only after the
 predictor has been verified, so a failed export never leaves a half-written version behind.

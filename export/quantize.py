@@ -1,6 +1,6 @@
 """INT8 export: post-training quantisation of a legacy fp32 export, gated on top-1 agreement with fp32.
 
-Steps (PADDLE_FACTS.md "INT8 on CPU (VNNI)"): export fp32 legacy (``FLAGS_enable_pir_api=0``) into a temporary
+Steps (docs/paddle.md, "INT8 on CPU"): export fp32 legacy (``FLAGS_enable_pir_api=0``) into a temporary
 folder; calibrate ``paddle.static.quantization.PostTrainingQuantization`` on real images (``onnx_format=True``,
 ``deploy_backend=None``: ``'MKLDNN'`` crashes in 3.3.1); widen the ranges of the residual stream (below); then run
 fp32 and int8 predictors, configured exactly as the server configures them, on held-out labelled images and refuse

@@ -1,6 +1,6 @@
 """Numerical check of an export: the dygraph model and a fresh Paddle Inference predictor on the same inputs.
 
-The bound is relative (PADDLE_FACTS.md): random-init ResNet logits reach thousands and oneDNN differs by ~3e-6
+The bound is relative (docs/paddle.md): random-init ResNet logits reach thousands and oneDNN differs by ~3e-6
 relative, so max|dygraph - predictor| <= rtol * max(1, max|dygraph|), and top-1 must agree on every input.
 """
 

@@ -18,7 +18,7 @@ from resnet_serve.export.exporter import ExportOptions, export
 from resnet_serve.modeldir import load_manifest, sha256_file
 from resnet_serve.train.models import build_model
 
-# From fp16 weights alone the logits move (PADDLE_FACTS.md: up to 0.027 on ResNet-18); our stated bound.
+# From fp16 weights alone the logits move (docs/paddle.md: up to 0.027 on ResNet-18); our stated bound.
 FP16_ONLY_RTOL = 2e-2
 
 

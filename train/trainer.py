@@ -2,7 +2,7 @@
 processes decode and augment images from disk.
 
 On a GPU the requested AMP level is used as is (O2: fp16 conv/linear weights, fp32 BatchNorm, fp32 master weights
-in the optimizer). On CPU Paddle disables auto_cast and GradScaler (PADDLE_FACTS.md), so the same command trains
+in the optimizer). On CPU Paddle disables auto_cast and GradScaler (docs/paddle.md), so the same command trains
 fp32 and says so once.
 
 Every random choice is a function of (seed, epoch[, image index]): the shuffle order, the augmentation of each
