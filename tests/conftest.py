@@ -59,6 +59,15 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600)
                           text=True, env=full_env, timeout=timeout)
 
 
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    """A user's mistake as every command reports it: exit 2, one `error:` line on stderr, no traceback."""
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A short real training run on the embedded digits: ResNet-18, 32x32, 2 epochs of 3 steps."""

@@ -11,23 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import one_error_line, run_cli
+
+from resnet_serve.modeldir import list_versions
 
 EXPORT = str(Path(sys.executable).parent / "resnet-export")
-
-
-def _one_error_line(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
-
-
-def _served_versions(model_dir: Path) -> list[str]:
-    """What the server would load: ASCII-digit folders holding a manifest."""
-    return sorted(p.name for p in model_dir.iterdir() if p.name.isascii() and p.name.isdigit()
-                  and (p / "manifest.json").is_file())
 
 
 def test_two_exports_at_once_get_distinct_versions(trained_checkpoint: Path, tmp_path: Path) -> None:
@@ -41,7 +29,7 @@ def test_two_exports_at_once_get_distinct_versions(trained_checkpoint: Path, tmp
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
     assert sorted(Path(o[0].strip()).name for o in outs) == ["1", "2"]
-    assert _served_versions(model_dir) == ["1", "2"]
+    assert list_versions(model_dir) == [1, 2]
     epochs = set()
     for v in ("1", "2"):
         manifest = json.loads((model_dir / v / "manifest.json").read_text())
@@ -60,7 +48,7 @@ def test_two_exports_at_once_get_distinct_versions(trained_checkpoint: Path, tmp
 def test_bad_out_is_one_line(trained_checkpoint: Path, tmp_path: Path, out: str, message: str) -> None:
     (tmp_path / "FILE").write_text("not a folder")
     r = run_cli("resnet-export", "--checkpoint", str(trained_checkpoint), "--out", str(tmp_path / out))
-    assert message in _one_error_line(r)
+    assert message in one_error_line(r)
     assert not (tmp_path / "models" / "m" / "007").exists() and not (tmp_path / "models" / "m" / "0").exists()
 
 
@@ -75,7 +63,7 @@ def test_ctrl_c_mid_export_leaves_no_version_folder(trained_checkpoint: Path, tm
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=300)
     if p.returncode == 0:  # it had already finished: then the version is complete
-        assert _served_versions(model_dir) == ["1"]
+        assert list_versions(model_dir) == [1]
     else:
         assert not [q for q in model_dir.iterdir() if q.name[:1].isdigit()], err
     assert not list(model_dir.glob(".tmp-*")) and not list(model_dir.glob(".old-*"))

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import one_error_line, run_cli
 from PIL import Image
 
 TINY = ["--max-steps-per-epoch", "1", "--batch-size", "4", "--input-size", "16", "--num-workers", "0", "--amp", "O0",
@@ -28,21 +28,13 @@ def _folder(root: Path, classes: tuple[str, ...] = ("red", "blue"), per_class: i
     return root
 
 
-def _one_error_line(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
-
-
 @pytest.mark.parametrize("flag", ["--out", "--write-holdout"])
 @pytest.mark.parametrize("out", ["FILE", "FILE/sub"])
 def test_out_naming_a_file_is_one_line(tmp_path: Path, out: str, flag: str) -> None:
     """Was a FileExistsError / NotADirectoryError traceback from mkdir."""
     (tmp_path / "FILE").write_text("not a folder")
     r = run_cli("resnet-train", "--epochs", "1", *TINY, flag, str(tmp_path / out))
-    assert "FILE is a file, not a folder" in _one_error_line(r)
+    assert "FILE is a file, not a folder" in one_error_line(r)
     assert (tmp_path / "FILE").read_text() == "not a folder"
 
 
@@ -54,7 +46,7 @@ def test_class_folder_name_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
     for i in range(6):
         Image.new("RGB", (20, 20), (0, 200, 0)).save(os.path.join(bad, b"%d.png" % i))
     r = run_cli("resnet-train", "--data", str(data), "--epochs", "1", *TINY, "--out", str(tmp_path / "ck"))
-    line = _one_error_line(r)
+    line = one_error_line(r)
     assert "caf\\udce9" in line and "not a printable UTF-8 name" in line
     assert not (tmp_path / "ck").exists()
 
@@ -67,11 +59,11 @@ def test_resume_after_the_data_folder_moved(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     moved = data.rename(tmp_path / "moved")
 
-    line = _one_error_line(run_cli("resnet-train", "--resume", str(ck), "--epochs", "2"))
+    line = one_error_line(run_cli("resnet-train", "--resume", str(ck), "--epochs", "2"))
     assert f"the run's data folder {data} no longer exists" in line and "pass --data" in line
 
     other = _folder(tmp_path / "other", ("cat", "dog"))
-    line = _one_error_line(run_cli("resnet-train", "--resume", str(ck), "--epochs", "2", "--data", str(other)))
+    line = one_error_line(run_cli("resnet-train", "--resume", str(ck), "--epochs", "2", "--data", str(other)))
     assert "are no longer the resumed run's" in line
 
     r = run_cli("resnet-train", "--resume", str(ck), "--epochs", "2", "--data", str(moved))
@@ -155,7 +147,7 @@ def test_an_exported_model_given_as_a_checkpoint_says_so(tmp_path: Path, target:
     for name in ("manifest.json", "inference.json", "inference.pdiparams"):
         (version / name).write_text("{}")
     path = str({"VERSION": version, "FILE": version / "inference.pdiparams", "MODEL": version.parent}[target])
-    line = _one_error_line(run_cli("resnet-train", flag, path, "--epochs", "1", *TINY, "--out", str(tmp_path / "ck")))
+    line = one_error_line(run_cli("resnet-train", flag, path, "--epochs", "1", *TINY, "--out", str(tmp_path / "ck")))
     assert "it is an exported model (resnet-export's output)" in line
 
 

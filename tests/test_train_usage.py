@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import one_error_line, run_cli
 from PIL import Image
 
 
@@ -20,14 +20,6 @@ def _folder(root: Path, per_class: int) -> Path:
         for i in range(per_class):
             Image.new("RGB", (20 + i, 18), colour).save(root / c / f"{i}.png")
     return root
-
-
-def _one_error_line(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -53,13 +45,13 @@ def test_nonsense_setting_is_one_line(tmp_path: Path, args: list[str], message: 
     subs = {"SMALL": str(_folder(tmp_path / "small", 10)) if "SMALL" in args else "",
             "MISSING": str(tmp_path / "missing"), "OUT": str(tmp_path / "held")}
     r = run_cli("resnet-train", "--out", str(tmp_path / "ck"), *[subs.get(a, a) for a in args])
-    assert message in _one_error_line(r)
+    assert message in one_error_line(r)
     assert not (tmp_path / "ck").exists() and not (tmp_path / "held").exists()
 
 
 def test_cross_architecture_init_is_refused_before_paddle(trained_checkpoint: Path, tmp_path: Path) -> None:
     r = run_cli("resnet-train", "--arch", "resnet34", "--init", str(trained_checkpoint), "--out", str(tmp_path / "c"))
-    line = _one_error_line(r)
+    line = one_error_line(r)
     assert "holds resnet18 weights and this run trains resnet34" in line and "--init-partial" in line
 
 
@@ -100,7 +92,7 @@ def test_single_step_epoch_warns(tmp_path: Path) -> None:
 def test_export_input_size_other_than_training_needs_force(trained_checkpoint: Path, tmp_path: Path) -> None:
     r = run_cli("resnet-export", "--checkpoint", str(trained_checkpoint), "--out", str(tmp_path / "m"),
                 "--input-size", "64")
-    line = _one_error_line(r)
+    line = one_error_line(r)
     assert "--input-size 64 differs from the 32x32 the checkpoint was trained at" in line and "--force" in line
     assert not (tmp_path / "m").exists()
     r = run_cli("resnet-export", "--checkpoint", str(trained_checkpoint), "--out", str(tmp_path / "m"),
@@ -139,7 +131,7 @@ def test_image_that_fails_to_decode_in_a_worker_is_one_line(tmp_path: Path) -> N
 def test_fresh_run_into_another_runs_folder_is_refused(trained_checkpoint: Path) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in trained_checkpoint.iterdir()}
     r = run_cli("resnet-train", "--out", str(trained_checkpoint), "--epochs", "1", "--max-steps-per-epoch", "1")
-    line = _one_error_line(r)
+    line = one_error_line(r)
     assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
     assert {p.name: p.stat().st_mtime_ns for p in trained_checkpoint.iterdir()} == before
 
@@ -155,6 +147,6 @@ def test_second_run_writing_the_same_folder_at_once_is_refused(tmp_path: Path) -
         fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         r = run_cli("resnet-train", "--out", str(out), "--epochs", "1", "--max-steps-per-epoch", "1",
                     "--num-workers", "0")
-    line = _one_error_line(r)
+    line = one_error_line(r)
     assert "another resnet-train (pid 4242) is writing to" in line
     assert not list(out.glob("epoch_*"))
