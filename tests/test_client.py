@@ -617,7 +617,7 @@ def test_bench_hands_over_each_step_as_it_ends(srv, processes: int) -> None:
     """When step 1 is reported, the server has seen exactly step 1's requests: nothing of step 2 was sent yet."""
     from resnet_serve.client import loadgen
 
-    config = loadgen.LoadConfig(target=srv.address, concurrency=(2, 2), warmup_s=0.1, duration_s=0.3,
+    config = loadgen.LoadConfig(target=srv.address, concurrency=(2, 2), warmup_s=0.1, requests=4,
                                 processes=processes, input_hw=(SIZE, SIZE))
     before = requests_total(srv, "Classify")
     seen: list[tuple[dict, float]] = []
@@ -636,7 +636,7 @@ def test_bench_input_data_sends_the_users_images(srv, tmp_path, kind: str, extra
     count = lambda: srv.metrics().get(("resnet_serve_preprocess_duration_seconds_count", (("kind", kind),)), 0)  # noqa: E731
     before = count()
     r = run_cli("resnet-client", "bench", "--target", srv.address, "--input-data", str(tmp_path), "--warmup", "0.1",
-                "--duration", "0.3", "--json", *extra)
+                "--requests", "6", "--json", *extra)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     (step,) = doc["steps"]
