@@ -14,8 +14,10 @@ PORT ?= 50051
 METRICS_PORT ?= 8000
 PROMETHEUS_PORT ?= 9090
 OBSERVE_DIR ?= runs/prometheus
-# Installed once; again only when pyproject.toml changes (every target depends on install).
+# Installed once; again only when a pyproject.toml changes (every target depends on install).
 STAMP := $(VENV)/.installed
+# The workspace's distributions, one per top-level folder (docs/architecture.md, "Layout").
+PARTS := common protos client server export train
 
 .PHONY: install proto train export serve demo test bench lint clean deploy-check gpu-check observe
 
@@ -25,12 +27,12 @@ $(PY):
 
 install: $(STAMP)  ## create .venv and install the project with its dev tools (once; again when pyproject.toml changes)
 
-$(STAMP): pyproject.toml | $(PY)
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(STAMP): pyproject.toml $(PARTS:%=%/pyproject.toml) | $(PY)
+	$(BIN)/pip install --quiet $(PARTS:%=-e ./%) -e '.[dev]'
 	@touch $@
 
-proto: install  ## regenerate the committed gRPC stubs from protos/classifier.proto
-	$(PY) protos/generate.py
+proto: install  ## regenerate the committed gRPC stubs from protos/resnet_serve/protos/classifier.proto
+	$(PY) -m resnet_serve.protos.generate
 
 train: install  ## train a ResNet on DATA (default: the embedded digits) into checkpoints/NAME
 	$(BIN)/resnet-train --data $(DATA) --arch $(ARCH) --input-size $(INPUT_SIZE) --epochs $(EPOCHS) \

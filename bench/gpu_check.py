@@ -85,7 +85,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the predictor a worker would build, time the start (to the first answer), save the logits of the given
     inputs, and optionally measure images/s per batch size. Runs in its own process (a fresh GPU context)."""
     t0 = time.perf_counter()
-    from resnet_serve.modeldir import load_manifest
+    from resnet_serve.common.modeldir import load_manifest
     from resnet_serve.server.worker import build
 
     vdir = Path(spec["model_dir"])
@@ -189,8 +189,8 @@ def prepare_models(root: Path) -> dict[str, Path]:
 
 def inputs_for(models: dict[str, Path], work: Path) -> dict[str, Path]:
     """Fixed model inputs: 32 seeded normal images for ResNet-50; the normalised held-out digits."""
-    from resnet_serve.imaging import Normaliser
-    from resnet_serve.modeldir import load_manifest
+    from resnet_serve.common.imaging import Normaliser
+    from resnet_serve.common.modeldir import load_manifest
     from resnet_serve.train.data import load_digits
 
     rn = work / "resnet50-inputs.npy"

@@ -13,7 +13,7 @@ import numpy as np
 
 
 def measure(version_dir: str, threads: int, sizes: list[int], seconds: float, engine: str = "paddle") -> dict:
-    from resnet_serve.modeldir import load_manifest
+    from resnet_serve.common.modeldir import load_manifest
     from resnet_serve.server.predictor_config import effective_engine, effective_precision
     from resnet_serve.server.worker import build_predictor
 

@@ -14,7 +14,7 @@ EXPORT = """
 import sys
 from pathlib import Path
 import paddle
-from resnet_serve.modeldir import Manifest, sha256_file
+from resnet_serve.common.modeldir import Manifest, sha256_file
 kind, out, size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 paddle.seed(0)
 if kind == "resnet50":
@@ -42,7 +42,7 @@ QUANTIZE = """
 import sys
 from pathlib import Path
 from resnet_serve.export.quantize import quantize_model
-from resnet_serve.modeldir import load_manifest, sha256_file
+from resnet_serve.common.modeldir import load_manifest, sha256_file
 from resnet_serve.train.data import load_digits
 src, out, size = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 train, _ = load_digits(size)
@@ -58,7 +58,7 @@ m.files = {p.name: sha256_file(p) for p in d.iterdir()}
 
 
 def ensure_int8_model(root: Path, size: int = 224) -> Path:
-    """models/resnet50-int8/1: the legacy ResNet-50 after post-training quantisation (export/quantize.py)."""
+    """models/resnet50-int8/1: the legacy ResNet-50 after post-training quantisation (resnet_serve.export.quantize)."""
     src = ensure_model("resnet50", root, size, legacy=True)
     out = root / "resnet50-int8"
     if not (out / "1" / "manifest.json").is_file():

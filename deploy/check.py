@@ -359,7 +359,7 @@ def check_dockerfiles(docker: Path, root: Path, r: Report) -> None:
         out = subprocess.run([hadolint, "--no-color", "-c", str(docker / "hadolint.yaml"),
                               *map(str, dockerfiles)], capture_output=True, text=True, timeout=120)
         r.check(out.returncode == 0, "hadolint: " + ("clean" if out.returncode == 0 else out.stdout + out.stderr))
-    pyproject = root / "pyproject.toml"
+    pyproject = root / "server" / "pyproject.toml"  # the images install the server distribution
     scripts = set(re.findall(r'^([\w-]+)\s*=\s*"resnet_serve\.', pyproject.read_text(), re.M)) \
         if pyproject.exists() else set()
     for df in dockerfiles:

@@ -1,0 +1,1 @@
+"""Checkpoint -> verified, versioned static-graph Paddle Inference model folder (fp32, fp16, int8)."""

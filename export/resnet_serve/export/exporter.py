@@ -1,0 +1,200 @@
+"""Checkpoint -> versioned, verified Paddle Inference model directory (docs/architecture.md).
+
+Everything is written into a hidden temporary folder beside the target and renamed into place only after the
+predictor has been verified, so a failed export never leaves a half-written version behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paddle
+
+from resnet_serve.common import __version__
+from resnet_serve.common.imaging import IMAGENET_MEAN, IMAGENET_STD
+from resnet_serve.common.modeldir import LABELS, Manifest, list_versions, sha256_file, version_of
+from resnet_serve.train import checkpoint as ckpt
+from resnet_serve.train.models import build_model
+
+from . import verify
+from .checkpoint_reader import check_against, read_weights
+
+log = logging.getLogger(__name__)
+FORMATS = ("pir", "legacy")
+INT8_THRESHOLD = 0.99  # minimum top-1 agreement of int8 with fp32 on held-out images
+CALIBRATION_SAMPLES = 256
+
+
+class ExportError(ValueError):
+    pass
+
+
+@dataclass
+class ExportOptions:
+    checkpoint: Path
+    out: Path  # models/<name> (next version) or models/<name>/<version>
+    name: str | None = None
+    arch: str | None = None  # overrides the checkpoint metadata
+    num_classes: int | None = None
+    input_size: int | None = None
+    format: str = "pir"
+    precision: str = "fp32"
+    use_master_weights: bool = True
+    force: bool = False
+    rtol: float = verify.DEFAULT_RTOL
+    calibration: str | None = None  # int8: 'digits' (its training split) or a folder of images
+    calibration_samples: int = CALIBRATION_SAMPLES
+    eval_dir: Path | None = None  # int8: labelled held-out images (<label>/*); default: the checkpoint's hold-out
+    threshold: float = INT8_THRESHOLD
+
+
+def _is_version(name: str) -> bool:
+    return name.isascii() and name.isdigit()
+
+
+def target_dir(out: Path) -> Path:
+    """models/<name>/<N> as given, or models/<name> -> the next free version number."""
+    out = Path(out)
+    if _is_version(out.name):
+        if version_of(out.name) is None:
+            raise ExportError(f"version folder {out} must be a positive number without leading zeros (the server "
+                              f"looks for models/<name>/<N> by its number)")
+        return out
+    return out / str((list_versions(out) or [0])[-1] + 1)
+
+
+@contextlib.contextmanager
+def claim_version(out: Path, force: bool) -> Iterator[Path]:
+    """The version folder this export writes, with models/<name>/.export.lock held until it is in place: two
+    exports at once into one model folder never pick the same version nor replace each other's."""
+    model_dir = Path(out) if not _is_version(Path(out).name) else Path(out).parent
+    if model_dir.exists() and not model_dir.is_dir():
+        raise ExportError(f"{model_dir} is a file, not a model folder: choose another --out")
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(model_dir / ".export.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ExportError(f"cannot write the model folder {model_dir}: {e.strerror}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another resnet-export writing to %s", model_dir)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        for stale in [*model_dir.glob(".tmp-*"), *model_dir.glob(".old-*")]:  # a killed export's; none runs now
+            log.info("removing %s, left by an interrupted export", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        final = target_dir(out)
+        if final.exists() and not force:
+            raise ExportError(f"output {final} already exists (use --force to replace it)")
+        yield final
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a finished version folder into place. A replaced version (--force) is first renamed aside to a hidden
+    name, so the server never sees a half-deleted version folder."""
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _pir_enabled() -> bool:
+    return os.environ.get("FLAGS_enable_pir_api", "1").lower() not in ("0", "false")
+
+
+def export(opts: ExportOptions) -> Path:
+    """Export, verify, write the manifest; returns the version folder."""
+    if opts.format not in FORMATS:
+        raise ExportError(f"unknown format {opts.format!r}; choose pir or legacy")
+    if opts.precision == "int8":
+        from .quantize import export_int8  # post-training quantisation of a legacy fp32 export, gated
+
+        return export_int8(opts)
+    if opts.precision != "fp32":
+        raise ExportError(f"precision {opts.precision!r} is not available on this target: CPU Paddle has no fp16 "
+                          "conv kernels; export fp32 and serve it with --device gpu --precision fp16 (TensorRT)")
+    if (opts.format == "legacy") == _pir_enabled():
+        raise ExportError("the legacy format needs FLAGS_enable_pir_api=0 set before Paddle is imported: "
+                          "run it through `resnet-export --format legacy`")
+    prefix = ckpt.resolve(opts.checkpoint)
+    meta = ckpt.read_meta(prefix)
+    arch = opts.arch or meta.get("arch")
+    num_classes = opts.num_classes or meta.get("num_classes")
+    size = opts.input_size or (meta.get("input_size") or [None])[0]
+    missing = [n for n, v in (("--arch", arch), ("--num-classes", num_classes), ("--input-size", size)) if not v]
+    if missing:
+        raise ExportError(f"checkpoint {prefix} has no metadata JSON: pass {', '.join(missing)}")
+    with claim_version(opts.out, opts.force) as final:
+        return _export(opts, prefix, meta, arch, int(num_classes), int(size), final)
+
+
+def _export(opts: ExportOptions, prefix: Path, meta: dict, arch: str, num_classes: int, size: int,
+            final: Path) -> Path:
+    model = build_model(arch, num_classes)
+    weights = read_weights(prefix, opts.use_master_weights)
+    check_against(model, weights.state, arch)
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.state.items()})
+    model.eval()
+    log.info("checkpoint %s: layout %s, %d tensors from fp32 master weights", prefix, weights.layout,
+             weights.master_weights_used)
+
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _write(model, tmp, opts, meta, prefix, arch, num_classes, size, weights, final)
+        publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s v%d to %s (max|diff| %.3g, top-1 agreement %.0f%%)", manifest.name, manifest.version,
+             final, manifest.verification["max_abs_diff"], 100 * manifest.verification["top1_agreement"])
+    return final
+
+
+def _write(model, tmp: Path, opts: ExportOptions, meta: dict, prefix: Path, arch: str, num_classes: int,
+           size: int, weights, final: Path) -> Manifest:
+    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", "image")]
+    paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), str(tmp / "inference"))
+    model_file = "inference.json" if opts.format == "pir" else "inference.pdmodel"
+    if not (tmp / model_file).is_file():
+        raise ExportError(f"paddle.jit.save did not write {model_file} (format {opts.format})")
+
+    x = verify.fixed_inputs([size, size])
+    figures = verify.compare(verify.dygraph_logits(model, x),
+                             verify.predictor_logits(tmp / model_file, tmp / "inference.pdiparams", x), opts.rtol)
+    if not figures["passed"]:
+        raise ExportError(f"verification failed: max|dygraph - predictor| = {figures['max_abs_diff']:.3g} "
+                          f"(tolerance {figures['tolerance']:.3g}), top-1 agreement "
+                          f"{100 * figures['top1_agreement']:.1f}%")
+
+    labels = list(meta.get("labels") or [str(i) for i in range(num_classes)])
+    if len(labels) != num_classes:
+        raise ExportError(f"checkpoint metadata has {len(labels)} labels for {num_classes} classes")
+    (tmp / LABELS).write_text("\n".join(labels) + "\n")
+    manifest = Manifest(
+        name=opts.name or final.parent.name, version=int(final.name), architecture=arch, num_classes=num_classes,
+        input_size=[size, size], mean=list(meta.get("mean", IMAGENET_MEAN)), std=list(meta.get("std", IMAGENET_STD)),
+        precision=opts.precision, format=opts.format, model_file=model_file,
+        source_checkpoint={"path": str(prefix.with_suffix(ckpt.PARAMS)),
+                           "sha256": sha256_file(prefix.with_suffix(ckpt.PARAMS)),
+                           "layout": weights.layout, "master_weights_used": weights.master_weights_used,
+                           "epoch": meta.get("epoch"), "eval_accuracy": meta.get("eval_accuracy"),
+                           "amp": meta.get("amp")},
+        exporter_version=f"resnet-serve {__version__}, paddle {paddle.__version__}",
+        verification=figures, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    manifest.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / "manifest.json").write_text(manifest.to_json())
+    return manifest

@@ -1,0 +1,1 @@
+"""The gRPC server: transports, the dynamic batcher and the worker processes that run Paddle predictors."""
