@@ -47,7 +47,7 @@ serve: install  ## serve the newest exported version
 demo: install  ## train -> export -> serve -> classify held-out digits through the client -> accuracy + metrics
 	@test -d $(CHECKPOINTS) || $(MAKE) --no-print-directory train
 	@test -d $(MODELS) || $(MAKE) --no-print-directory export
-	$(PY) -m resnet_serve.client.demo --model-dir $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m resnet_serve.client.tools.demo --model-dir $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 observe:  ## Prometheus (Debian's package) with deploy/prometheus/prometheus.yml, scraping a local `make serve`
 	@command -v prometheus >/dev/null || { echo "error: prometheus not found: apt-get install prometheus" >&2; exit 2; }

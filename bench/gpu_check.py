@@ -254,9 +254,9 @@ def two_at_once(spec: dict[str, Any], cache: Path) -> dict[str, Any]:
 
 
 def server_run(vdir: Path, cache: Path, args: argparse.Namespace, in_process: dict[str, float]) -> dict[str, Any]:
-    from resnet_serve.client.loadgen import LoadConfig
-    from resnet_serve.client.loadgen import run as run_load
-    from resnet_serve.client.sync import ClassifierClient
+    from resnet_serve.client import ClassifierClient
+    from resnet_serve.client.tools.loadgen import LoadConfig
+    from resnet_serve.client.tools.loadgen import run as run_load
 
     engine, precision, _ = CONFIGS[SERVER_CONFIG]
     log(f"server end to end: {SERVER_CONFIG} on ResNet-50, unary at concurrency {list(SERVER_CONCURRENCY)}")

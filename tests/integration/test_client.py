@@ -19,10 +19,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_serve.client import cli
-from resnet_serve.client.aio import AsyncClassifierClient
-from resnet_serve.client.common import Attempts, ChannelOptions, ClassifierError, Result, RetryPolicy, info_dict
-from resnet_serve.client.sync import ClassifierClient, target_string
+from resnet_serve.client import (
+    AsyncClassifierClient,
+    ChannelOptions,
+    ClassifierClient,
+    ClassifierError,
+    Result,
+    RetryPolicy,
+    target_string,
+)
+from resnet_serve.client.retry import Attempts
+from resnet_serve.client.tools import cli
+from resnet_serve.client.tools.cli import info_dict
 from tests.harness import InProcessServer, run_cli
 
 SIZE = 32
@@ -614,7 +622,7 @@ def test_bench_help_states_the_real_defaults() -> None:
 @pytest.mark.parametrize("processes", [1, 2])
 def test_bench_hands_over_each_step_as_it_ends(srv, processes: int) -> None:
     """When step 1 is reported, the server has seen exactly step 1's requests: nothing of step 2 was sent yet."""
-    from resnet_serve.client import loadgen
+    from resnet_serve.client.tools import load_report, loadgen
 
     config = loadgen.LoadConfig(target=srv.address, concurrency=(2, 2), warmup_s=0.1, requests=4,
                                 processes=processes, input_hw=(SIZE, SIZE))
@@ -624,7 +632,7 @@ def test_bench_hands_over_each_step_as_it_ends(srv, processes: int) -> None:
     assert [step for step, _ in seen] == steps and len(steps) == 2
     first, at_first = seen[0]
     assert at_first - before == first["requests"] + first["warmup_requests"]
-    assert loadgen.format_row(first).startswith("unary")
+    assert load_report.format_row(first).startswith("unary")
 
 
 @pytest.mark.parametrize("kind,extra", [("encoded", []), ("uint8", ["--input", "raw"])])

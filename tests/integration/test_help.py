@@ -23,7 +23,7 @@ COMMANDS = [
     (["resnet-client", "health"], {"--wait": "0.0"}),
     (["resnet-client", "bench"], {"--concurrency": "1", "--mode": "unary", "--warmup": "1.0", "--duration": "5.0",
                                   "--streams": "1", "--processes": "1", "--protocol": "classifier"}),
-    (["python", "-m", "resnet_serve.client.demo"], {"--port": "50051", "--min-accuracy": "0.8"}),
+    (["python", "-m", "resnet_serve.client.tools.demo"], {"--port": "50051", "--min-accuracy": "0.8"}),
 ]
 
 

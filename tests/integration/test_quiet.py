@@ -49,7 +49,7 @@ def test_make_demo_steps_print_no_framework_noise(trained_checkpoint: Path, tmp_
         ("resnet-export", "--checkpoint", str(trained_checkpoint), "--out", str(models / "digits")),
         ("resnet-export", "--checkpoint", str(trained_checkpoint), "--out", str(models / "int8"), "--precision", "int8",
          "--calibration", "digits", "--calibration-samples", "16", "--force"),
-        ("python", "-m", "resnet_serve.client.demo", "--model-dir", str(models / "digits"), "--images",
+        ("python", "-m", "resnet_serve.client.tools.demo", "--model-dir", str(models / "digits"), "--images",
          str(tmp_path / "holdout"), "--port", "0", "--metrics-port", "0", "--min-accuracy", "0"),
     ]
     for argv in steps:

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resnet_serve.client.common import RetryPolicy
-from resnet_serve.client.sync import ClassifierClient
+from resnet_serve.client import ClassifierClient, RetryPolicy
 from tests.harness import scrape, start_subprocess_server
 
 REPLICAS = 3

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from resnet_serve.client.sync import ClassifierClient
+from resnet_serve.client import ClassifierClient
 from resnet_serve.export.exporter import ExportOptions, export
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
@@ -92,7 +92,7 @@ def test_settings_from_env_and_file_are_logged(tiny_model_dir: Path, tmp_path: P
 def test_demo_path_classifies_held_out_digits(trained_checkpoint: Path, tmp_path: Path) -> None:
     """What `make demo` runs after training: export -> serve -> client over the held-out digits -> SIGTERM."""
     export(ExportOptions(checkpoint=trained_checkpoint, out=tmp_path / "models" / "digits"))
-    r = subprocess.run([sys.executable, "-m", "resnet_serve.client.demo", "--model-dir", str(tmp_path / "models" /
+    r = subprocess.run([sys.executable, "-m", "resnet_serve.client.tools.demo", "--model-dir", str(tmp_path / "models" /
                         "digits"), "--images", str(tmp_path / "holdout"), "--port", "0", "--metrics-port", "0",
                         "--min-accuracy", "0"], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONUNBUFFERED": "1"})

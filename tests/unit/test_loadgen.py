@@ -9,8 +9,9 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from resnet_serve.client import loadgen
-from resnet_serve.client.loadgen import LoadConfig, Recorder, Samples
+from resnet_serve.client.tools import load_report, loadgen
+from resnet_serve.client.tools.load_steps import LoadConfig, Recorder, Samples
+from resnet_serve.client.tools.payloads import payloads, with_id
 from resnet_serve.protos import classifier_pb2 as pb
 
 
@@ -53,25 +54,25 @@ def test_merge_adds_processes_and_summary_has_the_documented_fields() -> None:
     m = Samples.merge([a, b])
     assert (m.warmup_requests, m.requests, m.ok_in_window, len(m.latencies_s)) == (3, 30, 29, 29)
     config = LoadConfig(target="x:1", mode="stream", concurrency=(4,))
-    step = loadgen.summarize(config, "concurrency", 4, m)
+    step = load_report.summarize(config, "concurrency", 4, m)
     assert step["concurrency"] == 4 and step["rate"] is None and step["mode"] == "stream"
     assert step["images_per_s"] == 14.5 and step["errors"] == {"UNAVAILABLE": 1} and step["duration_s"] == 2.0
     assert step["latency_ms"]["max"] == 3.0 and step["latency_ms"]["p50"] == 3.0
-    table = loadgen.format_table([step])
+    table = load_report.format_table([step])
     assert "c=4" in table.splitlines()[1] and "UNAVAILABLE=1" in table
 
 
 def test_percentiles() -> None:
-    p = loadgen.percentiles_ms([i / 1000 for i in range(1, 101)])
+    p = load_report.percentiles_ms([i / 1000 for i in range(1, 101)])
     assert p == {"p50": 50.5, "p90": 90.1, "p99": 99.01, "max": 100.0}
-    assert loadgen.percentiles_ms([]) == {"p50": None, "p90": None, "p99": None, "max": None}
+    assert load_report.percentiles_ms([]) == {"p50": None, "p90": None, "p99": None, "max": None}
 
 
 @pytest.mark.parametrize("kind", ["raw", "jpeg"])
 def test_payloads_are_valid_requests_at_the_input_size(kind: str) -> None:
-    blobs = loadgen.payloads(kind, (24, 40), top_k=3, count=2)
+    blobs = payloads(kind, (24, 40), top_k=3, count=2)
     assert len(set(blobs)) == 2
-    req = pb.ClassifyRequest.FromString(loadgen.with_id(blobs[0], "17"))
+    req = pb.ClassifyRequest.FromString(with_id(blobs[0], "17"))
     assert req.request_id == "17" and req.top_k == 3
     if kind == "raw":
         assert list(req.tensor.shape) == [24, 40, 3] and len(req.tensor.data) == 24 * 40 * 3

@@ -12,22 +12,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
 
-from .common import (
-    Attempts,
-    ChannelOptions,
-    ClassifierError,
-    ClientBase,
-    ReadyWait,
-    Result,
-    RetryPolicy,
-    StreamOrder,
-    error_of,
-    health_status,
-    open_channel,
-    result_of,
-    target_string,
-)
+from .base import ClientBase
+from .channel import ChannelOptions, open_channel, target_string
+from .errors import ClassifierError, error_of
 from .images import ImageLike, to_request
+from .readiness import ReadyWait, health_status
+from .results import Result, result_of
+from .retry import Attempts, RetryPolicy
+from .streams import StreamOrder
 
 __all__ = ["ClassifierClient", "ClassifierError", "ChannelOptions", "RetryPolicy", "Result", "target_string"]
 

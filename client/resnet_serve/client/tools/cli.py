@@ -13,17 +13,17 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 import numpy as np
 
+from resnet_serve.client import ChannelOptions, ClassifierClient, ClassifierError, Result, target_string
 from resnet_serve.common.cli import DefaultsFormatter, fail
 from resnet_serve.common.imaging import SUFFIXES
-
-from .common import ChannelOptions, ClassifierError, Result, info_dict, target_string, text_table
+from resnet_serve.protos import classifier_pb2 as pb
 
 TOKEN_ENV = "RESNET_CLIENT_TOKEN"
 MAX_INPUT_FILES = 64  # bench --input-data: the images are held in memory, serialised once
@@ -131,9 +131,7 @@ def options_from(args: argparse.Namespace) -> ChannelOptions:
                           tls=bool(args.tls_ca or args.tls_cert or args.tls_server_name))
 
 
-def _client(args: argparse.Namespace):
-    from .sync import ClassifierClient
-
+def _client(args: argparse.Namespace) -> ClassifierClient:
     if args.top_k < 0:
         raise BadInput("--top-k must be >= 0")
     if args.timeout is not None and args.timeout <= 0:
@@ -143,6 +141,27 @@ def _client(args: argparse.Namespace):
     except ValueError as e:
         raise BadInput(f"--target {args.target}: {e}") from e
     return ClassifierClient(target, options_from(args), timeout=30.0 if args.timeout is None else args.timeout)
+
+
+def info_dict(info: pb.ModelInfo) -> dict:
+    """GetModelInfo's answer as the JSON `info` prints."""
+    return {"name": info.name, "version": info.version, "architecture": info.architecture,
+            "input_shape": list(info.input_shape), "num_classes": info.num_classes, "precision": info.precision,
+            "max_batch_size": info.max_batch_size, "device": info.device, "engine": info.engine,
+            "mean": [round(x, 6) for x in info.mean], "std": [round(x, 6) for x in info.std],
+            "labels": list(info.labels), "preprocessing": preprocessing_dict(info.preprocessing)}
+
+
+def preprocessing_dict(p: pb.Preprocessing) -> dict:
+    return {"resize": p.resize, "input_size": list(p.input_size), "color": p.color, "scale": round(p.scale, 8),
+            "mean": [round(x, 6) for x in p.mean], "std": [round(x, 6) for x in p.std], "layout": p.layout,
+            "formats": list(p.formats)}
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns for the CLI's tables (first row: the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def _emit(args: argparse.Namespace, doc: Any, text: str) -> None:
@@ -425,7 +444,8 @@ def read_input_data(root: Path) -> list[bytes]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import loadgen
+    from . import load_report, loadgen
+    from .payloads import payloads
 
     rates = _numbers(args.rate, float, "--rate") if args.rate else []
     concurrency = [] if rates else _numbers(args.concurrency, int, "--concurrency")
@@ -445,7 +465,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if info is None:
         import asyncio
 
-        from .oip_bench import model_facts
+        from .oip_transport import model_facts
 
         model, input_hw = asyncio.run(model_facts(target, args.model, options_from(args)))
     else:
@@ -460,7 +480,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         input_data=tuple(data))
     if data and kind == "raw":
         try:  # decoded here once, so a bad file is one line now rather than a failure in every client process
-            loadgen.payloads(kind, input_hw, data=data)
+            payloads(kind, input_hw, data=data)
         except (OSError, ValueError) as e:
             raise BadInput(f"--input-data {args.input_data}: an image cannot be decoded ({type(e).__name__})") from None
     source = f"{len(data)} image(s) from {args.input_data}" if data else "generated pictures"
@@ -472,8 +492,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
           file=sys.stderr)
     # Each step's row as soon as it ends: on stdout for the table, on stderr beside --json's one document.
     rows = sys.stderr if args.json else sys.stdout
-    print(loadgen.format_header(), file=rows, flush=True)
-    steps = loadgen.run(config, on_step=lambda step: print(loadgen.format_row(step), file=rows, flush=True))
+    print(load_report.format_header(), file=rows, flush=True)
+    steps = loadgen.run(config, on_step=lambda step: print(load_report.format_row(step), file=rows, flush=True))
     if args.json:
         print(json.dumps({"target": target, "model": model, "protocol": args.protocol, "mode": args.mode,
                           "input": kind, "input_data": str(args.input_data) if data else None,

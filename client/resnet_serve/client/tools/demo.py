@@ -14,26 +14,29 @@ import time
 from pathlib import Path
 from urllib.request import urlopen
 
+from resnet_serve.client import ClassifierClient
 from resnet_serve.common.cli import DefaultsFormatter, add_verbose_flag, quiet_frameworks
 from resnet_serve.common.modeldir import load_manifest, resolve_version_dir
-
-from .sync import ClassifierClient
 
 EXCERPT = ("resnet_serve_requests_total", "resnet_serve_batch_size_sum", "resnet_serve_batch_size_count",
            "resnet_serve_batches_total", "resnet_serve_model_info", "resnet_serve_model_warmup_seconds")
 
 
 def held_out_images(model_dir: Path, out: Path) -> list[Path]:
-    """The digits the model never trained on (same seeded split as training), as PNG files under out/<label>/."""
-    from resnet_serve.train.data import load_digits, write_images
-
-    version_dir = resolve_version_dir(model_dir)
-    manifest = load_manifest(version_dir)
-    size = manifest.input_size[0]
+    """The digits the model never trained on (same seeded split as training), as PNG files under out/<label>/,
+    written by `resnet-train --write-holdout` (the client imports nothing of training)."""
+    size = load_manifest(resolve_version_dir(model_dir)).input_size[0]
     if not out.is_dir():
-        _, holdout = load_digits(size)
-        write_images(holdout, out)
+        r = subprocess.run([_script("resnet-train"), "--write-holdout", str(out), "--input-size", str(size)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"demo: writing the held-out digits failed:\n{r.stdout}{r.stderr}")
     return sorted(out.glob("*/*.png"))
+
+
+def _script(name: str) -> str:
+    """A console script of this install (the demo runs the whole system: resnet-train, resnet-serve)."""
+    return str(Path(sys.executable).parent / name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     images = held_out_images(args.model_dir, args.images)
     print(f"demo: {len(images)} held-out digit images under {args.images}", flush=True)
-    server = subprocess.Popen([str(Path(sys.executable).parent / "resnet-serve"), "--model-dir", str(args.model_dir),
+    server = subprocess.Popen([_script("resnet-serve"), "--model-dir", str(args.model_dir),
                                "--host", "127.0.0.1", "--port", str(args.port), "--metrics-port",
                                str(args.metrics_port), *(["--verbose"] if args.verbose else [])],
                               stdout=subprocess.PIPE, text=True)
