@@ -23,7 +23,7 @@ from .results import Result, result_of
 from .retry import Attempts, RetryPolicy
 from .streams import StreamOrder
 
-__all__ = ["AsyncClassifierClient", "ClassifierError", "ChannelOptions", "RetryPolicy", "Result"]
+__all__ = ["AsyncClassifierClient"]
 
 
 async def _aiter(images: Iterable[ImageLike] | AsyncIterable[ImageLike]) -> AsyncIterator[ImageLike]:

@@ -13,7 +13,7 @@ from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
 
 from .base import ClientBase
-from .channel import ChannelOptions, open_channel, target_string
+from .channel import ChannelOptions, open_channel
 from .errors import ClassifierError, error_of
 from .images import ImageLike, to_request
 from .readiness import ReadyWait, health_status
@@ -21,7 +21,7 @@ from .results import Result, result_of
 from .retry import Attempts, RetryPolicy
 from .streams import StreamOrder
 
-__all__ = ["ClassifierClient", "ClassifierError", "ChannelOptions", "RetryPolicy", "Result", "target_string"]
+__all__ = ["ClassifierClient"]
 
 
 class ClassifierClient(ClientBase):
