@@ -1,16 +1,19 @@
 """The load generator's bookkeeping without a server: which requests count as warm-up or measured, merging
-processes, percentiles, payloads, load splitting. (Runs against a real server are in test_client.py.)"""
+processes, percentiles, payloads, load splitting, a failed stream (scripted transport). (Runs against a real
+server are in test_client.py and test_oip.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import pytest
 from PIL import Image
 
 from resnet_serve.client.tools import load_report, loadgen
-from resnet_serve.client.tools.load_steps import LoadConfig, Recorder, Samples
+from resnet_serve.client.tools.load_steps import LoadConfig, Recorder, Samples, StepRunner, StreamFailed
 from resnet_serve.client.tools.payloads import payloads, with_id
 from resnet_serve.protos import classifier_pb2 as pb
 
@@ -95,3 +98,38 @@ def test_steps_and_validation() -> None:
         with pytest.raises(ValueError):
             LoadConfig(target="x:1", **bad).validate()
 
+
+
+class ScriptedTransport:
+    """A Transport answering each stream item as soon as it is sent, by a script: the first stream fails at its
+    third item; the second answers its first item with an error naming no request."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+
+    async def unary(self, n: int) -> str | None:
+        return None
+
+    async def stream(self, items: AsyncIterator[int]) -> AsyncIterator[tuple[str | None, str | None]]:
+        self.streams += 1
+        k = 0
+        async for n in items:
+            k += 1
+            if self.streams == 1 and k == 3:
+                raise StreamFailed("UNAVAILABLE")
+            yield (None, "INVALID_ARGUMENT") if self.streams == 2 and k == 1 else (str(n), None)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_failed_stream_counts_its_unanswered_items_and_is_replaced() -> None:
+    """One copy of the stream accounting for every protocol: a failed stream's unanswered item is an error of
+    the stream's code, a new stream carries on, an answer naming no request is put on the oldest unanswered."""
+    config = LoadConfig(target="x:1", mode="stream", warmup_s=0, requests=6)
+    transport = ScriptedTransport()
+    runner = StepRunner(config, transport, requests=6)
+    s = asyncio.run(runner.run("concurrency", 1))
+    assert transport.streams == 2
+    assert (s.warmup_requests, s.requests, s.ok_in_window, len(s.latencies_s)) == (0, 6, 4, 4)
+    assert s.errors == Counter({"UNAVAILABLE": 1, "INVALID_ARGUMENT": 1})
