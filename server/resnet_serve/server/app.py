@@ -25,6 +25,8 @@ from .admission import PreprocessPool
 from .auth import AdminGuard, BearerTokenInterceptor, load_tokens, server_credentials
 from .batcher import BatcherObserver
 from .engine import Engine, EngineError, WorkerDied
+from .errors import ErrorTable
+from .handle import ServingConfig, ServingHandle
 from .memory import MemorySweeper
 from .metrics import Metrics
 from .oip_service import OIPService, add_oip_service
@@ -124,10 +126,17 @@ class Server:
         self.model_dir = Path(settings.model_dir)
         self.version_dir = resolve_version_dir(self.model_dir, settings.version)
         self.metrics = Metrics(settings.max_batch_size)
-        self.service = ClassifierService(self.metrics, {EngineError: grpc.StatusCode.INTERNAL,
-                                                        WorkerDied: grpc.StatusCode.UNAVAILABLE},
-                                         max_stream_in_flight=settings.max_stream_in_flight,
-                                         max_request_id_length=settings.max_request_id_length)
+        # What every transport may know of this server: one handle, one error table, read at call time.
+        self.handle = ServingHandle(
+            self.metrics,
+            ServingConfig(max_request_id_length=settings.max_request_id_length,
+                          max_stream_in_flight=settings.max_stream_in_flight, instances=settings.instances,
+                          preferred_batch_sizes=tuple(settings.bucket_sizes()),
+                          max_queue_delay_us=settings.max_queue_delay_us, max_queue_size=settings.max_queue_size),
+            ErrorTable({EngineError: grpc.StatusCode.INTERNAL, WorkerDied: grpc.StatusCode.UNAVAILABLE}),
+            pipeline=lambda: self.model.pipeline if self.model is not None else None, serving=self.serving,
+            failure=lambda: self.failed, loading=lambda: self.version_dir)
+        self.service = ClassifierService(self.handle)
         self.health = health.aio.HealthServicer()
         self.observer = HealthTrackingObserver(self.metrics, settings.unhealthy_after_failures,
                                                self._engine_health_changed)
@@ -166,13 +175,14 @@ class Server:
         return self.model.batcher if self.model else None
 
     # --- health --------------------------------------------------------------------------------------------
-    def _serving(self) -> bool:
+    def serving(self) -> bool:
+        """Ready to answer: loaded and warm, not failed or draining, batches succeeding, a worker alive."""
         engine = self.engine
         return (self.ready.is_set() and not self.failed and not self._draining and self._engine_ok
                 and engine is not None and engine.alive_instances() > 0)
 
     async def _update_health(self) -> None:
-        status = SERVING if self._serving() else NOT_SERVING
+        status = SERVING if self.serving() else NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
@@ -203,7 +213,7 @@ class Server:
         if s.metrics_port >= 0:
             metrics_host = s.metrics_host or s.host
             try:
-                self._metrics_http = self.metrics.serve_http(s.metrics_port, metrics_host, self._serving)
+                self._metrics_http = self.metrics.serve_http(s.metrics_port, metrics_host, self.serving)
             except OSError as e:
                 raise ListenError(f"cannot listen on {metrics_host}:{s.metrics_port} for /metrics "
                                   f"({e.strerror or e}): choose another metrics_port (--metrics-port; -1 turns "
@@ -224,7 +234,7 @@ class Server:
         classifier_pb2_grpc.add_ClassifierServicer_to_server(self.service, self.grpc_server)
         classifier_pb2_grpc.add_AdminServicer_to_server(AdminService(self), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        add_oip_service(OIPService(self), self.grpc_server)
+        add_oip_service(OIPService(self.handle), self.grpc_server)
         reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME,
                                              OIPService.SERVICE_NAME), self.grpc_server)
         address = f"{s.host}:{s.port}"
@@ -269,7 +279,6 @@ class Server:
         self.model = model
         self._live = (*self._live, model)
         self.version_dir = model.version_dir
-        self.service.pipeline = model.pipeline
         self.metrics.model_load.set(model.engine.load_seconds)
         self.metrics.model_warmup.set(model.engine.warmup_seconds)
         self.metrics.workers_alive.set(model.engine.alive_instances())
