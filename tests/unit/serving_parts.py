@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
+from resnet_serve.common.modeldir import MANIFEST, Manifest, sha256_file
 from resnet_serve.server.admission import PreprocessPool
 from resnet_serve.server.batcher import Batcher, BatchPolicy
 from resnet_serve.server.metrics import Metrics
@@ -88,3 +90,21 @@ class Parts:
         self.runner.gate.set()
         await self.batcher.stop()
         self.pool.shutdown()
+
+
+def fake_version(model_dir: Path, version: int, tamper: str | None = None, unlisted: str | None = None) -> Path:
+    """A version folder a manifest describes, with placeholder model files (no predictor can load them: they stand
+    in for an export where only the folder's rules are under test). `tamper`: that file changes after its sha256
+    was listed; `unlisted`: that file has no sha256 in `files`."""
+    folder = model_dir / str(version)
+    folder.mkdir(parents=True)
+    contents = {"inference.json": b"{}", "inference.pdiparams": b"\0" * 16, "labels.txt": "\n".join(LABELS).encode()}
+    for name, data in contents.items():
+        (folder / name).write_bytes(data)
+    files = {name: sha256_file(folder / name) for name in contents if name != unlisted}
+    manifest = Manifest(name="tiny", version=version, architecture="resnet18", num_classes=CLASSES,
+                        input_size=[SIZE, SIZE], mean=[0.5] * 3, std=[0.25] * 3, files=files)
+    (folder / MANIFEST).write_text(manifest.to_json())
+    if tamper is not None:
+        (folder / tamper).write_bytes(contents[tamper] + b"changed")
+    return folder
