@@ -61,7 +61,7 @@ observe:  ## Prometheus (Debian's package) with deploy/prometheus/prometheus.yml
 test: install  ## the whole test suite (CI runs this)
 	$(PY) -m pytest -q
 
-bench: install  ## the DESIGN.md benchmark protocol; writes bench/results/
+bench: install  ## the benchmark protocol (docs/BENCHMARKS.md); writes bench/results/ and docs/BENCHMARKS.md
 	$(PY) -m bench.run
 
 # Not `install`: that would add the CPU `paddlepaddle` beside the GPU wheel. Run it with the Python that has
