@@ -4,6 +4,7 @@ environment the Kubernetes Deployment sets, serves and passes the image's own he
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -168,18 +169,32 @@ def test_deploy_check_without_kubectl_fails_on_one_line_and_still_checks_the_doc
     assert "hadolint: clean" in out
 
 
-def test_deploy_check_refuses_a_kubectl_bundling_an_old_kustomize(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """Debian bookworm's kubernetes-client (kubectl 1.20) bundles kustomize v2.0.3, which cannot read `labels:`."""
+# `kubectl version --client -o json` of a kubectl that cannot build these kustomizations, and the one line it gets
+OLD_KUBECTLS = {
+    # Debian bookworm's kubernetes-client (the kubectl apt offers): 1.20.2 names no kustomize version, and its
+    # `kubectl kustomize` fails on these kustomizations ("cannot unmarshal object into ... patchesStrategicMerge")
+    "debian kubernetes-client 1.20": ('{"clientVersion": {"gitVersion": "v1.20.2"}}',
+                                      "reports no kustomize version (`kubectl version --client -o json`): "
+                                      "deploy-check needs kubectl >= 1.27 (kustomize v5)"),
+    "kubectl 1.26, kustomize v4": ('{"clientVersion": {"gitVersion": "v1.26.0"}, "kustomizeVersion": "v4.5.7"}',
+                                   "bundles kustomize v4.5.7; deploy-check needs kustomize v5 (kubectl >= 1.27)"),
+}
+
+
+@pytest.mark.parametrize("name", OLD_KUBECTLS)
+def test_deploy_check_refuses_a_kubectl_without_kustomize_v5_on_one_line(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    version_json, message = OLD_KUBECTLS[name]
     kubectl = tmp_path / "kubectl"
-    kubectl.write_text('#!/bin/sh\necho \'{"clientVersion": {}, "kustomizeVersion": "v2.0.3"}\'\n')
+    kubectl.write_text(f"#!/bin/sh\necho '{version_json}'\n")
     kubectl.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{Path(sys.executable).parent}")
     rc, out, fails = run_check(DEPLOY, capsys)
     assert rc == 1, out
-    assert fails == [f"FAIL  {kubectl} bundles kustomize v2.0.3; deploy-check needs kustomize v5 (kubectl >= 1.27)"]
+    assert fails == [f"FAIL  {kubectl} {message}"], out
 
 
+@functools.cache
 def rendered(kustomization: str) -> dict[str, dict]:
     """`kubectl kustomize deploy/k8s/<kustomization>`, through deploy/check.py, by kind/name."""
     kubectl, _ = check.find_kubectl()
