@@ -13,9 +13,10 @@
    - CRDs (PodMonitor, ScaledObject) against the schemas in deploy/k8s/schemas/. Those are hand-written subsets,
      not the upstream CRDs (which are not bundled anywhere offline): they name every spec field and type the ones
      we use. A kind with neither schema fails the check.
-3. Consistency with the server: every RESNET_SERVE_* variable is a real setting and loads; probes and ports match
-   the configured ports; terminationGracePeriodSeconds covers preStop + the drain; liveness outlasts the drain;
-   Services select the pods; autoscaling and monitoring name metrics the server exports.
+3. Consistency with the server: every RESNET_SERVE_* variable is a real setting and loads; the probes are native
+   gRPC health probes and they and the ports match the configured ports; the startup probe outlasts the worker
+   start timeout; terminationGracePeriodSeconds covers preStop + the drain; liveness outlasts the drain; Services
+   select the pods; autoscaling and monitoring name metrics the server exports.
 4. Dockerfiles: hadolint (deploy/docker/hadolint.yaml), plus the entrypoint being a console script of the server
    distribution, ENV setting real settings only, HEALTHCHECK outlasting the worker start timeout, COPY sources.
 
@@ -31,7 +32,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -145,23 +145,34 @@ def kustomizations(k8s: Path) -> list[Path]:
     return sorted(p.parent for p in k8s.rglob("kustomization.yaml"))
 
 
-def kust_entries(d: Path) -> Iterator[str]:
-    """The files and directories a kustomization reads."""
-    kust = yaml.safe_load((d / "kustomization.yaml").read_text()) or {}
-    yield from kust.get("resources", []) or []
-    yield from kust.get("components", []) or []
-    for p in kust.get("patches", []) or []:
-        if isinstance(p, dict) and p.get("path"):
-            yield p["path"]
-    yield from kust.get("patchesStrategicMerge", []) or []
+def kust_entries(d: Path) -> list[str] | None:
+    """The files and directories a kustomization reads; None when it cannot be read (kustomize says why)."""
+    try:
+        kust = yaml.safe_load((d / "kustomization.yaml").read_text())
+    except yaml.YAMLError:
+        return None
+    if not isinstance(kust, dict):
+        return None
+    patches = [p["path"] for p in kust.get("patches") or [] if isinstance(p, dict) and p.get("path")]
+    return [*(kust.get("resources") or []), *(kust.get("components") or []), *patches,
+            *(kust.get("patchesStrategicMerge") or [])]
+
+
+def holds_manifests(f: Path) -> bool:
+    try:
+        return any(is_manifest(doc) for doc in load_yaml_docs(f.read_text()))
+    except yaml.YAMLError:
+        return False  # not YAML: kustomize reports it wherever it is listed
 
 
 def check_listed(k8s: Path, dirs: list[Path], r: Report) -> None:
     """Every manifest under deploy/k8s is read by some kustomization (kustomize itself never looks at the others;
     a listed file that is missing is kustomize's error)."""
-    listed = {(d / e).resolve() for d in dirs for e in kust_entries(d)}
+    entries = {d: kust_entries(d) for d in dirs}
+    listed = {(d / e).resolve() for d, es in entries.items() for e in es or []}
+    unreadable = {d for d, es in entries.items() if es is None}  # what they list is unknown; kustomize reports them
     unlisted = [f for f in sorted(k8s.rglob("*.yaml")) if f.name != "kustomization.yaml"
-                and f.resolve() not in listed and any(is_manifest(doc) for doc in load_yaml_docs(f.read_text()))]
+                and f.resolve() not in listed and f.parent not in unreadable and holds_manifests(f)]
     for f in unlisted:
         r.fail(f"{f.relative_to(k8s)} holds manifests but no kustomization lists it")
     if not unlisted:
@@ -377,6 +388,7 @@ def entrypoint(dockerfile: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------------- main
 
 def check_k8s(k8s: Path, metrics: set[str], r: Report) -> None:
+    """Render every kustomization, then check what each one renders; the adapter rules against every HPA."""
     dirs = kustomizations(k8s)
     if not r.check(bool(dirs), f"kustomizations under k8s/: {[str(d.relative_to(k8s)) for d in dirs]}"):
         return
