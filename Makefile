@@ -65,7 +65,7 @@ bench: install  ## the DESIGN.md benchmark protocol; writes bench/results/
 	$(PY) -m bench.run
 
 # Not `install`: that would add the CPU `paddlepaddle` beside the GPU wheel. Run it with the Python that has
-# paddlepaddle-gpu and this project (pip install --no-deps -e .), e.g. `make gpu-check GPU_PYTHON=python3`.
+# paddlepaddle-gpu and this project's parts installed with --no-deps (docs/gpu.md), e.g. `make gpu-check GPU_PYTHON=python3`.
 GPU_PYTHON ?= python3
 gpu-check:  ## GPU acceptance run (docs/gpu.md): exports, every GPU engine x precision, agreement, speed, server; JSON + table
 	$(GPU_PYTHON) -m bench.gpu_check
