@@ -70,7 +70,7 @@ GPU_PYTHON ?= python3
 gpu-check:  ## GPU acceptance run (docs/gpu.md): exports, every GPU engine x precision, agreement, speed, server; JSON + table
 	$(GPU_PYTHON) -m bench.gpu_check
 
-deploy-check: install  ## validate deploy/k8s against the Kubernetes schemas (offline) and lint deploy/docker
+deploy-check: install  ## render deploy/k8s with `kubectl kustomize` (needs kubectl >= 1.27), validate it offline, lint deploy/docker
 	$(PY) deploy/check.py
 
 lint: install
