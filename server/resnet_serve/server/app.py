@@ -1,5 +1,6 @@
-"""Wires the server together: engine workers -> batcher -> pipeline -> gRPC servicer, plus health, reflection,
-/metrics, and the drain sequence. The one module that knows every part."""
+"""Wires the server together: engine workers -> batcher -> pipeline -> ServingHandle -> gRPC servicers (classifier.v1
+and the Open Inference Protocol), plus health, reflection, /metrics, and the drain sequence. The one module that
+knows every part; the servicers know only the handle it builds."""
 
 from __future__ import annotations
 
