@@ -200,3 +200,15 @@ def test_requests_recorded_through_the_handle_are_what_statistics_count() -> Non
     assert metrics.registry.get_sample_value("resnet_serve_request_duration_seconds_count", {
         "method": "GetModelInfo", "model": "tiny", "version": "1"}) is None  # counted, not timed
     assert handle.stream_items is metrics.stream_items and handle.config.max_stream_in_flight == 7
+
+
+def test_the_transports_know_the_handle_not_the_server_nor_paddle() -> None:
+    """Importing both servicers loads neither app.py (the server that builds the handle) nor the engine or Paddle."""
+    import subprocess
+    import sys
+
+    code = ("import sys, resnet_serve.server.service, resnet_serve.server.oip_service; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'paddle' or m in "
+            "('resnet_serve.server.app', 'resnet_serve.server.engine', 'resnet_serve.server.serving_model')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
