@@ -109,7 +109,7 @@ def test_before_a_version_is_published_the_handle_is_unavailable_and_names_what_
     async def body() -> None:
         state = ServerState(loading=fake_version(tmp_path, 3))
         handle = state.handle(Metrics())
-        assert handle.model is None and handle.labels() == [] and not handle.ready()
+        assert handle.model is None and handle.labels == [] and not handle.ready()
         with pytest.raises(RequestError) as raised:
             handle.require_model()
         assert (raised.value.code, raised.value.message) == (Code.UNAVAILABLE, "model is loading, not serving yet")
@@ -131,7 +131,7 @@ def test_the_handle_reads_the_serving_version_at_call_time() -> None:
             handle = state.handle(one.metrics)
             state.pipeline, state.serving = one.pipeline, True
             assert handle.model.version == "1" and handle.ready()
-            assert handle.labels() == one.pipeline.labels
+            assert handle.labels == one.pipeline.labels
             (a,) = await handle.submit([uint8_image(1)], 1, None)
             state.pipeline = two.pipeline  # a reload publishes version 2
             (b,) = await handle.submit([uint8_image(1)], 1, None)

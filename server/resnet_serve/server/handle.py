@@ -2,9 +2,10 @@
 know of the server. app.py builds one ServingHandle over its live state and hands it to every servicer; the
 servicers import this module, never app.py, so there is no circle and no reach into the server's insides.
 
-Members: what is served (`model`, `labels`, `state`), ready or not (`ready`), `submit` (images -> answers), the
-error table (`to_error`), metrics recording for a request (`record`, `stream_items`, `statistics`), and the
-serving limits a transport enforces or reports (`config`). Knows gRPC status codes; nothing of protobuf or Paddle.
+Members: what is served (`model`, `labels`, `require_model()`, `state()`), ready or not (`ready()`),
+`submit()` (images -> answers), the error table (`to_error()`), metrics recording for a request (`record()`,
+`stream_items`, `statistics()`), and the serving limits a transport enforces or reports (`config`). Knows gRPC
+status codes; nothing of protobuf or Paddle.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class ServingHandle:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, NOT_LOADED)
         return model
 
+    @property
     def labels(self) -> list[str]:
         """The serving version's class labels, by class id ([] while loading)."""
         pipeline = self._pipeline()

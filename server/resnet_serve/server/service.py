@@ -119,7 +119,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             yield response
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        model, labels = self.handle.model, self.handle.labels()
+        model, labels = self.handle.model, self.handle.labels
         if model is None:
             self.handle.record("GetModelInfo", grpc.StatusCode.UNAVAILABLE)
             await context.abort(grpc.StatusCode.UNAVAILABLE, NOT_LOADED)
