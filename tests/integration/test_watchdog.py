@@ -63,9 +63,9 @@ def test_a_stopped_worker_is_killed_after_the_batch_time_limit_and_replaced(tiny
         assert srv.engine.batch_time_limit_s == LIMIT_S
         old_pid = srv.engine.worker_pids()[0]
         os.kill(old_pid, signal.SIGSTOP)
-        calls = len(srv.engine.call_log)
+        calls = len(srv.call_log)
         doomed = srv.stub.Classify.future(request(0))  # no deadline: it must still get an answer
-        wait_for(lambda: len(srv.engine.call_log) == calls + 1, what="the batch sent to the stopped worker")
+        wait_for(lambda: len(srv.call_log) == calls + 1, what="the batch sent to the stopped worker")
         with pytest.raises(grpc.RpcError) as err:
             doomed.result(timeout=300)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
