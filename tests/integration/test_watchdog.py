@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
-from resnet_serve.server.engine import BATCH_LIMIT_FLOOR_S
+from resnet_serve.server.worker_pool import BATCH_LIMIT_FLOOR_S
 from tests.harness import InProcessServer, scrape, start_subprocess_server, wait_for
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
