@@ -309,3 +309,20 @@ def test_failed_restart_recovers_once_the_cause_is_gone_and_close_cleans_up(tiny
     assert eng.alive_instances() == 0
     with pytest.raises(WorkerDied, match="closed"):
         run(inputs[:1])
+
+
+def test_workers_start_from_the_manifest_and_plan_the_front_hands_them(tiny_model_dir: Path, tmp_path: Path,
+                                                                        inputs: np.ndarray) -> None:
+    """The manifest is read once, by whoever builds the Engine, and travels to the workers with the front's plan:
+    a worker started after manifest.json is gone still loads, warms and serves."""
+    from resnet_serve.common.modeldir import load_manifest
+
+    vdir = tmp_path / "1"
+    shutil.copytree(tiny_model_dir / "1", vdir)
+    manifest = load_manifest(vdir, verify_checksums=True)
+    eng = Engine(EngineConfig(version_dir=vdir, threads_per_instance=1, max_batch_size=1, buckets=(1,),
+                              start_timeout_s=WAIT_S), manifest=manifest)
+    assert eng.manifest is manifest and eng.workers.spec.plan == eng.workers.spec.settings.plan(vdir, manifest)
+    (vdir / "manifest.json").unlink()
+    with eng:
+        assert eng.runners()[0](inputs[:1]).shape == (1, 10)
