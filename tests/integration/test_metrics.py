@@ -151,9 +151,9 @@ def idle(request: pytest.FixtureRequest) -> None:
 
 def computing_one(srv: InProcessServer) -> grpc.Future:
     """One request held inside the worker (it found the server idle and went alone)."""
-    before = len(srv.engine.call_log)
+    before = len(srv.call_log)
     first = srv.stub.Classify.future(uint8(0), timeout=120)
-    wait_for(lambda: len(srv.engine.call_log) == before + 1, what="a batch in the worker")
+    wait_for(lambda: len(srv.call_log) == before + 1, what="a batch in the worker")
     return first
 
 
@@ -163,7 +163,7 @@ def test_request_counters_equal_what_was_sent(srv: InProcessServer, gate: Worker
     """One request at a time: each valid one is its own batch of 1 (idle dispatch), each invalid one never
     reaches the batcher. Every counter moves by exactly the number of requests of its kind."""
     before = srv.metrics()
-    calls_before = len(srv.engine.call_log)
+    calls_before = len(srv.call_log)
     unary_valid = [uint8(1), uint8(2), png(3), float32(4), float32(5)]
     for r in unary_valid:
         gate.release(1)
@@ -221,7 +221,7 @@ def test_request_counters_equal_what_was_sent(srv: InProcessServer, gate: Worker
         histogram("inference_duration_seconds", computed),
         batches(*[1] * computed))
     # The batch-size histogram's sum is the number of images the engine computed.
-    assert sum(n for _, n in srv.engine.call_log[calls_before:]) == computed == after[key("batch_size_sum")] - \
+    assert sum(n for _, n in srv.call_log[calls_before:]) == computed == after[key("batch_size_sum")] - \
         before[key("batch_size_sum")]
     assert after[key("queue_depth")] == 0 and after[key("in_flight_requests")] == 0
 

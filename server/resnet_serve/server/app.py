@@ -122,7 +122,9 @@ class ReloadRefused(Exception):
 
 
 class Server:
-    def __init__(self, settings: Settings, wrap_runner: Callable[[Runner], Runner] | None = None):
+    def __init__(self, settings: Settings, wrap_runner: Callable[[Runner], Runner] | None = None,
+                 on_dispatch: Callable[[int, int], None] | None = None):
+        """``wrap_runner`` and ``on_dispatch`` (Engine's: a batch handed to a worker) let tests observe batches."""
         self.settings = settings
         self.model_dir = Path(settings.model_dir)
         self.version_dir = resolve_version_dir(self.model_dir, settings.version)
@@ -142,6 +144,7 @@ class Server:
         self.observer = HealthTrackingObserver(self.metrics, settings.unhealthy_after_failures,
                                                self._engine_health_changed)
         self.wrap_runner = wrap_runner
+        self.on_dispatch = on_dispatch
         self.model: LoadedModel | None = None
         self.pool = PreprocessPool(settings.preprocess_threads, settings.max_preprocess_queue,
                                    settings.max_preprocess_queue_bytes,
@@ -273,7 +276,7 @@ class Server:
         return await serving_model.load(
             self.settings, version_dir, self.observer, self.pool, self.metrics,
             on_worker_event=lambda event, i: loop.call_soon_threadsafe(self._worker_event, event, i),
-            wrap_runner=self.wrap_runner)
+            wrap_runner=self.wrap_runner, on_dispatch=self.on_dispatch)
 
     def _publish(self, model: LoadedModel) -> None:
         """Switch traffic: one reference assignment on the event loop, so each request sees one version."""
