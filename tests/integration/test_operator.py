@@ -131,7 +131,8 @@ def test_every_interface_without_auth_warns_and_metrics_host_is_a_setting(tiny_m
 
 def test_make_installs_once_until_pyproject_changes(tmp_path: Path) -> None:
     """Every target depends on `install`: up to date (nothing run) while the stamp is newer than every
-    pyproject.toml (the root's and each part's), a reinstall once one is newer. `make -q` asks without running anything."""
+    pyproject.toml (the root's and each part's), a reinstall once one is newer. `make -q` asks without running
+    anything."""
     import os
     import subprocess
 
