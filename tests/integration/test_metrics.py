@@ -354,10 +354,14 @@ def test_observer_counts_drain_batches_and_refusals() -> None:
             await asyncio.sleep(0)
         with pytest.raises(QueueFull):
             await b.submit(item)
+        # What the server's queue_depth and in_flight_requests gauges read at scrape time (Server wires them to
+        # the live batchers; this observer never writes them): 3 queued, 4 accepted and unanswered.
+        assert (b.queue_depth, b.in_flight) == (3, 4)
         drain = asyncio.create_task(b.drain())
         await asyncio.sleep(0)
         go.set()
         await asyncio.gather(first, *queued, drain)
+        assert (b.queue_depth, b.in_flight) == (0, 0)
         await b.stop()
 
     try:
@@ -371,5 +375,4 @@ def test_observer_counts_drain_batches_and_refusals() -> None:
     assert [v("batches_total", reason=r) for r in ("idle", "full", "delay", "drain")] == [1, 0, 0, 2]
     assert (v("batch_size_sum"), v("batch_size_count"), v("queue_wait_seconds_count")) == (4, 3, 4)
     assert [v("dropped_requests_total", reason=r) for r in ("deadline", "cancelled", "queue_full")] == [1, 0, 1]
-    assert v("queue_depth") == 0 and v("in_flight_requests") == 0
     assert v("inference_duration_seconds_count") == 3 and not math.isnan(v("inference_duration_seconds_sum"))

@@ -10,6 +10,7 @@ name, and every part's pyproject.toml declares what its modules import at module
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 import subprocess
@@ -29,9 +30,9 @@ PARTS = ("common", "protos", "client", "server", "export", "train")
 
 # --- behavioural: what importing a module loads --------------------------------------------------------------------
 
-# Imports the module named by argv[1] and prints every module then in sys.modules with the module that first
-# imported it: a meta-path finder that finds nothing records who asked (the innermost frame outside the import
-# machinery).
+# Imports the modules named by argv[1:], in order, and prints every module then in sys.modules with the module that
+# first imported it: a meta-path finder that finds nothing records who asked (the innermost frame outside the
+# import machinery).
 _PROBE = r"""
 import importlib, json, sys
 
@@ -49,50 +50,57 @@ class Recorder:
         return None
 
 sys.meta_path.insert(0, Recorder)
-importlib.import_module(sys.argv[1])
+for name in sys.argv[1:]:
+    importlib.import_module(name)
 print(json.dumps({m: first.get(m) for m in sys.modules}))
 """
 
 
-def _walk(package: str) -> list[str]:
+def _walk(package: str) -> tuple[str, ...]:
     """The package and every module in it, found on disk (pkgutil over the package's folder)."""
     import importlib
     import pkgutil
 
     pkg = importlib.import_module(package)
-    return [package] + sorted(f"{package}.{m.name}" for m in pkgutil.walk_packages(pkg.__path__))
+    return (package, *sorted(f"{package}.{m.name}" for m in pkgutil.walk_packages(pkg.__path__)))
 
 
-# module -> what importing it must not load (top-level modules, or resnet_serve parts), and why.
-FORBIDDEN: dict[str, tuple[tuple[str, ...], str]] = {
-    "resnet_serve.server.batcher": (("grpc",), "the batcher knows nothing of gRPC"),
-    "resnet_serve.server.engine": (("grpc", "asyncio"), "the engine knows nothing of gRPC or asyncio"),
-    "resnet_serve.server.worker": (("grpc", "asyncio"), "the worker knows nothing of gRPC or asyncio"),
-    "resnet_serve.server.pipeline": (("grpc", "paddle"), "the pipeline knows neither gRPC nor Paddle"),
-    "resnet_serve.server.preprocess": (("grpc", "paddle"), "preprocessing knows neither gRPC nor Paddle"),
-    "resnet_serve.server.predictor_config": (("grpc", "asyncio"), "the predictor side knows no gRPC or asyncio"),
-    "resnet_serve.server.trt_cache": (("grpc", "asyncio"), "the predictor side knows no gRPC or asyncio"),
-    "resnet_serve.server.app": (("paddle",), "the front process never imports Paddle"),
-    "resnet_serve.server.cli": (("paddle",), "the front process never imports Paddle"),
-    **{m: (("resnet_serve.server", "resnet_serve.export", "resnet_serve.train", "paddle", "sklearn"),
-           "the client imports nothing of the server, export or train, nor Paddle or scikit-learn")
-       for m in _walk("resnet_serve.client")},
-    **{m: (("paddle", "grpc"), "common depends on no part and on neither Paddle nor gRPC")
-       for m in _walk("resnet_serve.common")},
+@dataclass(frozen=True)
+class Rule:
+    """Importing any of `modules` (each, and so all of them in one interpreter) loads nothing of `forbidden`
+    (top-level modules, or resnet_serve parts), because `why`."""
+    modules: tuple[str, ...]
+    forbidden: tuple[str, ...]
+    why: str
+
+
+S = "resnet_serve.server."
+RULES = {
+    "batcher": Rule((S + "batcher",), ("grpc",), "the batcher knows nothing of gRPC"),
+    "engine-worker": Rule((S + "engine", S + "worker", S + "predictor_config", S + "trt_cache"), ("grpc", "asyncio"),
+                          "engine and worker (and the predictor side they use) know nothing of gRPC or asyncio"),
+    "pipeline": Rule((S + "pipeline", S + "preprocess"), ("grpc", "paddle"),
+                     "the pipeline and preprocessing know neither gRPC nor Paddle"),
+    "front": Rule((S + "app", S + "cli"), ("paddle",), "the front process never imports Paddle"),
+    "client": Rule(_walk("resnet_serve.client"), ("resnet_serve.server", "resnet_serve.export", "resnet_serve.train",
+                                                  "paddle", "sklearn"),
+                   "the client imports nothing of the server, export or train, nor Paddle or scikit-learn"),
+    "common": Rule(_walk("resnet_serve.common"), ("paddle", "grpc"),
+                   "common depends on no part and on neither Paddle nor gRPC"),
 }
 
 
 @pytest.fixture(scope="module")
 def loaded() -> dict[str, dict[str, str | None]]:
-    """module -> {every module importing it loads: the module that imported that one first}, each probe in its
-    own fresh interpreter, all at once."""
-    procs = {m: subprocess.Popen([sys.executable, "-c", _PROBE, m], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, cwd=ROOT) for m in FORBIDDEN}
+    """rule -> {every module importing its modules loads: the module that imported that one first}, one fresh
+    interpreter per rule, all at once."""
+    procs = {name: subprocess.Popen([sys.executable, "-c", _PROBE, *rule.modules], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=ROOT) for name, rule in RULES.items()}
     out = {}
-    for m, p in procs.items():
+    for name, p in procs.items():
         stdout, stderr = p.communicate(timeout=300)
-        assert p.returncode == 0, f"importing {m} failed:\n{stderr}"
-        out[m] = json.loads(stdout)
+        assert p.returncode == 0, f"importing {RULES[name].modules} failed:\n{stderr}"
+        out[name] = json.loads(stdout)
     return out
 
 
@@ -104,22 +112,21 @@ def _chain(first: dict[str, str | None], name: str) -> str:
     return " -> ".join(reversed(out))
 
 
-@pytest.mark.parametrize("module", sorted(FORBIDDEN))
-def test_importing_module_loads_nothing_it_must_not_know(module: str,
-                                                         loaded: dict[str, dict[str, str | None]]) -> None:
-    forbidden, why = FORBIDDEN[module]
-    got = loaded[module]
-    hits = [f"{bad}: {_chain(got, m)}" for bad in forbidden
+@pytest.mark.parametrize("rule", RULES)
+def test_importing_loads_nothing_the_module_must_not_know(rule: str, loaded: dict[str, dict[str, str | None]]) -> None:
+    r, got = RULES[rule], loaded[rule]
+    hits = [f"{bad}: {_chain(got, m)}" for bad in r.forbidden
             for m in sorted(got) if m == bad or m.startswith(bad + ".")][:20]
-    assert not hits, f"importing {module} loads what it must not ({why}):\n  " + "\n  ".join(hits)
+    assert not hits, f"{r.why}, but importing {', '.join(r.modules)} loads:\n  " + "\n  ".join(hits)
 
 
 def test_probe_sees_what_a_module_loads(loaded: dict[str, dict[str, str | None]]) -> None:
     """The probe itself: the front does load gRPC, through the module that imports it."""
-    app = loaded["resnet_serve.server.app"]
-    chain = _chain(app, "grpc").split(" -> ")
+    front = loaded["front"]
+    chain = _chain(front, "grpc").split(" -> ")
     assert chain[0] == "resnet_serve.server.app" and chain[-1] == "grpc", chain
     assert all(m.startswith("resnet_serve.server.") for m in chain[:-1]), chain
+    assert all(m in loaded["client"] for m in RULES["client"].modules)  # every client module was imported
 
 
 # --- static: the source of every module ----------------------------------------------------------------------------
@@ -426,10 +433,16 @@ def _declared(part: str) -> set[str]:
     return {_norm(re.match(r"[A-Za-z0-9_.-]+", r.strip()).group(0)) for r in reqs}
 
 
+@functools.cache
+def _distributions() -> dict[str, set[str]]:
+    """Top-level import name -> the (normalised) installed distributions that provide it."""
+    return {top: {_norm(d) for d in ds} for top, ds in packages_distributions().items()}
+
+
 def _undeclared(part: str, modules: list[Module], declared: set[str]) -> list[str]:
     """The module-level imports (not behind `except ImportError` or TYPE_CHECKING) of `modules` that `declared`
     (normalised distribution names) does not cover: third-party distributions and other resnet_serve parts."""
-    dists = {top: {_norm(d) for d in ds} for top, ds in packages_distributions().items()}
+    dists = _distributions()
     missing = []
     for mod in modules:
         for imp in _imports(mod):

@@ -4,6 +4,7 @@ each value came from, and a clear error for every bad value."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 
@@ -156,9 +157,11 @@ def test_every_setting_is_a_flag_with_help() -> None:
 def test_bad_settings_at_the_command_line_are_one_line(tmp_path: Path) -> None:
     """`resnet-serve` as a user runs it: a bad value is one `error:` line and exit 2; a model folder with no
     versions ends with one (after the effective configuration is logged), no traceback."""
-    r = run_cli("resnet-serve", "--model-dir", str(tmp_path), "--precision", "fp16", timeout=120)
-    assert "fp16 needs --device gpu" in one_error_line(r)
-    r = run_cli("resnet-serve", "--model-dir", str(tmp_path / "nope"), timeout=120)
+    with ThreadPoolExecutor(2) as pool:  # two interpreters at once
+        bad_value, no_versions = pool.map(lambda args: run_cli("resnet-serve", *args, timeout=120), [
+            ["--model-dir", str(tmp_path), "--precision", "fp16"], ["--model-dir", str(tmp_path / "nope")]])
+    assert "fp16 needs --device gpu" in one_error_line(bad_value)
+    r = no_versions
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last == f"error: no model versions (numeric folders with manifest.json) under {tmp_path / 'nope'}"
