@@ -3,8 +3,9 @@
 Behavioural where it can be: each rule about what a module may pull in imports that module in a fresh interpreter
 and reads `sys.modules`, so an import hidden behind another module is caught too (and the failure names the chain
 that brought it in). The rules about the source itself are checked by parsing every module of the six parts and
-bench/: no import circle (module-level and function-level imports alike), no use of another module's `_private`
-name, and every part's pyproject.toml declares what its modules import at module level.
+bench/: no import circle (module-level, function-level and TYPE_CHECKING imports alike: each is a module
+knowing another), no use of another module's `_private` name, and every part's pyproject.toml declares what its
+modules import at module level.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ class Import:
     target: str
     name: str | None = None
     module_level: bool = True
-    optional: bool = False  # inside `try: ... except ImportError` or `if TYPE_CHECKING:`
+    guard: str = ""  # "under TYPE_CHECKING" or "behind except ImportError": not needed to import the module
     full: str = ""  # the dotted name as written (resolved when relative)
 
 
@@ -191,35 +192,36 @@ def _resolve(mod: Module, node: ast.ImportFrom) -> str:
 def _imports(mod: Module) -> Iterator[Import]:
     """Every import statement of `mod`, anywhere in it, each name resolved to a module when it names one."""
 
-    def walk(node: ast.AST, module_level: bool, optional: bool) -> Iterator[Import]:
+    def walk(node: ast.AST, module_level: bool, guard: str) -> Iterator[Import]:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.Import):
                 for a in child.names:
-                    yield Import(mod.name, child.lineno, a.name, None, module_level, optional, a.name)
+                    yield Import(mod.name, child.lineno, a.name, None, module_level, guard, a.name)
             elif isinstance(child, ast.ImportFrom):
                 base = _resolve(mod, child)
                 for a in child.names:
                     sub = f"{base}.{a.name}"
                     if sub in MODULES:
-                        yield Import(mod.name, child.lineno, sub, None, module_level, optional, sub)
+                        yield Import(mod.name, child.lineno, sub, None, module_level, guard, sub)
                     else:
-                        yield Import(mod.name, child.lineno, base, a.name, module_level, optional, base)
+                        yield Import(mod.name, child.lineno, base, a.name, module_level, guard, base)
             elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                yield from walk(child, False, optional)
+                yield from walk(child, False, guard)
             elif isinstance(child, ast.Try) and any(_catches_import_error(h) for h in child.handlers):
                 for stmt in child.body:
-                    yield from walk(ast.Module(body=[stmt], type_ignores=[]), module_level, True)
+                    yield from walk(ast.Module(body=[stmt], type_ignores=[]), module_level,
+                                    guard or "behind except ImportError")
                 for rest in (*child.handlers, *child.orelse, *child.finalbody):
-                    yield from walk(rest, module_level, optional)
+                    yield from walk(rest, module_level, guard)
             elif isinstance(child, ast.If) and _is_type_checking(child.test):
                 for stmt in child.body:
-                    yield from walk(ast.Module(body=[stmt], type_ignores=[]), module_level, True)
+                    yield from walk(ast.Module(body=[stmt], type_ignores=[]), module_level, "under TYPE_CHECKING")
                 for stmt in child.orelse:
-                    yield from walk(ast.Module(body=[stmt], type_ignores=[]), module_level, optional)
+                    yield from walk(ast.Module(body=[stmt], type_ignores=[]), module_level, guard)
             else:
-                yield from walk(child, module_level, optional)
+                yield from walk(child, module_level, guard)
 
-    yield from walk(mod.tree, True, False)
+    yield from walk(mod.tree, True, "")
 
 
 def _catches_import_error(handler: ast.ExceptHandler) -> bool:
@@ -318,10 +320,10 @@ def test_no_import_circle() -> None:
         lines.append("circle: " + " -> ".join(cycle))
         for a, b in pairwise(cycle):
             imp = graph[a][b]
-            level = "module level" if imp.module_level else "inside a function"
+            level = ", ".join(filter(None, ["module level" if imp.module_level else "inside a function", imp.guard]))
             lines.append(f"    {MODULES[a].where}:{imp.line} imports {b} ({level})")
-    assert not lines, "import circles between modules (module-level and function-level imports alike):\n" + \
-        "\n".join(lines)
+    assert not lines, ("import circles between modules (module-level, function-level and TYPE_CHECKING imports "
+                       "alike):\n" + "\n".join(lines))
 
 
 def test_graph_sees_the_imports_it_should() -> None:
@@ -446,7 +448,7 @@ def _undeclared(part: str, modules: list[Module], declared: set[str]) -> list[st
     missing = []
     for mod in modules:
         for imp in _imports(mod):
-            if not imp.module_level or imp.optional:
+            if not imp.module_level or imp.guard:
                 continue
             top = imp.full.split(".")[0]
             if top in sys.stdlib_module_names or top == "__future__" or _norm(top) in declared:
