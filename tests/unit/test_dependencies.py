@@ -432,7 +432,11 @@ def _declared(part: str) -> set[str]:
     reqs = list(project.get("dependencies", []))
     for extra in project.get("optional-dependencies", {}).values():
         reqs += extra
-    return {_norm(re.match(r"[A-Za-z0-9_.-]+", r.strip()).group(0)) for r in reqs}
+    return {_requirement_name(r) for r in reqs}
+
+
+def _requirement_name(requirement: str) -> str:
+    return _norm(re.match(r"[A-Za-z0-9_.-]+", requirement.strip()).group(0))
 
 
 @functools.cache
@@ -441,17 +445,19 @@ def _distributions() -> dict[str, set[str]]:
     return {top: {_norm(d) for d in ds} for top, ds in packages_distributions().items()}
 
 
-def _undeclared(part: str, modules: list[Module], declared: set[str]) -> list[str]:
-    """The module-level imports (not behind `except ImportError` or TYPE_CHECKING) of `modules` that `declared`
-    (normalised distribution names) does not cover: third-party distributions and other resnet_serve parts."""
+def _undeclared(part: str, modules: list[Module], declared: set[str], module_level_only: bool = True,
+                local: tuple[str, ...] = ()) -> list[str]:
+    """The imports (module-level only, unless told; never those behind `except ImportError` or TYPE_CHECKING) of
+    `modules` that `declared` (normalised distribution names) does not cover: third-party distributions and other
+    resnet_serve parts. `local`: top-level names that are folders of this repository, not distributions."""
     dists = _distributions()
     missing = []
     for mod in modules:
         for imp in _imports(mod):
-            if not imp.module_level or imp.guard:
+            if (module_level_only and not imp.module_level) or imp.guard:
                 continue
             top = imp.full.split(".")[0]
-            if top in sys.stdlib_module_names or top == "__future__" or _norm(top) in declared:
+            if top in sys.stdlib_module_names or top in ("__future__", *local) or _norm(top) in declared:
                 continue
             if top == "resnet_serve":
                 other = imp.full.split(".")[1]
@@ -502,3 +508,20 @@ def later():
     missing = _undeclared("client", [mod], _declared("client"))
     assert [m.split(": ", 1)[1].split(" (")[0] for m in missing] == [
         "imports prometheus_client", "imports resnet_serve.server.metrics"], missing
+
+
+def test_tests_import_only_what_the_dev_install_brings() -> None:
+    """tests/ (every import, in functions too) needs only what `pip install -e .[dev]` of the root installs: the
+    root's dependencies and dev extra, and through them every part's dependencies; plus bench/ and tests/."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_requirement_name(r) for r in [*project["dependencies"], *project["optional-dependencies"]["dev"]]}
+    for part in PARTS:
+        declared |= _declared(part)
+    modules = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        name = ".".join(parts[:-1] if is_package else parts)
+        modules.append(Module(name, path, ast.parse(path.read_text(), str(path)), is_package))
+    missing = _undeclared("", modules, declared, module_level_only=False, local=("tests", "bench"))
+    assert not missing, "tests import what the dev install does not bring:\n  " + "\n  ".join(missing)
