@@ -63,7 +63,7 @@ def _walk(package: str) -> tuple[str, ...]:
     import pkgutil
 
     pkg = importlib.import_module(package)
-    return (package, *sorted(f"{package}.{m.name}" for m in pkgutil.walk_packages(pkg.__path__)))
+    return (package, *sorted(m.name for m in pkgutil.walk_packages(pkg.__path__, prefix=f"{package}.")))
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,6 @@ MODULES = _source_modules()
 class Import:
     """One imported name: `target` is the module it resolves to (the longest known prefix), `name` the imported
     name when it is not itself a module (`from target import name`)."""
-    source: str
     line: int
     target: str
     name: str | None = None
@@ -196,15 +195,15 @@ def _imports(mod: Module) -> Iterator[Import]:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.Import):
                 for a in child.names:
-                    yield Import(mod.name, child.lineno, a.name, None, module_level, guard, a.name)
+                    yield Import(child.lineno, a.name, None, module_level, guard, a.name)
             elif isinstance(child, ast.ImportFrom):
                 base = _resolve(mod, child)
                 for a in child.names:
                     sub = f"{base}.{a.name}"
                     if sub in MODULES:
-                        yield Import(mod.name, child.lineno, sub, None, module_level, guard, sub)
+                        yield Import(child.lineno, sub, None, module_level, guard, sub)
                     else:
-                        yield Import(mod.name, child.lineno, base, a.name, module_level, guard, base)
+                        yield Import(child.lineno, base, a.name, module_level, guard, base)
             elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                 yield from walk(child, False, guard)
             elif isinstance(child, ast.Try) and any(_catches_import_error(h) for h in child.handlers):
@@ -245,15 +244,20 @@ def _known(name: str) -> str | None:
 
 
 def _import_graph() -> dict[str, dict[str, Import]]:
-    """module -> {module it imports: the first statement that does}, over our modules only. Importing a module
-    also runs its packages' __init__, so those are edges too."""
+    """module -> {module it imports: the statement that does, a plain module-level one first}, over our modules
+    only. Importing a module also runs its packages' __init__, so those are edges too."""
     graph: dict[str, dict[str, Import]] = defaultdict(dict)
+
+    def strength(imp: Import) -> tuple[bool, bool]:
+        return imp.module_level, not imp.guard
+
     for mod in MODULES.values():
         for imp in _imports(mod):
             target = _known(imp.target)
             while target:
-                if target != mod.name:
-                    graph[mod.name].setdefault(target, imp)
+                seen = graph[mod.name].get(target)
+                if target != mod.name and (seen is None or strength(imp) > strength(seen)):
+                    graph[mod.name][target] = imp
                 target = _known(target.rpartition(".")[0]) if "." in target else None
     return graph
 
