@@ -82,16 +82,19 @@ class Rule:
 
 
 S = "resnet_serve.server."
+SERVER = _walk("resnet_serve.server")
+# The engine side: the engine, its workers and the predictor they build (engine*, worker*, predictor*, trt_cache).
+ENGINE_SIDE = tuple(m for m in SERVER if m[len(S):].startswith(("engine", "worker", "predictor", "trt_cache")))
 # docs/architecture.md, "Parts and what each may know", as far as importing a module shows it.
 RULES = {
     "batcher": Rule((S + "batcher",), ("grpc", "paddle"), "the batcher knows nothing of gRPC or Paddle"),
-    "engine-worker": Rule((S + "engine", S + "worker", S + "predictor_config", S + "trt_cache"),
-                          ("grpc", "asyncio", "paddle"), "engine and worker (and the predictor side they use) know "
-                          "nothing of gRPC or asyncio, and Paddle is imported inside the worker process only"),
+    "engine-side": Rule(ENGINE_SIDE, ("grpc", "asyncio"),
+                        "engine and worker (and the predictor side they use) know nothing of gRPC or asyncio"),
+    "server": Rule(SERVER, ("paddle",), "no server module imports Paddle when imported: the front process never "
+                   "does, and the worker imports it inside the worker process only"),
     "pipeline": Rule((S + "pipeline", S + "preprocess"), ("grpc", "paddle"),
                      "the pipeline and preprocessing know neither gRPC nor Paddle"),
-    "front": Rule((S + "app", S + "cli", S + "service", S + "oip_service", S + "streams"), ("paddle",),
-                  "the front process (app, cli and the transports) never imports Paddle"),
+    "front": Rule((S + "app", S + "cli"), ("paddle",), "the front process never imports Paddle"),
     "metrics": Rule((S + "metrics",), ("resnet_serve", "grpc", "paddle"),
                     "metrics knows prometheus_client only (the others call it)"),
     "client": Rule(_walk("resnet_serve.client"), ("resnet_serve.server", "resnet_serve.export", "resnet_serve.train",
@@ -148,6 +151,8 @@ def test_probe_sees_what_a_module_loads(loaded: dict[str, dict[str, str | None]]
     assert chain[0] == "resnet_serve.server.app" and chain[-1] == "grpc", chain
     assert all(m.startswith("resnet_serve.server.") for m in chain[:-1]), chain
     assert all(m in loaded["client"] for m in RULES["client"].modules)  # every client module was imported
+    assert {S + "engine", S + "worker", S + "predictor_config", S + "trt_cache"} <= set(ENGINE_SIDE)
+    assert S + "batcher" not in ENGINE_SIDE and S + "app" in SERVER
 
 
 # --- static: the source of every module ----------------------------------------------------------------------------
