@@ -73,8 +73,9 @@ gpu-check:  ## GPU acceptance run (docs/gpu.md): exports, every GPU engine x pre
 deploy-check: install  ## render deploy/k8s with `kubectl kustomize` (needs kubectl >= 1.27), validate it offline, lint deploy/docker
 	$(PY) deploy/check.py
 
-lint: install
+lint: install  ## ruff, then pyright: every import in the parts, bench/ and tests/ resolves ([tool.pyright])
 	$(BIN)/ruff check .
+	$(BIN)/pyright --pythonpath $(PY)
 
 clean:
 	rm -rf checkpoints models runs .pytest_cache

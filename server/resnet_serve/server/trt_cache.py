@@ -304,7 +304,8 @@ def _convert(spec: dict[str, Any]) -> dict[str, Any]:
     """The child's work: paddle.tensorrt's Input/TensorRTConfig/convert with Paddle 3.x's parameter names
     (python/paddle/tensorrt/export.py); then what was actually built."""
     try:
-        import tensorrt
+        # Only on GPU machines (tensorrt-cu12 beside paddlepaddle-gpu, docs/gpu.md); when absent, answered below.
+        import tensorrt  # pyright: ignore[reportMissingImports]
     except ImportError:
         return {"error": f"the `tensorrt` Python module is missing: {tensorrt_install_hint()}"}
     try:
