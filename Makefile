@@ -61,20 +61,21 @@ observe:  ## Prometheus (Debian's package) with deploy/prometheus/prometheus.yml
 test: install  ## the whole test suite (CI runs this)
 	$(PY) -m pytest -q
 
-bench: install  ## the DESIGN.md benchmark protocol; writes bench/results/
+bench: install  ## the benchmark protocol (docs/BENCHMARKS.md); writes bench/results/ and docs/BENCHMARKS.md
 	$(PY) -m bench.run
 
 # Not `install`: that would add the CPU `paddlepaddle` beside the GPU wheel. Run it with the Python that has
-# paddlepaddle-gpu and this project (pip install --no-deps -e .), e.g. `make gpu-check GPU_PYTHON=python3`.
+# paddlepaddle-gpu and this project's parts installed with --no-deps (docs/gpu.md), e.g. `make gpu-check GPU_PYTHON=python3`.
 GPU_PYTHON ?= python3
 gpu-check:  ## GPU acceptance run (docs/gpu.md): exports, every GPU engine x precision, agreement, speed, server; JSON + table
 	$(GPU_PYTHON) -m bench.gpu_check
 
-deploy-check: install  ## validate deploy/k8s against the Kubernetes schemas (offline) and lint deploy/docker
+deploy-check: install  ## render deploy/k8s with `kubectl kustomize` (needs kubectl >= 1.27), validate it offline, lint deploy/docker
 	$(PY) deploy/check.py
 
-lint: install
+lint: install  ## ruff, then pyright: every import in the parts, bench/ and tests/ resolves ([tool.pyright])
 	$(BIN)/ruff check .
+	$(BIN)/pyright --pythonpath $(PY)
 
 clean:
 	rm -rf checkpoints models runs .pytest_cache

@@ -86,21 +86,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     inputs, and optionally measure images/s per batch size. Runs in its own process (a fresh GPU context)."""
     t0 = time.perf_counter()
     from resnet_serve.common.modeldir import load_manifest
-    from resnet_serve.server.worker import build
+    from resnet_serve.server.predictor import build_predictor
+    from resnet_serve.server.predictor_config import PredictorSettings
 
     vdir = Path(spec["model_dir"])
     manifest = load_manifest(vdir)
-    predictor, info = build(vdir, manifest, device=spec["device"], precision=spec["precision"],
-                            engine=spec["engine"], max_batch_size=spec["max_batch"],
-                            trt_cache_dir=spec.get("cache"), threads=spec.get("threads", 2))
-    x_in = predictor.get_input_handle(predictor.get_input_names()[0])
-    out_name = predictor.get_output_names()[0]
-
-    def run(x: np.ndarray) -> np.ndarray:
-        x_in.reshape(list(x.shape))
-        x_in.copy_from_cpu(np.ascontiguousarray(x, dtype=np.float32))
-        predictor.run()
-        return predictor.get_output_handle(out_name).copy_to_cpu()
+    predictor = build_predictor(vdir, manifest, PredictorSettings(
+        device=spec["device"], precision=spec["precision"], engine=spec["engine"], max_batch_size=spec["max_batch"],
+        trt_cache_dir=spec.get("cache"), threads=spec.get("threads", 2)))
+    info, run = predictor.build_info, predictor.run
 
     inputs = np.load(spec["inputs"])
     run(inputs[:1])

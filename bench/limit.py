@@ -1,4 +1,5 @@
-"""The in-process limit: the same predictor configuration a worker uses, called directly at each batch size.
+"""The in-process limit: the predictor a worker builds (resnet_serve.server.predictor), called directly at each
+batch size.
 
 Run as a subprocess by bench/run.py (so the benchmark's own process never imports Paddle); prints JSON.
 """
@@ -14,26 +15,22 @@ import numpy as np
 
 def measure(version_dir: str, threads: int, sizes: list[int], seconds: float, engine: str = "paddle") -> dict:
     from resnet_serve.common.modeldir import load_manifest
-    from resnet_serve.server.predictor_config import effective_engine, effective_precision
-    from resnet_serve.server.worker import build_predictor
+    from resnet_serve.server.predictor import build_predictor
+    from resnet_serve.server.predictor_config import PredictorSettings, effective_engine, effective_precision
 
     manifest = load_manifest(version_dir)
     precision, engine = effective_precision("fp32", manifest), effective_engine(engine, manifest)
-    predictor = build_predictor(version_dir, manifest, threads=threads, max_batch_size=max(sizes),
-                                precision=precision, engine=engine)
-    handle = predictor.get_input_handle(predictor.get_input_names()[0])
+    predictor = build_predictor(version_dir, manifest, PredictorSettings(
+        precision=precision, threads=threads, max_batch_size=max(sizes), engine=engine))
     h, w = manifest.input_size
     out: dict = {"threads": threads, "precision": precision, "engine": engine, "format": manifest.format,
                  "batches": {}}
     for n in sizes:
         x = np.random.default_rng(0).standard_normal((n, 3, h, w)).astype(np.float32)
-        handle.reshape(list(x.shape))
         times = []
         for i in range(10_000):
             t0 = time.perf_counter()
-            handle.copy_from_cpu(x)
-            predictor.run()
-            predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+            predictor.run(x)
             if i > 0:  # the first run of a shape is the slow warm-up
                 times.append(time.perf_counter() - t0)
             if sum(times) > seconds and len(times) >= 3:

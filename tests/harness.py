@@ -95,10 +95,12 @@ def scrape(metrics_port: int) -> dict[tuple[str, tuple], float]:
 
 class InProcessServer:
     """The real Server on 127.0.0.1, driven from a background event loop so tests can use blocking clients and
-    still reach the server's parts (engine call log, batcher) directly."""
+    still reach the server's parts (the batches handed to workers, batcher) directly."""
 
     def __init__(self, wait_ready: bool = True, wrap_runner=None, **settings):
         self.wrap_runner = wrap_runner
+        # (instance, batch size) of every batch handed to a worker, through the Engine's on_dispatch (any version).
+        self.call_log: list[tuple[int, int]] = []
         self.settings = Settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, **settings})
         self.settings.validate()
         self.loop = asyncio.new_event_loop()
@@ -118,7 +120,8 @@ class InProcessServer:
             raise RuntimeError(f"server failed to start: {self.server.failed}")
 
     async def _make(self) -> Server:
-        return Server(self.settings, wrap_runner=self.wrap_runner)
+        return Server(self.settings, wrap_runner=self.wrap_runner,
+                      on_dispatch=lambda i, n: self.call_log.append((i, n)))
 
     def call(self, coro, timeout: float = 120):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

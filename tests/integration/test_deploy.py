@@ -1,8 +1,10 @@
-"""deploy/: `make deploy-check` passes on the repository and fails on broken copies; the container's entrypoint,
-run with the environment the Kubernetes Deployment sets, serves and passes the image's own health check."""
+"""deploy/: `make deploy-check` passes on the repository and fails on broken copies, each kustomization rendered by
+`kubectl kustomize`; the rendered overlays hold what they claim; the container's entrypoint, run with the
+environment the Kubernetes Deployment sets, serves and passes the image's own health check."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -41,6 +43,13 @@ def make_deploy_check(root: Path) -> subprocess.CompletedProcess:
                            f"VENV={VENV}"], capture_output=True, text=True, timeout=300)
 
 
+def run_check(deploy_dir: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, list[str]]:
+    """deploy/check.py in-process (no interpreter start per case): exit status, output, its FAIL lines."""
+    rc = check.main(["--deploy-dir", str(deploy_dir)])
+    out = capsys.readouterr().out
+    return rc, out, [line for line in out.splitlines() if line.startswith("FAIL")]
+
+
 @pytest.fixture
 def deploy_copy(tmp_path: Path) -> Path:
     """A copy of what `make deploy-check` reads (Makefile, the pyproject.toml files, deploy/) to break."""
@@ -56,6 +65,8 @@ def test_make_deploy_check_passes() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "== deploy-check: all passed" in r.stdout
     assert "FAIL" not in r.stdout
+    for where in ("base", "overlays/gpu", "overlays/keda"):
+        assert f"ok    {where}: `kubectl kustomize` renders" in r.stdout, where
     for what in ("Deployment/resnet-serve against Kubernetes", "PodMonitor/resnet-serve against",
                  "ScaledObject/resnet-serve against", "hadolint: clean", "overlays/gpu: device gpu requests"):
         assert what in r.stdout, what
@@ -76,6 +87,37 @@ def edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
+# A kustomization kustomize cannot build: (file, old, new, the kustomization, what kustomize's message says)
+BROKEN_KUSTOMIZATIONS = {
+    "patch target missing": ("k8s/overlays/gpu/hpa-gpu.yaml", "name: resnet-serve", "name: resnet-server",
+                             "overlays/gpu", 'no resource matches strategic merge patch '
+                             '"HorizontalPodAutoscaler.v2.autoscaling/resnet-server'),
+    "unknown resource": ("k8s/overlays/keda/kustomization.yaml", "  - scaledobject.yaml\n",
+                         "  - scaledobject.yaml\n  - gone.yaml\n", "overlays/keda", "keda/gone.yaml: no such file"),
+    "duplicate key in a manifest": ("k8s/base/deployment.yaml", "failureThreshold: 6\n",
+                                    "failureThreshold: 6\n            grpc:\n              port: 50052\n", "base",
+                                    'mapping key "grpc" already defined'),
+    "unknown kustomization field": ("k8s/base/kustomization.yaml", "\nresources:", "\nresourcez:", "base",
+                                    'invalid Kustomization: json: unknown field "resourcez"'),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN_KUSTOMIZATIONS)
+def test_kustomize_reports_a_broken_kustomization_on_one_failing_line(
+        name: str, deploy_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file, old, new, where, message = BROKEN_KUSTOMIZATIONS[name]
+    edit(deploy_copy / "deploy" / file, old, new)
+    rc, out, fails = run_check(deploy_copy / "deploy", capsys)
+    assert rc == 1, out
+    broken = [line for line in fails if line.startswith(f"FAIL  {where}: kubectl kustomize: ")]
+    assert len(broken) == 1 and message in broken[0], out
+    # a broken overlay does not stop the others being rendered and checked (the overlays include a broken base)
+    others = {"base", "overlays/gpu", "overlays/keda"} - {where} if where != "base" else set()
+    for other in others:
+        assert f"ok    {other}: `kubectl kustomize` renders" in out, other
+    assert "hadolint: clean" in out
+
+
 BREAKAGES = {
     # schema: a wrong type in a built-in kind, an unknown field in a CRD, a CRD field with a bad value
     "replicas as text": ("k8s/base/deployment.yaml", "replicas: 3", "replicas: three", "replicas"),
@@ -83,20 +125,18 @@ BREAKAGES = {
                         "'podMetricEndpoints' was unexpected"),
     "ScaledObject threshold not a string": ("k8s/overlays/keda/scaledobject.yaml", 'threshold: "16"',
                                             "threshold: 16", "16 is not of type 'string'"),
-    # kustomize layout
-    "listed file missing": ("k8s/base/kustomization.yaml", "  - pdb.yaml", "  - pdb.yaml\n  - gone.yaml",
-                            "lists gone.yaml, which does not exist"),
-    "manifest not listed": ("k8s/base/kustomization.yaml", "  - pdb.yaml\n", "", "pdb.yaml is not listed"),
-    "patch target missing": ("k8s/overlays/gpu/hpa-gpu.yaml", "name: resnet-serve", "name: resnet-server",
-                             "patch targets HorizontalPodAutoscaler/resnet-server"),
+    # a manifest kustomize would never read
+    "manifest not listed": ("k8s/base/kustomization.yaml", "  - pdb.yaml\n", "",
+                            "base/pdb.yaml holds manifests but no kustomization lists it"),
     # consistency with the server
     "drain longer than the termination grace": ("k8s/base/deployment.yaml", "terminationGracePeriodSeconds: 45",
                                                 "terminationGracePeriodSeconds: 35",
                                                 "terminationGracePeriodSeconds 35 >= preStop 10 s + drain 30 s"),
     "unknown setting": ("k8s/base/deployment.yaml", "RESNET_SERVE_MAX_QUEUE_SIZE", "RESNET_SERVE_MAX_QUEUE",
                         "unknown: ['RESNET_SERVE_MAX_QUEUE']"),
-    "probe on the wrong port": ("k8s/base/deployment.yaml", "failureThreshold: 6\n",
-                                "failureThreshold: 6\n            grpc:\n              port: 50052\n",
+    "probe on the wrong port": ("k8s/base/deployment.yaml",
+                                "livenessProbe:\n            grpc:\n              port: 50051",
+                                "livenessProbe:\n            grpc:\n              port: 50052",
                                 "FAIL  base: livenessProbe is a native gRPC health probe"),
     "HPA on a metric the server lacks": ("k8s/base/hpa.yaml", "name: resnet_serve_queue_depth",
                                          "name: resnet_serve_queue_length", "resnet_serve_queue_length"),
@@ -114,23 +154,125 @@ BREAKAGES = {
 def test_deploy_check_catches(name: str, deploy_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     file, old, new, expected = BREAKAGES[name]
     edit(deploy_copy / "deploy" / file, old, new)
-    rc = check.main(["--deploy-dir", str(deploy_copy / "deploy"), "--no-kubectl"])
-    out = capsys.readouterr().out
+    rc, out, _ = run_check(deploy_copy / "deploy", capsys)
     assert rc == 1, out
     assert expected in "\n".join(line for line in out.splitlines() if "FAIL" in line or line.startswith(" ")), out
 
 
-def test_strategic_merge_as_kustomize_does() -> None:
-    base = {"spec": {"containers": [{"name": "a", "env": [{"name": "X", "value": "1"}], "image": "i"}],
-                     "tolerations": [{"key": "k"}]}}
-    patch = {"spec": {"containers": [{"name": "a", "env": [{"name": "Y", "value": "2"}, {"name": "X", "value": "3"}]},
-                                     {"name": "b"}], "tolerations": [{"key": "z"}]}}
-    merged = check.strategic_merge(base, patch)
-    assert merged["spec"]["containers"] == [{"name": "a", "image": "i", "env": [{"name": "X", "value": "3"},
-                                                                                {"name": "Y", "value": "2"}]},
-                                            {"name": "b"}]
-    assert merged["spec"]["tolerations"] == [{"key": "z"}]  # lists without names are replaced
-    assert base["spec"]["containers"][0]["env"] == [{"name": "X", "value": "1"}]  # inputs untouched
+def test_deploy_check_without_kubectl_fails_on_one_line_and_still_checks_the_dockerfiles(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # the venv's bin: hadolint, no kubectl
+    rc, out, fails = run_check(DEPLOY, capsys)
+    assert rc == 1, out
+    assert fails == ["FAIL  kubectl not found on PATH: rendering deploy/k8s needs `kubectl kustomize` "
+                     "(kustomize v5, kubectl >= 1.27); install kubectl"], out
+    assert "hadolint: clean" in out
+
+
+# `kubectl version --client -o json` of a kubectl that cannot build these kustomizations, and the one line it gets
+OLD_KUBECTLS = {
+    # Debian bookworm's kubernetes-client (the kubectl apt offers): 1.20.2 names no kustomize version, and its
+    # `kubectl kustomize` fails on these kustomizations ("cannot unmarshal object into ... patchesStrategicMerge")
+    "debian kubernetes-client 1.20": ('{"clientVersion": {"gitVersion": "v1.20.2"}}',
+                                      "reports no kustomize version (`kubectl version --client -o json`): "
+                                      "deploy-check needs kubectl >= 1.27 (kustomize v5)"),
+    "kubectl 1.26, kustomize v4": ('{"clientVersion": {"gitVersion": "v1.26.0"}, "kustomizeVersion": "v4.5.7"}',
+                                   "bundles kustomize v4.5.7; deploy-check needs kustomize v5 (kubectl >= 1.27)"),
+}
+
+
+@pytest.mark.parametrize("name", OLD_KUBECTLS)
+def test_deploy_check_refuses_a_kubectl_without_kustomize_v5_on_one_line(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    version_json, message = OLD_KUBECTLS[name]
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(f"#!/bin/sh\necho '{version_json}'\n")
+    kubectl.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{Path(sys.executable).parent}")
+    rc, out, fails = run_check(DEPLOY, capsys)
+    assert rc == 1, out
+    assert fails == [f"FAIL  {kubectl} {message}"], out
+
+
+@functools.cache
+def rendered(kustomization: str) -> dict[str, dict]:
+    """`kubectl kustomize deploy/k8s/<kustomization>`, through deploy/check.py, by kind/name."""
+    kubectl, _ = check.find_kubectl()
+    objs = {check.ident(o): o for o in check.render(kubectl, DEPLOY / "k8s" / kustomization)}
+    assert "Deployment/resnet-serve" in objs, sorted(objs)
+    return objs
+
+
+def pod_spec(objs: dict[str, dict]) -> dict:
+    return objs["Deployment/resnet-serve"]["spec"]["template"]["spec"]
+
+
+def container(objs: dict[str, dict]) -> dict:
+    [c] = pod_spec(objs)["containers"]
+    return c
+
+
+def hpa_targets(hpa: dict) -> dict[str, int]:
+    return {m["pods"]["metric"]["name"]: int(m["pods"]["target"]["averageValue"]) for m in hpa["spec"]["metrics"]}
+
+
+BASE_OBJECTS = {"Deployment/resnet-serve", "Service/resnet-serve", "Service/resnet-serve-headless",
+                "PersistentVolumeClaim/resnet-serve-models", "PodDisruptionBudget/resnet-serve",
+                "PodMonitor/resnet-serve", "HorizontalPodAutoscaler/resnet-serve"}
+
+
+def test_rendered_base_has_its_replicas_hpa_resources_and_labels() -> None:
+    objs = rendered("base")
+    assert set(objs) == BASE_OBJECTS
+    assert objs["Deployment/resnet-serve"]["spec"]["replicas"] == 3
+    c = container(objs)
+    assert c["image"] == "resnet-serve:cpu"
+    assert c["resources"] == {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}}
+    assert check.env_of(c)["RESNET_SERVE_THREADS_PER_INSTANCE"] == "2"  # matches the CPU limit
+    hpa = objs["HorizontalPodAutoscaler/resnet-serve"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 20)
+    # targets: two batches in flight per pod, one queued
+    assert hpa_targets(hpa) == {"resnet_serve_in_flight_requests": 16, "resnet_serve_queue_depth": 8}
+    assert check.env_of(c)["RESNET_SERVE_MAX_BATCH_SIZE"] == "8"
+    assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "resnet-serve" for o in objs.values())
+
+
+def test_rendered_gpu_overlay_has_its_replicas_gpu_resources_and_hpa_on_top_of_the_base() -> None:
+    objs = rendered("overlays/gpu")
+    assert set(objs) == BASE_OBJECTS
+    assert objs["Deployment/resnet-serve"]["spec"]["replicas"] == 2
+    c = container(objs)
+    assert c["image"] == "resnet-serve:gpu"
+    assert c["resources"] == {"requests": {"cpu": "2", "memory": "6Gi", "nvidia.com/gpu": "1"},
+                              "limits": {"cpu": "4", "memory": "6Gi", "nvidia.com/gpu": "1"}}
+    env = check.env_of(c)
+    assert {k: env[k] for k in ("RESNET_SERVE_DEVICE", "RESNET_SERVE_PRECISION", "RESNET_SERVE_MAX_BATCH_SIZE",
+                                "RESNET_SERVE_THREADS_PER_INSTANCE")} == {
+        "RESNET_SERVE_DEVICE": "gpu", "RESNET_SERVE_PRECISION": "fp16", "RESNET_SERVE_MAX_BATCH_SIZE": "32",
+        "RESNET_SERVE_THREADS_PER_INSTANCE": "1"}
+    assert env["RESNET_SERVE_MODEL_DIR"] == "/models/digits"  # env merges by name: the base's settings stay
+    # the longer startup window for TensorRT builds keeps the base's gRPC probe
+    assert c["startupProbe"]["failureThreshold"] == 180 and c["startupProbe"]["grpc"] == {"port": 50051}
+    volumes = {v["name"]: v for v in pod_spec(objs)["volumes"]}
+    assert set(volumes) == {"models", "cache", "tmp", "dshm", "trt-cache"}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+    assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["trt-cache"] == env["RESNET_SERVE_TRT_CACHE_DIR"]
+    assert pod_spec(objs)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    hpa = objs["HorizontalPodAutoscaler/resnet-serve"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
+    # the targets scale with the batch size (32): two batches in flight per pod, one queued
+    assert hpa_targets(hpa) == {"resnet_serve_in_flight_requests": 64, "resnet_serve_queue_depth": 32}
+    assert hpa["spec"]["behavior"] == rendered("base")["HorizontalPodAutoscaler/resnet-serve"]["spec"]["behavior"]
+
+
+def test_rendered_keda_overlay_replaces_the_hpa_with_a_scaled_object() -> None:
+    objs, base = rendered("overlays/keda"), rendered("base")
+    assert set(objs) == BASE_OBJECTS - {"HorizontalPodAutoscaler/resnet-serve"} | {"ScaledObject/resnet-serve"}
+    assert objs["Deployment/resnet-serve"] == base["Deployment/resnet-serve"]
+    so = objs["ScaledObject/resnet-serve"]["spec"]
+    assert so["scaleTargetRef"]["name"] == "resnet-serve"
+    assert (so["minReplicaCount"], so["maxReplicaCount"], so["fallback"]["replicas"]) == (3, 20, 6)
+    assert {t["metadata"]["threshold"] for t in so["triggers"]} == {"16", "8"}  # the base HPA's targets
 
 
 # ---------------------------------------------------------------------------------------- the image, without Docker

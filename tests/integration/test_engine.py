@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from resnet_serve.server.engine import Engine, EngineConfig, EngineError, WorkerDied
+from resnet_serve.server.worker_protocol import RunBatch, batch_result
 
 WAIT_S = 120.0  # upper bound for a restart; reached only if something is broken
 
@@ -44,6 +45,20 @@ class Events:
                 f"no {event!r} event within {WAIT_S} s: {self.log}"
 
 
+class Dispatches:
+    """The engine's on_dispatch: logs (instance, n) of every batch handed to a worker, then runs `action` (a test
+    sets it to kill the worker holding the batch, or to learn that the batch is there)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[int, int]] = []
+        self.action = None
+
+    def __call__(self, instance: int, n: int) -> None:
+        self.log.append((instance, n))
+        if self.action is not None:
+            self.action(instance)
+
+
 @pytest.fixture(scope="module")
 def inputs() -> np.ndarray:
     return np.random.default_rng(7).standard_normal((8, 3, 32, 32)).astype(np.float32)
@@ -51,18 +66,15 @@ def inputs() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: Path, inputs: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """Logits from build_predictor in a separate process (started now, read on first use)."""
+    """Logits from the shared predictor builder in a separate process (started now, read on first use)."""
     d = tmp_path_factory.mktemp("ref")
     np.save(d / "x.npy", inputs)
     code = f"""
 import numpy as np
-from resnet_serve.server.worker import build_predictor
-p = build_predictor({str(tiny_model_dir / "1")!r}, threads=2)
+from resnet_serve.server.predictor import build_predictor
+p = build_predictor({str(tiny_model_dir / "1")!r})
 x = np.load({str(d / "x.npy")!r})
-out = {{}}
-for n in (1, 4, 8):
-    h = p.get_input_handle(p.get_input_names()[0]); h.reshape([n, 3, 32, 32]); h.copy_from_cpu(x[:n])
-    p.run(); out[str(n)] = p.get_output_handle(p.get_output_names()[0]).copy_to_cpu()
+out = {{str(n): p.run(x[:n]) for n in (1, 4, 8)}}
 np.savez({str(d / "ref.npz")!r}, **out)
 """
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -87,10 +99,15 @@ def events() -> Events:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path, reference, events: Events) -> Iterator[Engine]:
+def dispatches() -> Dispatches:
+    return Dispatches()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path, reference, events: Events, dispatches: Dispatches) -> Iterator[Engine]:
     eng = Engine(EngineConfig(version_dir=tiny_model_dir / "1", instances=1, threads_per_instance=2,
-                              max_batch_size=8, buckets=(1, 2, 4, 8), start_timeout_s=WAIT_S))
-    eng.on_worker_event = events
+                              max_batch_size=8, buckets=(1, 2, 4, 8), start_timeout_s=WAIT_S),
+                 on_worker_event=events, on_dispatch=dispatches)
     eng.start()
     yield eng
     eng.close()
@@ -102,7 +119,7 @@ def close_to(a: np.ndarray, ref: np.ndarray) -> bool:
 
 
 def test_engine_module_does_not_import_paddle() -> None:
-    code = ("import sys, resnet_serve.server.engine, resnet_serve.server.worker, "
+    code = ("import sys, resnet_serve.server.engine, resnet_serve.server.worker, resnet_serve.server.predictor, "
             "resnet_serve.server.predictor_config; "
             "print(sorted(m for m in sys.modules if m == 'paddle' or m.startswith('paddle.')))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
@@ -120,9 +137,10 @@ def test_start_reports_model_timings_and_names(engine: Engine) -> None:
 
 
 def test_outputs_match_a_direct_predictor_and_do_not_depend_on_the_batch(engine: Engine, reference,
+                                                                         dispatches: Dispatches,
                                                                          inputs: np.ndarray) -> None:
     run = engine.runners()[0]
-    start = len(engine.call_log)
+    start = len(dispatches.log)
     out8 = run(inputs)
     out4 = run(inputs[:4])
     singles = np.concatenate([run(inputs[i:i + 1]) for i in range(4)])
@@ -133,13 +151,13 @@ def test_outputs_match_a_direct_predictor_and_do_not_depend_on_the_batch(engine:
     # The same image gives the same logits whatever batch it travels in.
     assert close_to(out4, out8[:4])
     assert close_to(singles, out4)
-    assert engine.call_log[start:] == [(0, 8), (0, 4), (0, 1), (0, 1), (0, 1), (0, 1)]
+    assert dispatches.log[start:] == [(0, 8), (0, 4), (0, 1), (0, 1), (0, 1), (0, 1)]
 
 
-def test_batch_outside_buckets_or_wrong_shape_is_rejected_before_sending(engine: Engine,
+def test_batch_outside_buckets_or_wrong_shape_is_rejected_before_sending(engine: Engine, dispatches: Dispatches,
                                                                          inputs: np.ndarray) -> None:
     run = engine.runners()[0]
-    start = len(engine.call_log)
+    start = len(dispatches.log)
     with pytest.raises(ValueError, match="bucket"):
         run(inputs[:3])
     with pytest.raises(ValueError, match="shape"):
@@ -148,7 +166,7 @@ def test_batch_outside_buckets_or_wrong_shape_is_rejected_before_sending(engine:
         run(inputs[0])
     with pytest.raises(ValueError, match="uint8 item 0 must have shape"):
         run([np.zeros((3, 32, 32), np.uint8)])
-    assert engine.call_log[start:] == []
+    assert dispatches.log[start:] == []
 
 
 def test_uint8_rows_are_normalised_in_the_worker(engine: Engine) -> None:
@@ -167,24 +185,24 @@ def test_uint8_rows_are_normalised_in_the_worker(engine: Engine) -> None:
 def test_worker_side_error_raises_engine_error_and_the_worker_keeps_serving(engine: Engine,
                                                                             inputs: np.ndarray) -> None:
     pids = engine.worker_pids()
-    with pytest.raises(EngineError, match="boom"):
-        engine._call(0, ("fail", "boom"))  # the worker raises inside its batch handler
+    with pytest.raises(EngineError, match="batch size 99 outside 1..8"):  # raised inside the worker's handler
+        batch_result(engine.workers.call(0, lambda _shared: RunBatch(99)))
     assert engine.runners()[0](inputs[:2]).shape == (2, 10)
     assert engine.worker_pids() == pids
 
 
 def test_worker_killed_while_holding_a_batch_raises_worker_died_then_restarts(
-        engine: Engine, events: Events, reference, inputs: np.ndarray) -> None:
+        engine: Engine, events: Events, dispatches: Dispatches, reference, inputs: np.ndarray) -> None:
     run = engine.runners()[0]
     old_pid = engine.worker_pids()[0]
     mark = len(events.log)
     # Kill the worker after the batch is committed to it and before the request leaves: deterministic.
-    engine._before_send = lambda _i: os.kill(old_pid, signal.SIGKILL)
+    dispatches.action = lambda _i: os.kill(old_pid, signal.SIGKILL)
     try:
         with pytest.raises(WorkerDied):
             run(inputs[:4])
     finally:
-        engine._before_send = None
+        dispatches.action = None
     out = run(inputs[:4])  # waits for the background restart, then runs
     assert close_to(out, reference(4))
     assert engine.worker_pids()[0] != old_pid
@@ -205,13 +223,13 @@ def test_worker_killed_while_idle_is_restarted_without_failing_a_batch(engine: E
     assert engine.runners()[0](inputs[:1]).shape == (1, 10)
 
 
-def test_worker_killed_during_a_run_never_hangs_the_caller(engine: Engine, events: Events,
+def test_worker_killed_during_a_run_never_hangs_the_caller(engine: Engine, events: Events, dispatches: Dispatches,
                                                            inputs: np.ndarray) -> None:
     run = engine.runners()[0]
     old_pid = engine.worker_pids()[0]
     mark = len(events.log)
     dispatched = threading.Event()
-    engine._before_send = lambda _i: dispatched.set()
+    dispatches.action = lambda _i: dispatched.set()
     result: list[object] = []
 
     def call() -> None:
@@ -227,7 +245,7 @@ def test_worker_killed_during_a_run_never_hangs_the_caller(engine: Engine, event
         os.kill(old_pid, signal.SIGKILL)  # races with the batch: either outcome is allowed, a hang is not
         t.join(WAIT_S)
     finally:
-        engine._before_send = None
+        dispatches.action = None
     assert not t.is_alive()
     assert len(result) == 1
     assert isinstance(result[0], WorkerDied) or np.asarray(result[0]).shape == (8, 10)
@@ -258,10 +276,9 @@ def test_failed_restart_recovers_once_the_cause_is_gone_and_close_cleans_up(tiny
     shutil.copytree(tiny_model_dir / "1", vdir)
     with pytest.raises(ValueError, match="bucket"):
         Engine(EngineConfig(version_dir=vdir, max_batch_size=2, buckets=(1, 4)))
-    eng = Engine(EngineConfig(version_dir=vdir, threads_per_instance=1, max_batch_size=2, buckets=(1, 2),
-                              start_timeout_s=WAIT_S))
     events = Events()
-    eng.on_worker_event = events
+    eng = Engine(EngineConfig(version_dir=vdir, threads_per_instance=1, max_batch_size=2, buckets=(1, 2),
+                              start_timeout_s=WAIT_S), on_worker_event=events)
     eng.start()
     run = eng.runners()[0]
     assert run(inputs[:2]).shape == (2, 10)
@@ -292,3 +309,20 @@ def test_failed_restart_recovers_once_the_cause_is_gone_and_close_cleans_up(tiny
     assert eng.alive_instances() == 0
     with pytest.raises(WorkerDied, match="closed"):
         run(inputs[:1])
+
+
+def test_workers_start_from_the_manifest_and_plan_the_front_hands_them(tiny_model_dir: Path, tmp_path: Path,
+                                                                        inputs: np.ndarray) -> None:
+    """The manifest is read once, by whoever builds the Engine, and travels to the workers with the front's plan:
+    a worker started after manifest.json is gone still loads, warms and serves."""
+    from resnet_serve.common.modeldir import load_manifest
+
+    vdir = tmp_path / "1"
+    shutil.copytree(tiny_model_dir / "1", vdir)
+    manifest = load_manifest(vdir, verify_checksums=True)
+    eng = Engine(EngineConfig(version_dir=vdir, threads_per_instance=1, max_batch_size=1, buckets=(1,),
+                              start_timeout_s=WAIT_S), manifest=manifest)
+    assert eng.manifest is manifest and eng.workers.spec.plan == eng.workers.spec.settings.plan(vdir, manifest)
+    (vdir / "manifest.json").unlink()
+    with eng:
+        assert eng.runners()[0](inputs[:1]).shape == (1, 10)

@@ -23,8 +23,7 @@ FP16_ONLY_RTOL = 2e-2
 
 
 def predictor_out(version_dir: Path, x: np.ndarray) -> np.ndarray:
-    m = load_manifest(version_dir)
-    return verify.predictor_logits(version_dir / m.model_file, version_dir / m.params_file, x)
+    return verify.predictor_logits(version_dir, load_manifest(version_dir), x)
 
 
 def fabricate_o2(fp32_prefix: Path, out_dir: Path) -> Path:

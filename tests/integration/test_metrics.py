@@ -4,11 +4,8 @@ shapes, flush reasons, queue depths and drops are decided by the test, never by 
 
 from __future__ import annotations
 
-import asyncio
-import math
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,9 +14,7 @@ import numpy as np
 import pytest
 
 from resnet_serve.protos import classifier_pb2 as pb
-from resnet_serve.server.app import MetricsObserver
-from resnet_serve.server.batcher import Batcher, BatchPolicy, DeadlineExpired, QueueFull
-from resnet_serve.server.metrics import Metrics, batch_size_buckets
+from resnet_serve.server.metrics import batch_size_buckets
 from tests.harness import InProcessServer, WorkerGate, gated_workers, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,9 +146,9 @@ def idle(request: pytest.FixtureRequest) -> None:
 
 def computing_one(srv: InProcessServer) -> grpc.Future:
     """One request held inside the worker (it found the server idle and went alone)."""
-    before = len(srv.engine.call_log)
+    before = len(srv.call_log)
     first = srv.stub.Classify.future(uint8(0), timeout=120)
-    wait_for(lambda: len(srv.engine.call_log) == before + 1, what="a batch in the worker")
+    wait_for(lambda: len(srv.call_log) == before + 1, what="a batch in the worker")
     return first
 
 
@@ -163,7 +158,7 @@ def test_request_counters_equal_what_was_sent(srv: InProcessServer, gate: Worker
     """One request at a time: each valid one is its own batch of 1 (idle dispatch), each invalid one never
     reaches the batcher. Every counter moves by exactly the number of requests of its kind."""
     before = srv.metrics()
-    calls_before = len(srv.engine.call_log)
+    calls_before = len(srv.call_log)
     unary_valid = [uint8(1), uint8(2), png(3), float32(4), float32(5)]
     for r in unary_valid:
         gate.release(1)
@@ -221,7 +216,7 @@ def test_request_counters_equal_what_was_sent(srv: InProcessServer, gate: Worker
         histogram("inference_duration_seconds", computed),
         batches(*[1] * computed))
     # The batch-size histogram's sum is the number of images the engine computed.
-    assert sum(n for _, n in srv.engine.call_log[calls_before:]) == computed == after[key("batch_size_sum")] - \
+    assert sum(n for _, n in srv.call_log[calls_before:]) == computed == after[key("batch_size_sum")] - \
         before[key("batch_size_sum")]
     assert after[key("queue_depth")] == 0 and after[key("in_flight_requests")] == 0
 
@@ -324,52 +319,3 @@ def test_docs_describe_exactly_the_exported_metrics(srv: InProcessServer) -> Non
     exported = {n for n in re.findall(r"^# TYPE (resnet_serve_\w+) ", text, re.M) if not n.endswith("_created")}
     documented = set(re.findall(r"^\| `(resnet_serve_\w+)`", (ROOT / "docs/metrics.md").read_text(), re.M))
     assert documented == exported
-
-
-def test_observer_counts_drain_batches_and_refusals() -> None:
-    """MetricsObserver under the real batcher with a runner the test blocks: the "drain" flush reason and the
-    refusals at submit ("deadline" already past, "queue_full"), which no gRPC timing can make exact."""
-    metrics = Metrics(max_batch_size=4)
-    go = threading.Event()
-    running = threading.Event()
-
-    def runner(x: np.ndarray) -> np.ndarray:
-        running.set()
-        go.wait(30)
-        return np.zeros((len(x), 2), np.float32)
-
-    async def scenario() -> None:
-        b = Batcher([runner], BatchPolicy(max_batch_size=4, max_queue_delay_us=0, max_queue_size=3),
-                    MetricsObserver(metrics))
-        await b.start()
-        item = np.zeros((3, 2, 2), np.float32)
-        first = asyncio.create_task(b.submit(item))
-        await asyncio.get_running_loop().run_in_executor(None, running.wait, 30)
-        with pytest.raises(DeadlineExpired):
-            await b.submit(item, deadline=time.monotonic() - 1)
-        queued = [asyncio.create_task(b.submit(item)) for _ in range(3)]
-        deadline = time.monotonic() + 30
-        while b.queue_depth < 3:
-            assert time.monotonic() < deadline, "requests never queued"
-            await asyncio.sleep(0)
-        with pytest.raises(QueueFull):
-            await b.submit(item)
-        drain = asyncio.create_task(b.drain())
-        await asyncio.sleep(0)
-        go.set()
-        await asyncio.gather(first, *queued, drain)
-        await b.stop()
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        go.set()
-
-    def v(name: str, **labels: str) -> float:
-        return metrics.registry.get_sample_value(P + name, labels) or 0.0
-
-    assert [v("batches_total", reason=r) for r in ("idle", "full", "delay", "drain")] == [1, 0, 0, 2]
-    assert (v("batch_size_sum"), v("batch_size_count"), v("queue_wait_seconds_count")) == (4, 3, 4)
-    assert [v("dropped_requests_total", reason=r) for r in ("deadline", "cancelled", "queue_full")] == [1, 0, 1]
-    assert v("queue_depth") == 0 and v("in_flight_requests") == 0
-    assert v("inference_duration_seconds_count") == 3 and not math.isnan(v("inference_duration_seconds_sum"))

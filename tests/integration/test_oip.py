@@ -380,9 +380,9 @@ def test_requests_of_both_apis_form_one_batch(srv: InProcessServer, gate: Worker
     v1_tags, oip_tags = [1, 2, 3, 4], [101, 102, 103, 104]
     answers: queue.Queue = queue.Queue()
     try:
-        calls, batches = len(srv.engine.call_log), len(recorder.batches)
+        calls, batches = len(srv.call_log), len(recorder.batches)
         blocker = srv.stub.Classify.future(v1_tensor(picture(0, tag=250)), metadata=AUTH, timeout=120)
-        wait_for(lambda: len(srv.engine.call_log) == calls + 1, what="the first batch held in the worker")
+        wait_for(lambda: len(srv.call_log) == calls + 1, what="the first batch held in the worker")
         v1_futures = []
         for v1_tag, oip_tag in zip(v1_tags, oip_tags, strict=True):
             v1_futures.append(srv.stub.Classify.future(v1_tensor(picture(v1_tag, tag=v1_tag)), metadata=AUTH,
@@ -397,7 +397,7 @@ def test_requests_of_both_apis_form_one_batch(srv: InProcessServer, gate: Worker
     oip_answers = [answers.get(timeout=60) for _ in oip_tags]
     assert all(error is None for _, _, error in oip_answers)
     assert sorted(int(result.get_response().id) for _, result, _ in oip_answers) == oip_tags
-    assert [n for _, n in srv.engine.call_log[calls:]] == [1, 8]
+    assert [n for _, n in srv.call_log[calls:]] == [1, 8]
     first, mixed = recorder.batches[batches:]
     assert first == [250] and sorted(mixed) == v1_tags + oip_tags  # one batch holding both APIs' requests
 
@@ -408,9 +408,9 @@ def test_triton_timeout_parameter_expires_in_the_queue(srv: InProcessServer, gat
     wait_for(lambda: srv.server.batcher.in_flight == 0, what="an idle server")
     gate.hold()
     try:
-        calls = len(srv.engine.call_log)
+        calls = len(srv.call_log)
         blocker = srv.stub.Classify.future(v1_tensor(picture(0)), metadata=AUTH, timeout=120)
-        wait_for(lambda: len(srv.engine.call_log) == calls + 1, what="a batch held in the worker")
+        wait_for(lambda: len(srv.call_log) == calls + 1, what="a batch held in the worker")
         answers: queue.Queue = queue.Queue()
         client.async_infer(MODEL, [uint8_input(picture(1)[None])], lambda result, error: answers.put(error),
                            timeout=1000, headers=HEADERS, client_timeout=120)
@@ -418,7 +418,7 @@ def test_triton_timeout_parameter_expires_in_the_queue(srv: InProcessServer, gat
     finally:
         gate.open()
     assert code_of(error) == "DEADLINE_EXCEEDED" and "deadline expired while queued" in error.message()
-    assert blocker.result().predictions and [n for _, n in srv.engine.call_log[calls:]] == [1]
+    assert blocker.result().predictions and [n for _, n in srv.call_log[calls:]] == [1]
 
 
 def test_statistics_count_images_and_batches(client: tc.InferenceServerClient) -> None:

@@ -65,22 +65,3 @@ def test_verbose_brings_the_framework_lines_back(trained_checkpoint: Path, tmp_p
                    "--verbose")
     assert loud.returncode == 0, loud.stderr
     assert any("No ccache found" in line for line in noise(loud.stderr)), loud.stderr
-
-
-def test_held_framework_output_is_dropped_on_success_and_replayed_on_failure() -> None:
-    code = """
-import os, sys
-from resnet_serve.common.cli import framework_output, quiet_frameworks
-quiet_frameworks()
-with framework_output():
-    os.write(2, b"chatter of a call that worked\\n")
-try:
-    with framework_output():
-        os.write(2, b"what the failing call said\\n")
-        raise RuntimeError("boom")
-except RuntimeError:
-    pass
-print("done", file=sys.stderr)
-"""
-    r = run_cli("python", "-c", code)
-    assert r.returncode == 0 and r.stderr == "what the failing call said\ndone\n"

@@ -26,9 +26,10 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.server.auth import BearerTokenInterceptor
-from resnet_serve.server.oip_service import images_of
+from resnet_serve.server.errors import RequestError
+from resnet_serve.server.oip_codec import images_of
 from resnet_serve.server.preprocess import InvalidInput, Preprocessor
-from resnet_serve.server.service import RequestError, image_of
+from resnet_serve.server.service import image_of
 from tests.harness import InProcessServer, wait_for
 
 SIZE = 32

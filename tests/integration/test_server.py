@@ -14,7 +14,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from resnet_serve.common.imaging import normalise
 from resnet_serve.common.modeldir import load_manifest, read_labels
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.server.pipeline import top_k
@@ -35,23 +34,17 @@ def srv(tiny_model_dir: Path):
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: Path):
     """The same model run by a Paddle predictor in this process, with the server's own preprocessing."""
-    from resnet_serve.server.worker import build_predictor
+    from resnet_serve.server.predictor import build_predictor
+    from resnet_serve.server.predictor_config import PredictorSettings
 
     version_dir = tiny_model_dir / "1"
     manifest = load_manifest(version_dir)
-    predictor = build_predictor(version_dir, manifest, threads=1)
+    predictor = build_predictor(version_dir, manifest, PredictorSettings(threads=1))
     pre = Preprocessor((SIZE, SIZE))
     labels = read_labels(version_dir, manifest)
 
     def run(x: np.ndarray, k: int = 5):
-        if x.dtype == np.uint8:  # pixels: normalised as the worker does
-            x = normalise(x, manifest.mean, manifest.std)
-        h = predictor.get_input_handle(predictor.get_input_names()[0])
-        h.reshape([1, *x.shape])
-        h.copy_from_cpu(x[None])
-        predictor.run()
-        logits = predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()[0]
-        return top_k(logits, k, labels)
+        return top_k(predictor.run(x[None])[0], k, labels)  # uint8 pixels are normalised as the worker does
 
     return pre, run
 

@@ -59,7 +59,7 @@ def health(srv: InProcessServer) -> int:
 
 
 def calls(srv: InProcessServer) -> list[int]:
-    return [n for _, n in srv.engine.call_log]
+    return [n for _, n in srv.call_log]
 
 
 def test_not_serving_until_warm_then_serving(srv: InProcessServer, gate: WorkerGate) -> None:
@@ -75,12 +75,12 @@ def test_not_serving_until_warm_then_serving(srv: InProcessServer, gate: WorkerG
 
 
 def test_32_concurrent_requests_form_few_full_batches(srv: InProcessServer, held: WorkerGate) -> None:
-    before = len(srv.engine.call_log)
+    before = len(srv.call_log)
     futures = [srv.stub.Classify.future(request(i), timeout=120) for i in range(32)]
     # The first arrival(s) found the server idle and went at once; that batch is held in the worker while
     # every other request queues behind it.
-    wait_for(lambda: len(srv.engine.call_log) == before + 1, what="the first batch in the worker")
-    first = srv.engine.call_log[before][1]
+    wait_for(lambda: len(srv.call_log) == before + 1, what="the first batch in the worker")
+    first = srv.call_log[before][1]
     wait_for(lambda: srv.server.batcher.queue_depth == 32 - first, what="the rest queued")
     held.open()
     assert [f.result().request_id for f in futures] == [str(i) for i in range(32)]
@@ -108,9 +108,9 @@ def test_queue_full_is_resource_exhausted_at_once(srv: InProcessServer, held: Wo
 
 
 def test_deadline_expiring_in_queue_never_reaches_the_predictor(srv: InProcessServer, held: WorkerGate) -> None:
-    before = len(srv.engine.call_log)
+    before = len(srv.call_log)
     first = srv.stub.Classify.future(request(0), timeout=120)
-    wait_for(lambda: len(srv.engine.call_log) == before + 1, what="the first batch in the worker")
+    wait_for(lambda: len(srv.call_log) == before + 1, what="the first batch in the worker")
     late = srv.stub.Classify.future(request(1), timeout=0.5)
     with pytest.raises(grpc.RpcError) as err:
         late.result()
@@ -122,9 +122,9 @@ def test_deadline_expiring_in_queue_never_reaches_the_predictor(srv: InProcessSe
 
 
 def test_cancelled_request_frees_its_queue_slot(srv: InProcessServer, held: WorkerGate) -> None:
-    before = len(srv.engine.call_log)
+    before = len(srv.call_log)
     first = srv.stub.Classify.future(request(0), timeout=120)
-    wait_for(lambda: len(srv.engine.call_log) == before + 1, what="the first batch in the worker")
+    wait_for(lambda: len(srv.call_log) == before + 1, what="the first batch in the worker")
     second = srv.stub.Classify.future(request(1), timeout=120)
     wait_for(lambda: srv.server.batcher.queue_depth == 1, what="a queued request")
     second.cancel()
@@ -135,9 +135,9 @@ def test_cancelled_request_frees_its_queue_slot(srv: InProcessServer, held: Work
 
 
 def test_event_loop_answers_health_while_a_batch_computes(srv: InProcessServer, held: WorkerGate) -> None:
-    before = len(srv.engine.call_log)
+    before = len(srv.call_log)
     busy = srv.stub.Classify.future(request(0), timeout=120)
-    wait_for(lambda: len(srv.engine.call_log) == before + 1, what="a batch in the worker")
+    wait_for(lambda: len(srv.call_log) == before + 1, what="a batch in the worker")
     assert health(srv) == health_pb2.HealthCheckResponse.SERVING
     assert srv.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).name == "tiny"
     assert not busy.done()  # both answered while the batch was still computing
@@ -146,10 +146,10 @@ def test_event_loop_answers_health_while_a_batch_computes(srv: InProcessServer, 
 
 
 def test_killed_worker_fails_its_batch_then_is_replaced(srv: InProcessServer, held: WorkerGate) -> None:
-    before = len(srv.engine.call_log)
+    before = len(srv.call_log)
     old_pid = srv.engine.worker_pids()[0]
     doomed = srv.stub.Classify.future(request(0), timeout=120)
-    wait_for(lambda: len(srv.engine.call_log) == before + 1, what="a batch in the worker")
+    wait_for(lambda: len(srv.call_log) == before + 1, what="a batch in the worker")
     os.kill(old_pid, signal.SIGKILL)
     with pytest.raises(grpc.RpcError) as err:
         doomed.result()

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 
 from resnet_serve.client import ClassifierClient
 from resnet_serve.export.exporter import ExportOptions, export
@@ -60,33 +59,6 @@ def test_sigterm_under_load_answers_everything_accepted_and_exits_0(tiny_model_d
         if proc.poll() is None:
             proc.kill()
         gate.close()
-
-
-def test_bad_settings_fail_with_one_line(tiny_model_dir: Path) -> None:
-    exe = str(Path(sys.executable).parent / "resnet-serve")
-    r = subprocess.run([exe, "--model-dir", str(tiny_model_dir), "--precision", "fp16"], capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 2 and "fp16 needs --device gpu" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([exe, "--model-dir", str(tiny_model_dir / "nope")], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 2 and "no model versions" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_settings_from_env_and_file_are_logged(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from resnet_serve.server.settings import load_settings
-
-    cfg = tmp_path / "serve.toml"
-    cfg.write_text('[server]\nmax_batch_size = 4\nmax_queue_delay_us = 500\n')
-    s = load_settings(["--config", str(cfg), "--max-queue-delay-us", "700"],
-                      {"RESNET_SERVE_MODEL_DIR": str(tiny_model_dir), "RESNET_SERVE_INSTANCES": "2"})
-    assert (s.max_batch_size, s.max_queue_delay_us, s.instances, s.model_dir) == (4, 700, 2, str(tiny_model_dir))
-    text = s.describe()
-    assert f"max_batch_size = 4 (file {cfg})" in text and "max_queue_delay_us = 700 (flag)" in text
-    assert "instances = 2 (env)" in text and "port = 50051 (default)" in text
-    bad = tmp_path / "bad.toml"
-    bad.write_text("max_batch = 4\n")
-    with pytest.raises(ValueError, match="unknown setting"):
-        load_settings(["--config", str(bad)], {})
 
 
 def test_demo_path_classifies_held_out_digits(trained_checkpoint: Path, tmp_path: Path) -> None:

@@ -216,12 +216,12 @@ def test_fast_fp16_follows_compute_capability(cc: str, fast: bool) -> None:
     assert trt_cache.fast_fp16(cc) is fast
 
 
-def test_select_gpu_sets_cuda_visible_devices_and_device_zero(monkeypatch) -> None:
+def test_select_gpu_sets_cuda_visible_devices(monkeypatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    args = trt_cache.select_gpu({"device": "gpu", "visible_gpu": 3, "gpu_id": 7})
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3" and args == {"device": "gpu", "gpu_id": 0}
+    trt_cache.select_gpu(3)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert trt_cache.select_gpu({"device": "cpu"}) == {"device": "cpu"}
+    trt_cache.select_gpu(None)  # CPU, or no --gpus: the environment is left alone
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
 
@@ -233,9 +233,11 @@ def test_instances_spread_over_the_gpus_setting(tiny_model_dir: Path) -> None:
                        "--worker-start-timeout-s", "840"], environ={})
     assert s.gpu_ids() == (1, 3) and s.worker_start_timeout_s == 840.0
     engine = Engine(EngineConfig(version_dir=tiny_model_dir / "1", instances=3, device="gpu", gpus=s.gpu_ids()))
-    assert [engine.worker_plan_args(i)["visible_gpu"] for i in range(3)] == [1, 3, 1]
+    assert [engine.workers.visible_gpu(i) for i in range(3)] == [1, 3, 1]
+    # Every worker gets the front's one plan, on device 0: CUDA_VISIBLE_DEVICES makes its own GPU device 0.
+    assert ("enable_use_gpu", (256, 0)) in engine.workers.spec.plan
     cpu = Engine(EngineConfig(version_dir=tiny_model_dir / "1", gpus=(1,)))
-    assert "visible_gpu" not in cpu.worker_plan_args(0)
+    assert cpu.workers.visible_gpu(0) is None
 
 
 @pytest.mark.parametrize("flags,match", [(["--gpus", "0,x"], "gpus"), (["--gpus", "-1"], "gpus"),
@@ -299,6 +301,14 @@ def fake_gpu_predictor(calls: list) -> object:
     return create
 
 
+def gpu_build(vdir: Path, manifest, **settings) -> tuple[object, dict]:
+    """trt_cache.build_gpu_predictor given the plan the engine front would compute and send."""
+    from resnet_serve.server.predictor_config import PredictorSettings
+
+    s = PredictorSettings(device="gpu", **settings)
+    return trt_cache.build_gpu_predictor(vdir, manifest, s, s.plan(vdir, manifest))
+
+
 def test_standin_gpu_build_pir_converts_once_then_loads_the_converted_program(job: dict, tiny_model_dir: Path,
                                                                                tmp_path: Path, monkeypatch) -> None:
     for k, v in standin_env(job["record"]).items():
@@ -308,8 +318,8 @@ def test_standin_gpu_build_pir_converts_once_then_loads_the_converted_program(jo
     monkeypatch.setattr(trt_cache, "_create", fake_gpu_predictor(calls))
     vdir = tiny_model_dir / "1"
     for expect_cached in (False, True):
-        predictor, info = trt_cache.build_gpu_predictor(vdir, load_manifest(vdir), precision="fp16",
-                                                        max_batch_size=4, trt_cache_dir=tmp_path / "trt")
+        predictor, info = gpu_build(vdir, load_manifest(vdir), precision="fp16", max_batch_size=4,
+                                    trt_cache_dir=tmp_path / "trt")
         assert info["cached"] is expect_cached and info["precision_built"] == "fp16" and info["engines"] == 1
     assert len(events(job["record"])) == 1
     cache = Path(info["cache"])
@@ -330,8 +340,7 @@ def test_standin_gpu_build_classic_builds_under_the_lock_once(tmp_path: Path, mo
     monkeypatch.setattr(trt_cache, "gpu_environment", lambda: {**ENV, "compute_capability": "6.1"})
     monkeypatch.setattr(trt_cache, "_create", fake_gpu_predictor(calls))
     (tmp_path / "trt").mkdir()
-    infos = [trt_cache.build_gpu_predictor(vdir, m, precision="fp16", trt_cache_dir=tmp_path / "trt")[1]
-             for _ in range(2)]
+    infos = [gpu_build(vdir, m, precision="fp16", trt_cache_dir=tmp_path / "trt")[1] for _ in range(2)]
     assert [i["cached"] for i in infos] == [False, True]
     assert infos[0]["engine"] == "classic_trt" and infos[0]["engines"] == 1
     assert infos[0]["precision_built"] == "fp32"  # compute capability 6.1 has no fast fp16
@@ -343,7 +352,7 @@ def test_gpu_build_cuda_engine_needs_no_cache(tiny_model_dir: Path, monkeypatch)
     calls: list = []
     monkeypatch.setattr(trt_cache, "_create", fake_gpu_predictor(calls))
     vdir = tiny_model_dir / "1"
-    _, info = trt_cache.build_gpu_predictor(vdir, load_manifest(vdir), precision="fp16", engine="cuda")
+    _, info = gpu_build(vdir, load_manifest(vdir), precision="fp16", engine="cuda")
     assert info == {"engine": "cuda", "precision_asked": "fp16", "precision_built": "fp16"}
     assert calls[0][0][0] == str(vdir / "inference.json")
 

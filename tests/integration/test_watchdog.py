@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
-from resnet_serve.server.engine import BATCH_LIMIT_FLOOR_S
+from resnet_serve.server.worker_pool import BATCH_LIMIT_FLOOR_S
 from tests.harness import InProcessServer, scrape, start_subprocess_server, wait_for
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -63,9 +63,9 @@ def test_a_stopped_worker_is_killed_after_the_batch_time_limit_and_replaced(tiny
         assert srv.engine.batch_time_limit_s == LIMIT_S
         old_pid = srv.engine.worker_pids()[0]
         os.kill(old_pid, signal.SIGSTOP)
-        calls = len(srv.engine.call_log)
+        calls = len(srv.call_log)
         doomed = srv.stub.Classify.future(request(0))  # no deadline: it must still get an answer
-        wait_for(lambda: len(srv.engine.call_log) == calls + 1, what="the batch sent to the stopped worker")
+        wait_for(lambda: len(srv.call_log) == calls + 1, what="the batch sent to the stopped worker")
         with pytest.raises(grpc.RpcError) as err:
             doomed.result(timeout=300)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -47,8 +47,10 @@ def quiet_frameworks(verbose: bool = False) -> None:
     os.environ[QUIET_FLAG] = "1"
     for name, value in QUIET_ENV.items():
         os.environ.setdefault(name, value)
-    ignore = ",".join(f"ignore:{message}" for message in QUIET_WARNINGS)
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), ignore)))
+    # Once each: every command started from here (the demo's server, the workers) calls this again.
+    current = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    ignore = [f"ignore:{message}" for message in QUIET_WARNINGS]
+    os.environ["PYTHONWARNINGS"] = ",".join(current + [w for w in ignore if w not in current])
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     # in this process also every other UserWarning raised inside Paddle (e.g. one per tensor during --init)

@@ -13,24 +13,32 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import paddle
 
 from resnet_serve.common import __version__
 from resnet_serve.common.imaging import IMAGENET_MEAN, IMAGENET_STD
-from resnet_serve.common.modeldir import LABELS, Manifest, list_versions, sha256_file, version_of
+from resnet_serve.common.modeldir import (
+    LABELS,
+    MANIFEST,
+    Manifest,
+    list_versions,
+    load_manifest,
+    read_labels,
+    sha256_file,
+    version_of,
+)
 from resnet_serve.train import checkpoint as ckpt
 from resnet_serve.train.models import build_model
 
-from . import verify
+from . import quantize, verify
 from .checkpoint_reader import check_against, read_weights
+from .quantize import CALIBRATION_SAMPLES, INT8_THRESHOLD
 
 log = logging.getLogger(__name__)
 FORMATS = ("pir", "legacy")
-INT8_THRESHOLD = 0.99  # minimum top-1 agreement of int8 with fp32 on held-out images
-CALIBRATION_SAMPLES = 256
 
 
 class ExportError(ValueError):
@@ -119,8 +127,6 @@ def export(opts: ExportOptions) -> Path:
     if opts.format not in FORMATS:
         raise ExportError(f"unknown format {opts.format!r}; choose pir or legacy")
     if opts.precision == "int8":
-        from .quantize import export_int8  # post-training quantisation of a legacy fp32 export, gated
-
         return export_int8(opts)
     if opts.precision != "fp32":
         raise ExportError(f"precision {opts.precision!r} is not available on this target: CPU Paddle has no fp16 "
@@ -171,18 +177,6 @@ def _write(model, tmp: Path, opts: ExportOptions, meta: dict, prefix: Path, arch
     if not (tmp / model_file).is_file():
         raise ExportError(f"paddle.jit.save did not write {model_file} (format {opts.format})")
 
-    x = verify.fixed_inputs([size, size])
-    figures = verify.compare(verify.dygraph_logits(model, x),
-                             verify.predictor_logits(tmp / model_file, tmp / "inference.pdiparams", x), opts.rtol)
-    if not figures["passed"]:
-        raise ExportError(f"verification failed: max|dygraph - predictor| = {figures['max_abs_diff']:.3g} "
-                          f"(tolerance {figures['tolerance']:.3g}), top-1 agreement "
-                          f"{100 * figures['top1_agreement']:.1f}%")
-
-    labels = list(meta.get("labels") or [str(i) for i in range(num_classes)])
-    if len(labels) != num_classes:
-        raise ExportError(f"checkpoint metadata has {len(labels)} labels for {num_classes} classes")
-    (tmp / LABELS).write_text("\n".join(labels) + "\n")
     manifest = Manifest(
         name=opts.name or final.parent.name, version=int(final.name), architecture=arch, num_classes=num_classes,
         input_size=[size, size], mean=list(meta.get("mean", IMAGENET_MEAN)), std=list(meta.get("std", IMAGENET_STD)),
@@ -193,8 +187,61 @@ def _write(model, tmp: Path, opts: ExportOptions, meta: dict, prefix: Path, arch
                            "epoch": meta.get("epoch"), "eval_accuracy": meta.get("eval_accuracy"),
                            "amp": meta.get("amp")},
         exporter_version=f"resnet-serve {__version__}, paddle {paddle.__version__}",
-        verification=figures, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
+    # Verified with the server's own predictor, built from this manifest as a server worker would build it.
+    x = verify.fixed_inputs([size, size])
+    figures = verify.compare(verify.dygraph_logits(model, x), verify.predictor_logits(tmp, manifest, x), opts.rtol)
+    if not figures["passed"]:
+        raise ExportError(f"verification failed: max|dygraph - predictor| = {figures['max_abs_diff']:.3g} "
+                          f"(tolerance {figures['tolerance']:.3g}), top-1 agreement "
+                          f"{100 * figures['top1_agreement']:.1f}%")
+    manifest.verification = figures
+
+    labels = list(meta.get("labels") or [str(i) for i in range(num_classes)])
+    if len(labels) != num_classes:
+        raise ExportError(f"checkpoint metadata has {len(labels)} labels for {num_classes} classes")
+    (tmp / LABELS).write_text("\n".join(labels) + "\n")
     manifest.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / "manifest.json").write_text(manifest.to_json())
     return manifest
+
+
+def export_int8(opts: ExportOptions) -> Path:
+    """``resnet-export --precision int8``: fp32 legacy export into a temporary folder, quantise and gate it
+    (resnet_serve.export.quantize), then rename the int8 version into place (nothing is left behind on failure)."""
+    if _pir_enabled():
+        raise ExportError("int8 needs the legacy program: FLAGS_enable_pir_api=0 set before Paddle is imported; "
+                          "run it through `resnet-export --precision int8`")
+    if not opts.calibration:
+        raise ExportError("--precision int8 needs --calibration: 'digits' or a folder of representative images")
+    if not 0.0 < opts.threshold <= 1.0:
+        raise ExportError(f"--threshold must be in (0, 1], got {opts.threshold}")
+    meta = ckpt.read_meta(ckpt.resolve(opts.checkpoint))
+    with claim_version(opts.out, opts.force) as final:
+        try:
+            return _export_int8(opts, meta, final)
+        except quantize.QuantizeError as e:
+            raise ExportError(str(e)) from e
+
+
+def _export_int8(opts: ExportOptions, meta: dict, final: Path) -> Path:
+    work = final.parent / f".tmp-{final.name}-{os.getpid()}-int8"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        fp32_dir = export(replace(opts, precision="fp32", format="legacy", out=work / "fp32" / "1", force=True,
+                                  name=opts.name or final.parent.name))
+        fp32_manifest = load_manifest(fp32_dir)
+        size = int(fp32_manifest.input_size[0])
+        calib = quantize.calibration_images(opts.calibration, size, meta, opts.calibration_samples)
+        evaluation = quantize.evaluation_images(meta, size, read_labels(fp32_dir, fp32_manifest), opts.eval_dir)
+        tmp = work / "int8"
+        m = quantize.write_int8(fp32_dir, tmp, fp32_manifest, calib, evaluation, opts.threshold, opts.force)
+        m.version = int(final.name)
+        m.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        m.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(m.to_json())
+        publish(tmp, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final

@@ -1,10 +1,11 @@
 """INT8 export: post-training quantisation of a legacy fp32 export, gated on top-1 agreement with fp32.
 
-Steps (docs/paddle.md, "INT8 on CPU"): export fp32 legacy (``FLAGS_enable_pir_api=0``) into a temporary
-folder; calibrate ``paddle.static.quantization.PostTrainingQuantization`` on real images (``onnx_format=True``,
+Steps (docs/paddle.md, "INT8 on CPU"; resnet_serve.export.exporter runs them for ``--precision int8``): export
+fp32 legacy (``FLAGS_enable_pir_api=0``) into a temporary folder; calibrate
+``paddle.static.quantization.PostTrainingQuantization`` on real images (``onnx_format=True``,
 ``deploy_backend=None``: ``'MKLDNN'`` crashes in 3.3.1); widen the ranges of the residual stream (below); then run
-fp32 and int8 predictors, configured exactly as the server configures them, on held-out labelled images and refuse
-the export when their top-1 agreement falls under the threshold.
+fp32 and int8 predictors, built exactly as a server worker builds them (resnet_serve.server.predictor), on held-out
+labelled images and refuse the export when their top-1 agreement falls under the threshold.
 
 Residual stream: with ``enable_mkldnn_int8`` Paddle 3.3.1 fuses ``conv + elementwise_add (residual) + relu`` and
 then saturates that op's output at half of the range calibrated for it (measured: on the digits ResNet-18 the logits
@@ -15,12 +16,10 @@ after it) removes that: max |int8 - fp32| 25 -> 1.1, agreement 98.9% -> 100%, no
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
-import os
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +27,22 @@ import numpy as np
 
 from resnet_serve.common.cli import framework_output
 from resnet_serve.common.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_file, normalise, resize_crop
-from resnet_serve.common.modeldir import MANIFEST, Manifest, load_manifest, read_labels, sha256_file
-from resnet_serve.train import checkpoint as ckpt
+from resnet_serve.common.modeldir import Manifest
+from resnet_serve.server.predictor import build_predictor
+from resnet_serve.server.predictor_config import PredictorSettings
 from resnet_serve.train.data import DIGITS, IMAGE_SUFFIXES, held_out, load_dataset
-
-from .exporter import CALIBRATION_SAMPLES, ExportError, ExportOptions, _pir_enabled, claim_version, export, publish
 
 log = logging.getLogger(__name__)
 
+INT8_THRESHOLD = 0.99  # minimum top-1 agreement of int8 with fp32 on held-out images
+CALIBRATION_SAMPLES = 256
 CALIBRATION_BATCH = 32
 ALGO = "abs_max"  # best agreement of abs_max | hist | mse | avg | KL on digits (KL: 64%, avg: 75%)
 RESIDUAL_RANGE_FACTOR = 2.0
 EVAL_BATCH = 64
 
 
-class QuantizeError(ExportError):
+class QuantizeError(ValueError):
     """Calibration or evaluation data that cannot be used, or an int8 model that fails its gate."""
 
 
@@ -196,21 +196,12 @@ def quantize_model(fp32_dir: Path, out_dir: Path, calib: np.ndarray, mean=IMAGEN
 
 def logits(version_dir: Path, manifest: Manifest, images: np.ndarray, threads: int = 2,
            engine: str = "paddle") -> np.ndarray:
-    """Logits of a predictor configured exactly as a server worker configures it (plan_config)."""
-    from resnet_serve.server.worker import build_predictor
-
-    predictor = build_predictor(version_dir, manifest, precision=manifest.precision, threads=threads,
-                                max_batch_size=EVAL_BATCH, engine=engine)
-    handle = predictor.get_input_handle(predictor.get_input_names()[0])
-    out = predictor.get_output_handle(predictor.get_output_names()[0])
-    x = normalise(images, manifest.mean, manifest.std)
-    chunks = []
-    for i in range(0, len(x), EVAL_BATCH):
-        handle.reshape(list(x[i:i + EVAL_BATCH].shape))
-        handle.copy_from_cpu(x[i:i + EVAL_BATCH])
-        predictor.run()
-        chunks.append(out.copy_to_cpu())
-    return np.concatenate(chunks)
+    """Logits of uint8 images [N, H, W, 3] from a predictor built as a server worker builds it (the same plan and
+    the same normalisation), EVAL_BATCH at a time."""
+    settings = PredictorSettings(precision=manifest.precision, threads=threads, max_batch_size=EVAL_BATCH,
+                                 engine=engine)
+    predictor = build_predictor(version_dir, manifest, settings)
+    return np.concatenate([predictor.run(images[i:i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)])
 
 
 def gate(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -252,40 +243,3 @@ def write_int8(fp32_dir: Path, tmp: Path, fp32_manifest: Manifest, calib: Images
             f"{100 * result['fp32_top1']:.2f}%, int8 {100 * result['int8_top1']:.2f}%; calibration: "
             f"{calib.source}); use better calibration images, or --force to write it anyway")
     return m
-
-
-def export_int8(opts: ExportOptions) -> Path:
-    """``resnet-export --precision int8``: fp32 legacy export into a temporary folder, quantise, gate, then rename
-    the int8 version into place (nothing is left behind on failure)."""
-    if _pir_enabled():
-        raise ExportError("int8 needs the legacy program: FLAGS_enable_pir_api=0 set before Paddle is imported; "
-                          "run it through `resnet-export --precision int8`")
-    if not opts.calibration:
-        raise ExportError("--precision int8 needs --calibration: 'digits' or a folder of representative images")
-    if not 0.0 < opts.threshold <= 1.0:
-        raise ExportError(f"--threshold must be in (0, 1], got {opts.threshold}")
-    meta = ckpt.read_meta(ckpt.resolve(opts.checkpoint))
-    with claim_version(opts.out, opts.force) as final:
-        return _export_int8(opts, meta, final)
-
-
-def _export_int8(opts: ExportOptions, meta: dict, final: Path) -> Path:
-    work = final.parent / f".tmp-{final.name}-{os.getpid()}-int8"
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-        fp32_dir = export(replace(opts, precision="fp32", format="legacy", out=work / "fp32" / "1", force=True,
-                                  name=opts.name or final.parent.name))
-        fp32_manifest = load_manifest(fp32_dir)
-        size = int(fp32_manifest.input_size[0])
-        calib = calibration_images(opts.calibration, size, meta, opts.calibration_samples)
-        evaluation = evaluation_images(meta, size, read_labels(fp32_dir, fp32_manifest), opts.eval_dir)
-        tmp = work / "int8"
-        m = write_int8(fp32_dir, tmp, fp32_manifest, calib, evaluation, opts.threshold, opts.force)
-        m.version = int(final.name)
-        m.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        m.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / MANIFEST).write_text(m.to_json())
-        publish(tmp, final)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return final

@@ -1,5 +1,8 @@
 """Numerical check of an export: the dygraph model and a fresh Paddle Inference predictor on the same inputs.
 
+The predictor is the server's own (resnet_serve.server.predictor, configured by the plan a server worker uses), so
+an export passes only if what the server will run agrees with the model that was trained.
+
 The bound is relative (docs/paddle.md): random-init ResNet logits reach thousands and oneDNN differs by ~3e-6
 relative, so max|dygraph - predictor| <= rtol * max(1, max|dygraph|), and top-1 must agree on every input.
 """
@@ -10,6 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import paddle
+
+from resnet_serve.common.modeldir import Manifest
+from resnet_serve.server.predictor import build_predictor
+from resnet_serve.server.predictor_config import PredictorSettings
 
 DEFAULT_RTOL = 1e-3
 N_INPUTS = 8
@@ -28,16 +35,10 @@ def dygraph_logits(model: paddle.nn.Layer, x: np.ndarray) -> np.ndarray:
         return model(paddle.to_tensor(x)).numpy()
 
 
-def predictor_logits(model_file: Path, params_file: Path, x: np.ndarray, threads: int = 2) -> np.ndarray:
-    config = paddle.inference.Config(str(model_file), str(params_file))
-    config.disable_glog_info()
-    config.set_cpu_math_library_num_threads(threads)
-    predictor = paddle.inference.create_predictor(config)
-    handle = predictor.get_input_handle(predictor.get_input_names()[0])
-    handle.reshape(list(x.shape))
-    handle.copy_from_cpu(x)
-    predictor.run()
-    return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+def predictor_logits(version_dir: Path, manifest: Manifest, x: np.ndarray, threads: int = 2) -> np.ndarray:
+    """Logits of the model in ``version_dir`` (described by ``manifest``) from a predictor built as a CPU server
+    worker builds it."""
+    return build_predictor(version_dir, manifest, PredictorSettings(threads=threads)).run(x)
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, rtol: float = DEFAULT_RTOL) -> dict:

@@ -1,5 +1,6 @@
-"""Wires the server together: engine workers -> batcher -> pipeline -> gRPC servicer, plus health, reflection,
-/metrics, and the drain sequence. The one module that knows every part."""
+"""Wires the server together: engine workers -> batcher -> pipeline -> ServingHandle -> gRPC servicers (classifier.v1
+and the Open Inference Protocol), plus health, reflection, /metrics, and the drain sequence. The one module that
+knows every part; the servicers know only the handle it builds."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from .admission import PreprocessPool
 from .auth import AdminGuard, BearerTokenInterceptor, load_tokens, server_credentials
 from .batcher import BatcherObserver
 from .engine import Engine, EngineError, WorkerDied
+from .errors import ErrorTable
+from .handle import ServingConfig, ServingHandle
 from .memory import MemorySweeper
 from .metrics import Metrics
 from .oip_service import OIPService, add_oip_service
@@ -119,19 +122,29 @@ class ReloadRefused(Exception):
 
 
 class Server:
-    def __init__(self, settings: Settings, wrap_runner: Callable[[Runner], Runner] | None = None):
+    def __init__(self, settings: Settings, wrap_runner: Callable[[Runner], Runner] | None = None,
+                 on_dispatch: Callable[[int, int], None] | None = None):
+        """``wrap_runner`` and ``on_dispatch`` (Engine's: a batch handed to a worker) let tests observe batches."""
         self.settings = settings
         self.model_dir = Path(settings.model_dir)
         self.version_dir = resolve_version_dir(self.model_dir, settings.version)
         self.metrics = Metrics(settings.max_batch_size)
-        self.service = ClassifierService(self.metrics, {EngineError: grpc.StatusCode.INTERNAL,
-                                                        WorkerDied: grpc.StatusCode.UNAVAILABLE},
-                                         max_stream_in_flight=settings.max_stream_in_flight,
-                                         max_request_id_length=settings.max_request_id_length)
+        # What every transport may know of this server: one handle, one error table, read at call time.
+        self.handle = ServingHandle(
+            self.metrics,
+            ServingConfig(max_request_id_length=settings.max_request_id_length,
+                          max_stream_in_flight=settings.max_stream_in_flight, instances=settings.instances,
+                          preferred_batch_sizes=tuple(settings.bucket_sizes()),
+                          max_queue_delay_us=settings.max_queue_delay_us, max_queue_size=settings.max_queue_size),
+            ErrorTable({EngineError: grpc.StatusCode.INTERNAL, WorkerDied: grpc.StatusCode.UNAVAILABLE}),
+            pipeline=lambda: self.model.pipeline if self.model is not None else None, serving=self.serving,
+            failure=lambda: self.failed, loading=lambda: self.version_dir)
+        self.service = ClassifierService(self.handle)
         self.health = health.aio.HealthServicer()
         self.observer = HealthTrackingObserver(self.metrics, settings.unhealthy_after_failures,
                                                self._engine_health_changed)
         self.wrap_runner = wrap_runner
+        self.on_dispatch = on_dispatch
         self.model: LoadedModel | None = None
         self.pool = PreprocessPool(settings.preprocess_threads, settings.max_preprocess_queue,
                                    settings.max_preprocess_queue_bytes,
@@ -166,13 +179,14 @@ class Server:
         return self.model.batcher if self.model else None
 
     # --- health --------------------------------------------------------------------------------------------
-    def _serving(self) -> bool:
+    def serving(self) -> bool:
+        """Ready to answer: loaded and warm, not failed or draining, batches succeeding, a worker alive."""
         engine = self.engine
         return (self.ready.is_set() and not self.failed and not self._draining and self._engine_ok
                 and engine is not None and engine.alive_instances() > 0)
 
     async def _update_health(self) -> None:
-        status = SERVING if self._serving() else NOT_SERVING
+        status = SERVING if self.serving() else NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
@@ -203,7 +217,7 @@ class Server:
         if s.metrics_port >= 0:
             metrics_host = s.metrics_host or s.host
             try:
-                self._metrics_http = self.metrics.serve_http(s.metrics_port, metrics_host, self._serving)
+                self._metrics_http = self.metrics.serve_http(s.metrics_port, metrics_host, self.serving)
             except OSError as e:
                 raise ListenError(f"cannot listen on {metrics_host}:{s.metrics_port} for /metrics "
                                   f"({e.strerror or e}): choose another metrics_port (--metrics-port; -1 turns "
@@ -224,7 +238,7 @@ class Server:
         classifier_pb2_grpc.add_ClassifierServicer_to_server(self.service, self.grpc_server)
         classifier_pb2_grpc.add_AdminServicer_to_server(AdminService(self), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        add_oip_service(OIPService(self), self.grpc_server)
+        add_oip_service(OIPService(self.handle), self.grpc_server)
         reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME,
                                              OIPService.SERVICE_NAME), self.grpc_server)
         address = f"{s.host}:{s.port}"
@@ -262,14 +276,13 @@ class Server:
         return await serving_model.load(
             self.settings, version_dir, self.observer, self.pool, self.metrics,
             on_worker_event=lambda event, i: loop.call_soon_threadsafe(self._worker_event, event, i),
-            wrap_runner=self.wrap_runner)
+            wrap_runner=self.wrap_runner, on_dispatch=self.on_dispatch)
 
     def _publish(self, model: LoadedModel) -> None:
         """Switch traffic: one reference assignment on the event loop, so each request sees one version."""
         self.model = model
         self._live = (*self._live, model)
         self.version_dir = model.version_dir
-        self.service.pipeline = model.pipeline
         self.metrics.model_load.set(model.engine.load_seconds)
         self.metrics.model_warmup.set(model.engine.warmup_seconds)
         self.metrics.workers_alive.set(model.engine.alive_instances())

@@ -1,296 +1,97 @@
 """The Open Inference Protocol (KServe v2) transport: `inference.GRPCInferenceService`, so Triton and KServe
 clients work unchanged. Served from the stubs the `tritonclient` package ships (no copied .proto).
 
-It is a second front door to the same server: every image goes through the current model's Pipeline (the same
-batcher queue and workers as classifier.v1), errors map through the same table to the same gRPC codes, and
-requests are counted in the same metrics under methods ModelInfer and ModelStreamInfer. docs/oip.md lists the
-exact tensor names, dtypes and shapes. Knows protobuf, gRPC codes and deadlines; nothing of Paddle.
+It is a second front door to the same server, through the same ServingHandle as classifier.v1: every image goes
+to the serving version (the same batcher queue and workers), errors map through the same table to the same gRPC
+codes, and requests are counted in the same metrics under methods ModelInfer and ModelStreamInfer. The messages'
+codecs are oip_codec.py; docs/oip.md lists the exact tensor names, dtypes and shapes. Knows protobuf, gRPC codes
+and deadlines; nothing of Paddle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import re
-import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator
 from importlib import metadata
-from typing import TYPE_CHECKING
 
 import grpc
-import numpy as np
-from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from .pipeline import Answer, ImageInput, ModelDescription, Pipeline
-from .service import ECHO_CHARS, RequestError, _cancel_code, check_request_id, echo
+from .errors import RequestError, cancel_code, check_request_id
+from .handle import ServingHandle, call_deadline
+from .oip_codec import (
+    EXTENSIONS,
+    check_model,
+    deadline_of,
+    images_of,
+    model_config_of,
+    model_metadata_of,
+    requested_outputs,
+    response_of,
+    stream_error_of,
+    top_k_of,
+    with_id,
+)
+from .pipeline import ModelDescription
 from .streams import answer_each
 from .wire import Malformed
 
-if TYPE_CHECKING:
-    from .app import Server
-
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 add_oip_service = pb_grpc.add_GRPCInferenceServiceServicer_to_server  # tritonclient's registration function
-PLATFORM = "paddle"
-EXTENSIONS = ("model_configuration", "statistics", "parameters")
-
-# Inputs: a request carries exactly one of them; N (the leading dimension) images, 1 <= N <= max_batch_size.
-ENCODED, UINT8_HWC, FLOAT32_CHW = "encoded", "uint8_hwc", "float32_chw"
-# Outputs, each [N, k]: the k best classes of every image, best first.
-CLASS_IDS, SCORES, LABELS = "class_ids", "scores", "labels"
-OUTPUTS = (CLASS_IDS, SCORES, LABELS)
-TOP_K, TIMEOUT = "top_k", "timeout"  # request parameters: classes per image; Triton's queue timeout in µs
-ERROR_CODE = "error_code"  # parameter of an in-stream error response: the numeric gRPC status code
-
-_KIND = {ENCODED: ("BYTES", "encoded"), UINT8_HWC: ("UINT8", "uint8"), FLOAT32_CHW: ("FP32", "float32")}
-_IMAGE_METHODS = ("Classify", "ClassifyStream", "ModelInfer", "ModelStreamInfer")
-_INTEGER = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only: int() also takes "²" and other Unicode digits
-
-
-def _invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def input_metadata(model: ModelDescription) -> list[tuple[str, str, list[int]]]:
-    """(name, datatype, shape) of every input, batch dimension first (-1: any size)."""
-    _, h, w = model.input_shape
-    return [(ENCODED, "BYTES", [-1, 1]), (UINT8_HWC, "UINT8", [-1, -1, -1, 3]), (FLOAT32_CHW, "FP32", [-1, 3, h, w])]
-
-
-def output_metadata() -> list[tuple[str, str, list[int]]]:
-    return [(CLASS_IDS, "INT64", [-1, -1]), (SCORES, "FP32", [-1, -1]), (LABELS, "BYTES", [-1, -1])]
-
-
-# --- request -> images ---------------------------------------------------------------------------------------
-def _split_bytes(raw: bytes, n: int) -> list[bytes]:
-    """A raw BYTES tensor of n elements: each is a 4-byte little-endian length, then that many bytes. Reads at
-    most n + 1 elements, however many the data holds."""
-    out, i = [], 0
-    while i < len(raw):
-        if len(out) == n:
-            raise _invalid(f"input {ENCODED!r} needs {n} elements, the data holds more")
-        if i + 4 > len(raw):
-            raise _invalid("BYTES tensor is malformed: truncated element length")
-        (size,) = struct.unpack_from("<I", raw, i)
-        if i + 4 + size > len(raw):
-            raise _invalid("BYTES tensor is malformed: element runs past the end of the data")
-        out.append(raw[i + 4:i + 4 + size])
-        i += 4 + size
-    return out
-
-
-def _int_parameter(p: pb.InferParameter, name: str) -> int:
-    which = p.WhichOneof("parameter_choice")
-    if which in ("int64_param", "uint64_param"):
-        return int(getattr(p, which))
-    if which == "double_param" and float(p.double_param).is_integer():
-        return int(p.double_param)
-    if which == "string_param" and _INTEGER.fullmatch(p.string_param.strip()):
-        return int(p.string_param)
-    raise _invalid(f"parameter {name!r} must be an integer")
-
-
-def top_k_of(request: pb.ModelInferRequest) -> int:
-    """The `top_k` request parameter; 0 or absent: the server's default (5); capped at the class count later."""
-    if TOP_K not in request.parameters:
-        return 0
-    k = _int_parameter(request.parameters[TOP_K], TOP_K)
-    if k < 0:
-        raise _invalid(f"top_k must be >= 0, got {k}")
-    return k
-
-
-def deadline_of(request: pb.ModelInferRequest, deadline: float | None) -> float | None:
-    """The call's deadline, tightened by Triton's `timeout` parameter (microseconds) when given."""
-    if TIMEOUT not in request.parameters:
-        return deadline
-    us = _int_parameter(request.parameters[TIMEOUT], TIMEOUT)
-    if us <= 0:
-        return deadline
-    own = time.monotonic() + us / 1e6
-    return own if deadline is None else min(deadline, own)
-
-
-def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
-    if len(request.outputs) > len(OUTPUTS):
-        raise _invalid(f"{len(request.outputs)} outputs requested; the model has {len(OUTPUTS)}: "
-                       f"{', '.join(OUTPUTS)}")
-    names = tuple(o.name for o in request.outputs) or OUTPUTS
-    for name in names:
-        if name not in OUTPUTS:
-            raise _invalid(f"unknown output {echo(name)}; the model has {', '.join(OUTPUTS)}")
-    return names
-
-
-def check_model(request_name: str, request_version: str, model: ModelDescription) -> None:
-    if request_name != model.name or request_version not in ("", model.version):
-        wanted = echo(request_name) + (f" version {echo(request_version)}" if request_version else "")
-        raise RequestError(grpc.StatusCode.NOT_FOUND,
-                           f"model {wanted} is not served here (serving {model.name!r} version {model.version!r})")
-
-
-def images_of(request: pb.ModelInferRequest, max_batch_size: int) -> list[ImageInput]:
-    """The request's one image input as N ImageInputs (one batcher item each); INVALID_ARGUMENT names the problem.
-
-    Accepts raw_input_contents (what tritonclient sends) and typed `contents` alike."""
-    if len(request.inputs) != 1:
-        got = ", ".join(echo(t.name) for t in request.inputs[:3]) or "none"
-        more = f" and {len(request.inputs) - 3} more" if len(request.inputs) > 3 else ""
-        raise _invalid(f"a request carries exactly one image input ({ENCODED}, {UINT8_HWC} or {FLOAT32_CHW}); "
-                       f"got {got}{more}")
-    t = request.inputs[0]
-    if t.name not in _KIND:
-        raise _invalid(f"unknown input {echo(t.name)}; the model has {ENCODED}, {UINT8_HWC}, {FLOAT32_CHW}")
-    datatype, kind = _KIND[t.name]
-    if t.datatype != datatype:
-        raise _invalid(f"input {t.name!r} must be {datatype}, got {echo(t.datatype) if t.datatype else 'no datatype'}")
-    if len(t.shape) > 4:  # before the shape is copied: a client can send millions of dimensions
-        raise _invalid(f"input {t.name!r} shape has {len(t.shape)} dimensions; it must be [N, 1] for "
-                       f"{ENCODED}, [N, H, W, 3] for {UINT8_HWC}, [N, 3, H, W] for {FLOAT32_CHW}")
-    shape = [int(d) for d in t.shape]
-    if not shape or shape[0] < 1 or any(d < 0 for d in shape):
-        raise _invalid(f"input {t.name!r} needs a leading batch dimension of at least 1, got shape {shape}")
-    n = shape[0]
-    if n > max_batch_size:
-        raise _invalid(f"batch of {n} images exceeds the model's max_batch_size {max_batch_size}")
-    raw = None
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1:
-            raise _invalid(f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input")
-        if t.HasField("contents"):
-            raise _invalid(f"input {t.name!r} has both raw_input_contents and typed contents")
-        raw = request.raw_input_contents[0]
-    if kind == "encoded":
-        if shape not in ([n], [n, 1]):
-            raise _invalid(f"input {ENCODED!r} shape must be [N, 1] (or [N]), got {shape}")
-        if raw is None and len(t.contents.bytes_contents) != n:  # counted before anything is copied
-            raise _invalid(f"input {ENCODED!r} of shape {shape} needs {n} elements, "
-                           f"got {len(t.contents.bytes_contents)}")
-        items = _split_bytes(raw, n) if raw is not None else list(t.contents.bytes_contents)
-        if len(items) != n:
-            raise _invalid(f"input {ENCODED!r} of shape {shape} needs {n} elements, got {len(items)}")
-        return [ImageInput("encoded", item) for item in items]
-    if len(shape) != 4:
-        layout = "[N, H, W, 3]" if kind == "uint8" else "[N, 3, H, W]"
-        raise _invalid(f"input {t.name!r} shape must be {layout}, got {shape}")
-    per_image = math.prod(shape[1:]) * (1 if kind == "uint8" else 4)
-    if raw is None:
-        raw = _typed_pixels(t, kind, n * per_image)
-    if len(raw) != n * per_image:
-        raise _invalid(f"input {t.name!r} of shape {shape} needs {n * per_image} bytes, got {len(raw)}")
-    return [ImageInput(kind, raw[i * per_image:(i + 1) * per_image], tuple(shape[1:])) for i in range(n)]
-
-
-def _typed_pixels(t: pb.ModelInferRequest.InferInputTensor, kind: str, nbytes: int) -> bytes:
-    """Typed contents as raw bytes; their count is checked against the shape before any is converted."""
-    values = t.contents.uint_contents if kind == "uint8" else t.contents.fp32_contents
-    needed = nbytes if kind == "uint8" else nbytes // 4
-    if len(values) != needed:
-        field = "uint_contents" if kind == "uint8" else "fp32_contents"
-        raise _invalid(f"input {t.name!r} needs {needed} values in {field}, got {len(values)}")
-    if kind == "uint8":
-        values = np.asarray(values, dtype=np.uint32)
-        if values.size and values.max() > 255:
-            raise _invalid(f"input {t.name!r}: uint_contents values must be 0..255 for UINT8")
-        return values.astype(np.uint8).tobytes()
-    return np.asarray(values, dtype="<f4").tobytes()
-
-
-# --- answers -> response ------------------------------------------------------------------------------------
-def _bytes_tensor(items: Sequence[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
-
-
-def response_of(request: pb.ModelInferRequest, model_name: str, answers: Sequence[Answer],
-                outputs: Sequence[str]) -> pb.ModelInferResponse:
-    """[N, k] outputs as raw_output_contents (what Triton returns and tritonclient's as_numpy reads)."""
-    n, k = len(answers), len(answers[0].predictions)
-    response = pb.ModelInferResponse(model_name=model_name, model_version=answers[0].model_version, id=request.id)
-    for name in outputs:
-        if name == CLASS_IDS:
-            datatype = "INT64"
-            data = np.array([[p.class_id for p in a.predictions] for a in answers], dtype="<i8").tobytes()
-        elif name == SCORES:
-            datatype = "FP32"
-            data = np.array([[p.score for p in a.predictions] for a in answers], dtype="<f4").tobytes()
-        else:
-            datatype = "BYTES"
-            data = _bytes_tensor([p.label.encode() for a in answers for p in a.predictions])
-        response.outputs.add(name=name, datatype=datatype, shape=[n, k])
-        response.raw_output_contents.append(data)
-    return response
-
-
-def _sample_values(metric) -> dict[tuple[str, tuple], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in metric.collect() for s in fam.samples}
 
 
 class OIPService(pb_grpc.GRPCInferenceServiceServicer):
-    """inference.GRPCInferenceService over the server's current Pipeline (read at call time: hot reload works).
-    RPCs not implemented here (repository load/unload, shared memory, trace, logging) answer UNIMPLEMENTED."""
+    """inference.GRPCInferenceService over a ServingHandle (the serving version is read at call time: hot reload
+    works). RPCs not implemented here (repository load/unload, shared memory, trace, logging) answer
+    UNIMPLEMENTED."""
 
     SERVICE_NAME = SERVICE_NAME
 
-    def __init__(self, server: Server):
-        self.server = server  # its .service.pipeline is read at call time: a hot reload switches both APIs at once
+    def __init__(self, handle: ServingHandle):
+        self.handle = handle
 
     # --- helpers -------------------------------------------------------------------------------------------
-    def _pipeline(self) -> Pipeline:
-        pipeline = self.server.service.pipeline
-        if pipeline is None:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "model is loading, not serving yet")
-        return pipeline
-
     async def _model(self, context: grpc.aio.ServicerContext, name: str, version: str) -> ModelDescription:
         """The served model if the request names it; aborts with UNAVAILABLE or NOT_FOUND otherwise."""
         try:
-            model = self._pipeline().model
+            model = self.handle.require_model()
             check_model(name, version, model)
         except RequestError as e:
             await context.abort(e.code, e.message)
         return model
 
-    def _record(self, method: str, code: grpc.StatusCode, t0: float, version: str | None = None) -> None:
-        self.server.metrics.record_request(method, code.name, time.perf_counter() - t0, version)
-
-    @staticmethod
-    def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-        remaining = context.time_remaining()
-        return None if remaining is None else time.monotonic() + remaining
-
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         """One ModelInferRequest: its N images go to the batcher as N items; raises RequestError."""
         if isinstance(request, Malformed):
             raise RequestError(request.code, request.reason)
-        check_request_id(request.id, self.server.settings.max_request_id_length)
-        pipeline = self._pipeline()
+        check_request_id(request.id, self.handle.config.max_request_id_length)
+        # No await from here to submit(): the request is checked against the version that answers it.
+        model = self.handle.require_model()
         try:
-            check_model(request.model_name, request.model_version, pipeline.model)
-            images = images_of(request, pipeline.model.max_batch_size)
+            check_model(request.model_name, request.model_version, model)
+            images = images_of(request, model.max_batch_size)
             k, outputs = top_k_of(request), requested_outputs(request)
             deadline = deadline_of(request, deadline)
-            answers = await _all_or_first_error([pipeline.classify(image, k, deadline) for image in images])
-        except (RequestError, asyncio.CancelledError):
+        except RequestError:
             raise
         except Exception as e:
-            raise self.server.service._to_error(e) from e  # the classifier.v1 table: same codes, same messages
-        return response_of(request, pipeline.model.name, answers, outputs)
+            raise self.handle.to_error(e) from e
+        answers = await self.handle.submit(images, k, deadline)
+        return response_of(request, model.name, answers, outputs)
 
     # --- health and metadata -------------------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.server._serving())  # exactly what grpc.health.v1 reports
+        return pb.ServerReadyResponse(ready=self.handle.ready())  # exactly what grpc.health.v1 reports
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-        pipeline = self.server.service.pipeline
-        known = pipeline is not None and request.name == pipeline.model.name \
-            and request.version in ("", pipeline.model.version)
-        return pb.ModelReadyResponse(ready=known and self.server._serving())
+        model = self.handle.model
+        known = model is not None and request.name == model.name and request.version in ("", model.version)
+        return pb.ModelReadyResponse(ready=known and self.handle.ready())
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
         try:
@@ -300,147 +101,69 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name="resnet-serve", version=version, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
-        model = await self._model(context, request.name, request.version)
-        T = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=model.name, versions=[model.version], platform=PLATFORM,
-            inputs=[T(name=n, datatype=d, shape=s) for n, d, s in input_metadata(model)],
-            outputs=[T(name=n, datatype=d, shape=s) for n, d, s in output_metadata()])
+        return model_metadata_of(await self._model(context, request.name, request.version))
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
         """The one model this server serves (how tritonclient's get_model_repository_index() discovers models):
         its version and state READY, or LOADING / UNAVAILABLE (with the reason) before it serves."""
-        pipeline = self.server.service.pipeline
-        if pipeline is not None:
-            name, version = pipeline.model.name, pipeline.model.version
-        else:  # not loaded yet (or failed): the manifest says what is being loaded
-            from resnet_serve.common.modeldir import load_manifest
-
-            manifest = await asyncio.to_thread(load_manifest, self.server.version_dir)
-            name, version = manifest.name, str(manifest.version)
-        serving = self.server._serving()
-        failed = self.server.failed
-        state = "READY" if serving else "UNAVAILABLE" if failed or pipeline is not None else "LOADING"
-        reason = f"failed to load: {failed}" if failed else "" if serving else "not serving (loading or draining)"
-        models = [pb.RepositoryIndexResponse.ModelIndex(name=name, version=version, state=state, reason=reason)]
-        return pb.RepositoryIndexResponse(models=[m for m in models if serving or not request.ready])
+        s = await self.handle.state()
+        state = "READY" if s.serving else "UNAVAILABLE" if s.failure is not None or s.loaded else "LOADING"
+        reason = f"failed to load: {s.failure}" if s.failure is not None else "" if s.serving else \
+            "not serving (loading or draining)"
+        models = [pb.RepositoryIndexResponse.ModelIndex(name=s.name, version=s.version, state=state, reason=reason)]
+        return pb.RepositoryIndexResponse(models=[m for m in models if s.serving or not request.ready])
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
         model = await self._model(context, request.name, request.version)
-        s = self.server.settings
-        _, h, w = model.input_shape
-        In, Out = mc.ModelInput, mc.ModelOutput
-        config = mc.ModelConfig(
-            name=model.name, backend=PLATFORM, max_batch_size=model.max_batch_size,
-            version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
-            input=[In(name=ENCODED, data_type=mc.TYPE_STRING, dims=[1], optional=True),
-                   In(name=UINT8_HWC, data_type=mc.TYPE_UINT8, format=In.FORMAT_NHWC, dims=[-1, -1, 3], optional=True),
-                   In(name=FLOAT32_CHW, data_type=mc.TYPE_FP32, format=In.FORMAT_NCHW, dims=[3, h, w], optional=True)],
-            output=[Out(name=CLASS_IDS, data_type=mc.TYPE_INT64, dims=[-1]),
-                    Out(name=SCORES, data_type=mc.TYPE_FP32, dims=[-1]),
-                    Out(name=LABELS, data_type=mc.TYPE_STRING, dims=[-1])],
-            instance_group=[mc.ModelInstanceGroup(
-                count=s.instances, kind=mc.ModelInstanceGroup.KIND_GPU if s.device == "gpu" else
-                mc.ModelInstanceGroup.KIND_CPU)],
-            dynamic_batching=mc.ModelDynamicBatching(
-                preferred_batch_size=list(s.bucket_sizes()), max_queue_delay_microseconds=s.max_queue_delay_us,
-                default_queue_policy=mc.ModelQueuePolicy(max_queue_size=s.max_queue_size)),
-            parameters={key: mc.ModelParameter(string_value=str(value)) for key, value in (
-                ("architecture", model.architecture), ("num_classes", model.num_classes),
-                ("precision", model.precision), ("device", model.device), ("engine", model.engine),
-                ("default_top_k", min(5, model.num_classes)))})
-        return pb.ModelConfigResponse(config=config)
+        return pb.ModelConfigResponse(config=model_config_of(model, self.handle.config))
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context) -> pb.ModelStatisticsResponse:
         """The counters that map cleanly, cumulative since the server started (over every version served)."""
-        model = await self._model(context, request.name or self._pipeline_name(), request.version)
-        m = self.server.metrics
-        batches, queue, requests = (_sample_values(x) for x in (m.batch_size, m.queue_wait, m.requests))
-        total = "resnet_serve_requests_total"
-        ok = sum(v for (name, labels), v in requests.items() if name == total
-                 and dict(labels)["method"] in _IMAGE_METHODS and dict(labels)["code"] == "OK")
-        failed = sum(v for (name, labels), v in requests.items() if name == total
-                     and dict(labels)["method"] in _IMAGE_METHODS and dict(labels)["code"] != "OK")
+        served = self.handle.model
+        model = await self._model(context, request.name or (served.name if served else ""), request.version)
+        s = self.handle.statistics()
         D = pb.StatisticDuration
         stats = pb.ModelStatistics(
-            name=model.name, version=model.version,
-            inference_count=int(batches[("resnet_serve_batch_size_sum", ())]),
-            execution_count=int(batches[("resnet_serve_batch_size_count", ())]),
+            name=model.name, version=model.version, inference_count=s.images, execution_count=s.batches,
             inference_stats=pb.InferStatistics(
-                success=D(count=int(ok)), fail=D(count=int(failed)),
-                queue=D(count=int(queue[("resnet_serve_queue_wait_seconds_count", ())]),
-                        ns=int(queue[("resnet_serve_queue_wait_seconds_sum", ())] * 1e9))))
+                success=D(count=s.succeeded), fail=D(count=s.failed),
+                queue=D(count=s.queued, ns=int(s.queue_seconds * 1e9))))
         return pb.ModelStatisticsResponse(model_stats=[stats])
-
-    def _pipeline_name(self) -> str:
-        pipeline = self.server.service.pipeline
-        return pipeline.model.name if pipeline is not None else ""
 
     # --- inference -----------------------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelInferResponse:
         t0 = time.perf_counter()
         try:
-            response = await self._infer(request, self._deadline(context))
+            response = await self._infer(request, call_deadline(context.time_remaining()))
         except RequestError as e:
-            self._record("ModelInfer", e.code, t0)
-            await context.abort(e.code, _with_id(request.id, e.message))
+            self.handle.record("ModelInfer", e.code, t0)
+            await context.abort(e.code, with_id(request.id, e.message))
         except asyncio.CancelledError:
-            self._record("ModelInfer", _cancel_code(context), t0)
+            self.handle.record("ModelInfer", cancel_code(context.time_remaining()), t0)
             raise
-        self._record("ModelInfer", grpc.StatusCode.OK, t0, response.model_version)
+        self.handle.record("ModelInfer", grpc.StatusCode.OK, t0, response.model_version)
         return response
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Triton's streaming extension: one response per request (its `id` echoed), as soon as it is ready; a
         bad request gets `error_message` in-stream and the stream goes on."""
-        deadline = self._deadline(context)
+        deadline = call_deadline(context.time_remaining())
 
         async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             t0 = time.perf_counter()
             try:
                 response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
             except RequestError as e:
-                self._record("ModelStreamInfer", e.code, t0)
-                # The client's own strings are echoed only when short: the answer must fit any client's limit.
-                short = {k: v for k, v in (("id", request.id), ("model_name", request.model_name),
-                                           ("model_version", request.model_version)) if len(v) <= ECHO_CHARS}
-                error = pb.ModelInferResponse(**short)
-                error.parameters[ERROR_CODE].int64_param = e.code.value[0]
-                return pb.ModelStreamInferResponse(error_message=_with_id(request.id, f"{e.code.name}: {e.message}"),
-                                                   infer_response=error)
+                self.handle.record("ModelStreamInfer", e.code, t0)
+                return stream_error_of(request, e)
             except asyncio.CancelledError:
-                self._record("ModelStreamInfer", _cancel_code(context), t0)
+                self.handle.record("ModelStreamInfer", cancel_code(context.time_remaining()), t0)
                 raise
-            self._record("ModelStreamInfer", grpc.StatusCode.OK, t0, response.infer_response.model_version)
+            self.handle.record("ModelStreamInfer", grpc.StatusCode.OK, t0, response.infer_response.model_version)
             return response
 
-        async for response in answer_each(request_iterator, one, self.server.settings.max_stream_in_flight,
-                                             self.server.metrics.stream_items):
+        async for response in answer_each(request_iterator, one, self.handle.config.max_stream_in_flight,
+                                          self.handle.stream_items):
             yield response
-
-
-def _with_id(request_id: str, message: str) -> str:
-    """Triton's convention: errors about a request name its id first (a long or non-ASCII one quoted and cut)."""
-    if not request_id:
-        return message
-    plain = len(request_id) <= ECHO_CHARS and request_id.isascii() and request_id.isprintable()
-    return f"[request id: {request_id if plain else echo(request_id)}] {message}"
-
-
-async def _all_or_first_error(calls: list[Awaitable[Answer]]) -> list[Answer]:
-    """Every answer in order; on the first failure the other images are cancelled (they leave the queue)."""
-    if len(calls) == 1:
-        return [await calls[0]]
-    tasks = [asyncio.ensure_future(c) for c in calls]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
-        if failed is not None:
-            raise failed.exception()
-        return [t.result() for t in tasks]
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

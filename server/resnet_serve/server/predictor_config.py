@@ -25,7 +25,7 @@ The GPU plans cannot run on a CPU-only machine; tests apply every Config call of
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,30 @@ def plan_config(
     if engine == "cuda":
         return _plan_gpu_cuda(pir, precision, gpu_id, gpu_memory_mb)
     return _plan_gpu(version_dir, manifest, pir, precision, max_batch_size, cache, gpu_id, gpu_memory_mb)
+
+
+@dataclass(frozen=True)
+class PredictorSettings:
+    """How a predictor is asked to run, as plain picklable data; ``plan`` turns it into Config calls.
+
+    The engine front computes the plan from these once and sends both to its workers; export verification, INT8
+    calibration and the benchmarks build their predictors from the same settings (resnet_serve.server.predictor).
+    ``gpu_id`` stays 0 for a worker given its own GPU: CUDA_VISIBLE_DEVICES makes that GPU device 0
+    (trt_cache.select_gpu).
+    """
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    threads: int = 2
+    max_batch_size: int = 8
+    trt_cache_dir: Path | None = None
+    engine: str = "paddle"
+    gpu_id: int = 0
+    gpu_memory_mb: int = 256
+
+    def plan(self, version_dir: Path, manifest: Manifest) -> Plan:
+        """``plan_config`` with these settings; raises ValueError for unsupported combinations."""
+        return plan_config(Path(version_dir), manifest, **asdict(self))
 
 
 def _plan_cpu(pir: bool, precision: str, threads: int, engine: str, cache: Path) -> Plan:

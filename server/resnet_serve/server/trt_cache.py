@@ -36,7 +36,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,11 @@ from .predictor_config import (
     PIR_TRT_CONVERT,
     TRT_MIN_SUBGRAPH,
     TRT_WORKSPACE_BYTES,
+    Plan,
+    PredictorSettings,
     apply_plan,
     default_trt_cache_dir,
     model_files,
-    plan_config,
 )
 
 MARKER = "COMPLETE.json"
@@ -303,7 +304,8 @@ def _convert(spec: dict[str, Any]) -> dict[str, Any]:
     """The child's work: paddle.tensorrt's Input/TensorRTConfig/convert with Paddle 3.x's parameter names
     (python/paddle/tensorrt/export.py); then what was actually built."""
     try:
-        import tensorrt
+        # Only on GPU machines (tensorrt-cu12 beside paddlepaddle-gpu, docs/gpu.md); when absent, answered below.
+        import tensorrt  # pyright: ignore[reportMissingImports]
     except ImportError:
         return {"error": f"the `tensorrt` Python module is missing: {tensorrt_install_hint()}"}
     try:
@@ -347,15 +349,11 @@ def _convert_main(argv: list[str]) -> int:
 # ------------------------------------------------------------------ the worker's GPU predictor
 
 
-def select_gpu(plan_args: dict[str, Any]) -> dict[str, Any]:
-    """Run this worker on GPU ``visible_gpu`` by CUDA_VISIBLE_DEVICES (before Paddle is imported); the
-    predictor and the conversion child then address it as device 0."""
-    args = dict(plan_args)
-    gpu = args.pop("visible_gpu", None)
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        args["gpu_id"] = 0
-    return args
+def select_gpu(visible_gpu: int | None) -> None:
+    """Run this worker on GPU ``visible_gpu`` by CUDA_VISIBLE_DEVICES (before Paddle is imported); the predictor and
+    the conversion child then address it as device 0, which is why the engine plans with ``gpu_id`` 0."""
+    if visible_gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(visible_gpu)
 
 
 def plan_kind(plan: list[tuple[str, tuple]]) -> str:
@@ -373,15 +371,16 @@ def _create(version_dir: Path, manifest: Manifest, plan: list[tuple[str, tuple]]
     return paddle_infer.create_predictor(config)
 
 
-def build_gpu_predictor(version_dir: Path, manifest: Manifest, precision: str = "fp32", max_batch_size: int = 8,
-                        trt_cache_dir: Path | str | None = None, engine: str = "paddle", gpu_id: int = 0,
-                        **_cpu_only: Any) -> tuple[Any, dict[str, Any]]:
-    """A GPU predictor and what was built: engine kind, precision asked and built, engines, cache, reuse."""
+def build_gpu_predictor(version_dir: Path, manifest: Manifest, settings: PredictorSettings,
+                        plan: Plan) -> tuple[Any, dict[str, Any]]:
+    """A GPU predictor and what was built: engine kind, precision asked and built, engines, cache, reuse.
+
+    ``plan`` is ``settings.plan(...)``, computed by the caller (the engine front, once). A TensorRT plan is made
+    again here with its cache directory keyed by this worker's GPU, which the front cannot know.
+    """
     version_dir = Path(version_dir)
-    root = Path(trt_cache_dir).absolute() if trt_cache_dir else default_trt_cache_dir(version_dir)
-    common = {"device": "gpu", "precision": precision, "max_batch_size": max_batch_size, "engine": engine,
-              "gpu_id": gpu_id}
-    plan = plan_config(version_dir, manifest, trt_cache_dir=root, **common)
+    precision, max_batch_size = settings.precision, settings.max_batch_size
+    root = Path(settings.trt_cache_dir).absolute() if settings.trt_cache_dir else default_trt_cache_dir(version_dir)
     kind = plan_kind(plan)
     info: dict[str, Any] = {"engine": kind, "precision_asked": precision, "precision_built": precision}
     if kind == "cuda":
@@ -389,7 +388,7 @@ def build_gpu_predictor(version_dir: Path, manifest: Manifest, precision: str = 
     env = gpu_environment()
     key = cache_key(kind, version_dir, manifest, env, precision, max_batch_size)
     cache = root / key.dirname()
-    plan = plan_config(version_dir, manifest, trt_cache_dir=cache, **common)
+    plan = replace(settings, trt_cache_dir=cache).plan(version_dir, manifest)
     if kind == "pir_trt":
         record = ensure_pir_converted(plan[0][1][0], cache, key)
         predictor = _create(version_dir, manifest, plan)

@@ -1,0 +1,210 @@
+"""What the engine front and a worker process exchange: the start spec, the batch buffer in shared memory, and
+the typed messages on the control pipe (docs/architecture.md, "Process model").
+
+A batch travels through the worker's preallocated shared memory; only a small message crosses the pipe:
+
+  front -> worker, at spawn:  WorkerSpec (model, manifest, settings and the plan computed once by the front)
+  worker -> front, once:      Ready(...) after loading and warming every bucket, or LoadFailed(message) (it exits)
+  front -> worker:            RunBatch(n, float_rows) -> BatchDone(logits) | BatchFailed(message)
+                              Stop()   exit cleanly
+
+Nothing here imports Paddle, gRPC or asyncio: both sides import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resnet_serve.common.imaging import Normaliser
+from resnet_serve.common.modeldir import Manifest
+
+from .predictor_config import Plan, PredictorSettings
+
+
+class EngineError(RuntimeError):
+    """The predictor failed on a batch, or the engine could not start; the servicer maps it to INTERNAL."""
+
+
+class WorkerDied(RuntimeError):
+    """The worker died while holding the batch (or could not be restarted); mapped to UNAVAILABLE."""
+
+
+# ------------------------------------------------------------------ shared-memory layout
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """One worker's shared memory: float32 [max_batch, 3, H, W] model input, then uint8 [max_batch, H, W, 3] pixels
+    (4x fewer bytes to write in the front; the worker normalises them into the float rows)."""
+
+    max_batch: int
+    input_shape: tuple[int, int, int]  # (3, H, W)
+
+    @property
+    def nbytes(self) -> int:
+        return self.max_batch * int(np.prod(self.input_shape)) * (4 + 1)
+
+    def views(self, buf: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The float32 and uint8 arrays over ``buf`` (a shared memory buffer of ``nbytes``)."""
+        c, h, w = self.input_shape
+        f32 = np.ndarray((self.max_batch, c, h, w), dtype=np.float32, buffer=buf)
+        u8 = np.ndarray((self.max_batch, h, w, c), dtype=np.uint8, buffer=buf, offset=f32.nbytes)
+        return f32, u8
+
+    def request_for(self, rows: Sequence[np.ndarray]) -> RunBatch:
+        """The request announcing ``rows``: uint8 [H, W, 3] pixels or float [3, H, W] model input, in any mix.
+        Raises ValueError for a row of another shape or a batch that does not fit."""
+        c, h, w = self.input_shape
+        if not 1 <= len(rows) <= self.max_batch:
+            raise ValueError(f"batch size {len(rows)} outside 1..{self.max_batch}")
+        float_rows = []
+        for i, row in enumerate(rows):
+            row = np.asarray(row)
+            if row.dtype != np.uint8:
+                if row.shape != (c, h, w):
+                    raise ValueError(f"float item {i} must have shape [{c}, {h}, {w}], got {list(row.shape)}")
+                float_rows.append(i)
+            elif row.shape != (h, w, c):
+                raise ValueError(f"uint8 item {i} must have shape [{h}, {w}, {c}], got {list(row.shape)}")
+        return RunBatch(len(rows), tuple(float_rows))
+
+    def check(self, request: RunBatch) -> None:
+        """Raises ValueError unless ``request`` names rows inside this layout (the worker checks what it receives)."""
+        if not isinstance(request.n, int) or not 1 <= request.n <= self.max_batch:
+            raise ValueError(f"batch size {request.n!r} outside 1..{self.max_batch}")
+        if not all(isinstance(i, int) and 0 <= i < request.n for i in request.float_rows):
+            raise ValueError(f"float rows {request.float_rows!r} outside the batch of {request.n}")
+
+
+class SharedBatch:
+    """A ``BatchLayout`` over a named shared memory block: created (and finally unlinked) by the front, attached
+    by the worker. The front writes a batch with ``write``; the worker turns it into model input with ``read``."""
+
+    def __init__(self, layout: BatchLayout, name: str | None = None):
+        self.layout = layout
+        self.shm = SharedMemory(name=name, create=name is None, size=layout.nbytes if name is None else 0)
+        self.floats, self.pixels = layout.views(self.shm.buf)
+
+    @property
+    def name(self) -> str:
+        return self.shm.name
+
+    def write(self, rows: Sequence[np.ndarray], request: RunBatch) -> None:
+        """Front side: each row into its part of the buffer (``request`` from ``layout.request_for(rows)``)."""
+        float_rows = set(request.float_rows)
+        for i, row in enumerate(rows):
+            if i in float_rows:
+                self.floats[i] = row  # casts to float32 if needed
+            else:
+                self.pixels[i] = row
+
+    def read(self, request: RunBatch, normalise: Normaliser) -> np.ndarray:
+        """Worker side: normalise the batch's uint8 rows into the float rows; returns the float32 [n, 3, H, W]
+        model input (a view of the buffer). Raises ValueError for a request outside the layout."""
+        self.layout.check(request)
+        n = request.n
+        if not request.float_rows:
+            normalise(self.pixels[:n], self.floats[:n])
+        else:
+            for i in sorted(set(range(n)) - set(request.float_rows)):
+                normalise(self.pixels[i], self.floats[i])
+        return self.floats[:n]
+
+    def close(self) -> None:
+        """Release this process's mapping (the arrays over it first: a live buffer export blocks close)."""
+        self.floats = self.pixels = None  # type: ignore[assignment]
+        self.shm.close()
+
+    def unlink(self) -> None:
+        """Front side, after every process closed it: free the block."""
+        with contextlib.suppress(FileNotFoundError):
+            self.shm.unlink()
+
+
+# ------------------------------------------------------------------ start spec
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to start, computed once in the front and pickled into the spawned process: the
+    manifest is not loaded again, nor the plan made again (only a GPU worker re-keys its TensorRT cache)."""
+
+    version_dir: Path
+    manifest: Manifest
+    settings: PredictorSettings
+    plan: Plan
+    buckets: tuple[int, ...]  # warmed before Ready: every batch shape served
+    layout: BatchLayout
+    shm_name: str = ""  # this instance's SharedBatch
+    visible_gpu: int | None = None  # GPU only: this instance's device (CUDA_VISIBLE_DEVICES)
+
+
+# ------------------------------------------------------------------ messages on the control pipe
+
+
+@dataclass(frozen=True)
+class RunBatch:
+    """Front -> worker: the first ``n`` rows of the shared buffer are a batch. Rows listed in ``float_rows`` are
+    already float32 model input; the others are uint8 pixels the worker normalises."""
+
+    n: int
+    float_rows: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Front -> worker: exit cleanly."""
+
+
+Request = RunBatch | Stop
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker -> front, once: loaded and warmed; the front reports these timings and names."""
+
+    load_seconds: float
+    warmup_seconds: float
+    input_name: str
+    output_name: str
+    build_info: dict[str, Any] = field(default_factory=dict)  # GPU: what was built (trt_cache)
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """Worker -> front, instead of Ready: the model could not be loaded; the worker exits."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    """Worker -> front: the batch's float32 logits [n, C]."""
+
+    logits: np.ndarray
+
+
+@dataclass(frozen=True)
+class BatchFailed:
+    """Worker -> front: the batch failed (the predictor raised, or the request was malformed); the worker lives on."""
+
+    message: str
+
+
+Reply = BatchDone | BatchFailed
+
+
+def batch_result(reply: object) -> BatchDone:
+    """The front's reading of a batch reply: BatchDone, else EngineError with the worker's message."""
+    if isinstance(reply, BatchDone):
+        return reply
+    if isinstance(reply, BatchFailed):
+        raise EngineError(reply.message)
+    raise EngineError(f"unexpected worker reply {type(reply).__name__}")
