@@ -248,7 +248,7 @@ def two_at_once(spec: dict[str, Any], cache: Path) -> dict[str, Any]:
 
 
 def server_run(vdir: Path, cache: Path, args: argparse.Namespace, in_process: dict[str, float]) -> dict[str, Any]:
-    from resnet_serve.client import ClassifierClient
+    from resnet_serve.client.sync import ClassifierClient
     from resnet_serve.client.tools.loadgen import LoadConfig
     from resnet_serve.client.tools.loadgen import run as run_load
 

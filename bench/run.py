@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from resnet_serve.client import ClassifierClient
+from resnet_serve.client.sync import ClassifierClient
 from resnet_serve.client.tools.loadgen import LoadConfig
 from resnet_serve.client.tools.loadgen import run as run_load
 from resnet_serve.server.batcher import default_buckets

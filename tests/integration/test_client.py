@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_serve.client import (
-    AsyncClassifierClient,
+from resnet_serve.client.aio import AsyncClassifierClient
+from resnet_serve.client.retry import Attempts
+from resnet_serve.client.sync import (
     ChannelOptions,
     ClassifierClient,
     ClassifierError,
@@ -28,7 +29,6 @@ from resnet_serve.client import (
     RetryPolicy,
     target_string,
 )
-from resnet_serve.client.retry import Attempts
 from resnet_serve.client.tools import cli
 from resnet_serve.client.tools.cli import info_dict
 from tests.harness import InProcessServer, run_cli

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resnet_serve.client import ClassifierClient
+from resnet_serve.client.sync import ClassifierClient
 from tests.harness import ROOT, wait_for
 
 DEPLOY = ROOT / "deploy"

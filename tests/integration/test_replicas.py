@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resnet_serve.client import ClassifierClient, RetryPolicy
+from resnet_serve.client.sync import ClassifierClient, RetryPolicy
 from tests.harness import scrape, start_subprocess_server
 
 REPLICAS = 3

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from resnet_serve.client import ChannelOptions, ClassifierClient, ClassifierError
+from resnet_serve.client.sync import ChannelOptions, ClassifierClient, ClassifierError
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
 from tests.harness import InProcessServer

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from resnet_serve.client import ClassifierClient
+from resnet_serve.client.sync import ClassifierClient
 from resnet_serve.export.exporter import ExportOptions, export
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.protos import classifier_pb2_grpc as pb_grpc

@@ -23,7 +23,7 @@ from .results import Result, result_of
 from .retry import Attempts, RetryPolicy
 from .streams import StreamOrder
 
-__all__ = ["AsyncClassifierClient"]
+__all__ = ["AsyncClassifierClient", "ClassifierError", "ChannelOptions", "RetryPolicy", "Result"]
 
 
 async def _aiter(images: Iterable[ImageLike] | AsyncIterable[ImageLike]) -> AsyncIterator[ImageLike]:
@@ -58,10 +58,10 @@ class AsyncClassifierClient(ClientBase):
     async def _unary(self, method, request, timeout: float | None, metadata: Sequence[tuple[str, str]] | None,
                      request_id: str = ""):
         """One unary call, retried with backoff while the server answers UNAVAILABLE, within one deadline."""
-        attempts = Attempts(self.retry, self._timeout(timeout))
+        attempts = Attempts(self.retry, self.call_timeout(timeout))
         while True:
             try:
-                return await method(request, timeout=attempts.remaining(), metadata=self._metadata(metadata))
+                return await method(request, timeout=attempts.remaining(), metadata=self.call_metadata(metadata))
             except grpc.aio.AioRpcError as e:
                 delay = attempts.retry_after(e)
                 if delay is None:
@@ -71,7 +71,7 @@ class AsyncClassifierClient(ClientBase):
     async def classify(self, image: ImageLike, top_k: int = 0, timeout: float | None = None,
                        metadata: Sequence[tuple[str, str]] | None = None) -> Result:
         """One image; retried with backoff while the server answers UNAVAILABLE."""
-        request = to_request(image, top_k, self._next_id())
+        request = to_request(image, top_k, self.next_request_id())
         return result_of(await self._unary(self.stub.Classify, request, timeout, metadata, request.request_id))
 
     async def classify_many(self, images: Iterable[ImageLike] | AsyncIterable[ImageLike], top_k: int = 0,
@@ -93,7 +93,7 @@ class AsyncClassifierClient(ClientBase):
         if window < 1:
             raise ValueError("window must be at least 1")
         deadline = None if timeout is None else time.monotonic() + timeout
-        call = self.stub.ClassifyStream(timeout=timeout, metadata=self._metadata(metadata))
+        call = self.stub.ClassifyStream(timeout=timeout, metadata=self.call_metadata(metadata))
         slots = asyncio.Semaphore(window)
         order = StreamOrder(ordered, ids)
 
@@ -142,7 +142,7 @@ class AsyncClassifierClient(ClientBase):
         Not retried: a probe reports what it sees."""
         try:
             return health_status(await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                                              timeout=timeout, metadata=self._metadata(None)))
+                                                              timeout=timeout, metadata=self.call_metadata(None)))
         except grpc.aio.AioRpcError as e:
             raise error_of(e) from e
 

@@ -21,11 +21,14 @@ class ClientBase:
         self.target = target_string(target)
         self._ids = itertools.count()
 
-    def _metadata(self, metadata: Sequence[tuple[str, str]] | None) -> list[tuple[str, str]]:
+    def call_metadata(self, metadata: Sequence[tuple[str, str]] | None) -> list[tuple[str, str]]:
+        """The options' metadata (e.g. the bearer token), then the call's own."""
         return [*self.options.metadata, *(metadata or ())]
 
-    def _timeout(self, timeout: float | None) -> float | None:
+    def call_timeout(self, timeout: float | None) -> float | None:
+        """The call's timeout, else the client's."""
         return self.timeout if timeout is None else timeout
 
-    def _next_id(self) -> str:
+    def next_request_id(self) -> str:
+        """A unary call's request_id: unique per client."""
         return str(next(self._ids))

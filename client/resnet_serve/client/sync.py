@@ -13,7 +13,7 @@ from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
 
 from .base import ClientBase
-from .channel import ChannelOptions, open_channel
+from .channel import ChannelOptions, open_channel, target_string
 from .errors import ClassifierError, error_of
 from .images import ImageLike, to_request
 from .readiness import ReadyWait, health_status
@@ -21,7 +21,7 @@ from .results import Result, result_of
 from .retry import Attempts, RetryPolicy
 from .streams import StreamOrder
 
-__all__ = ["ClassifierClient"]
+__all__ = ["ClassifierClient", "ClassifierError", "ChannelOptions", "RetryPolicy", "Result", "target_string"]
 
 
 class ClassifierClient(ClientBase):
@@ -46,10 +46,10 @@ class ClassifierClient(ClientBase):
     def _unary(self, method, request, timeout: float | None, metadata: Sequence[tuple[str, str]] | None,
                request_id: str = ""):
         """One unary call, retried with backoff while the server answers UNAVAILABLE, within one deadline."""
-        attempts = Attempts(self.retry, self._timeout(timeout))
+        attempts = Attempts(self.retry, self.call_timeout(timeout))
         while True:
             try:
-                return method(request, timeout=attempts.remaining(), metadata=self._metadata(metadata))
+                return method(request, timeout=attempts.remaining(), metadata=self.call_metadata(metadata))
             except grpc.RpcError as e:
                 delay = attempts.retry_after(e)
                 if delay is None:
@@ -59,7 +59,7 @@ class ClassifierClient(ClientBase):
     def classify(self, image: ImageLike, top_k: int = 0, timeout: float | None = None,
                  metadata: Sequence[tuple[str, str]] | None = None) -> Result:
         """One image; retried with backoff while the server answers UNAVAILABLE."""
-        request = to_request(image, top_k, self._next_id())
+        request = to_request(image, top_k, self.next_request_id())
         return result_of(self._unary(self.stub.Classify, request, timeout, metadata, request.request_id))
 
     def classify_many(self, images: Iterable[ImageLike], top_k: int = 0, window: int = 32,
@@ -97,7 +97,7 @@ class ClassifierClient(ClientBase):
                 if calls:
                     calls[0].cancel()
 
-        call = self.stub.ClassifyStream(requests(), timeout=timeout, metadata=self._metadata(metadata))
+        call = self.stub.ClassifyStream(requests(), timeout=timeout, metadata=self.call_metadata(metadata))
         calls.append(call)
         try:
             for response in call:
@@ -122,7 +122,7 @@ class ClassifierClient(ClientBase):
         Not retried: a probe reports what it sees."""
         try:
             return health_status(self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                                        timeout=timeout, metadata=self._metadata(None)))
+                                                        timeout=timeout, metadata=self.call_metadata(None)))
         except grpc.RpcError as e:
             raise error_of(e) from e
 

@@ -20,7 +20,10 @@ from typing import Any, NoReturn
 import grpc
 import numpy as np
 
-from resnet_serve.client import ChannelOptions, ClassifierClient, ClassifierError, Result, target_string
+from resnet_serve.client.channel import ChannelOptions, target_string
+from resnet_serve.client.errors import ClassifierError
+from resnet_serve.client.results import Result
+from resnet_serve.client.sync import ClassifierClient
 from resnet_serve.common.cli import DefaultsFormatter, fail
 from resnet_serve.common.imaging import SUFFIXES
 from resnet_serve.protos import classifier_pb2 as pb

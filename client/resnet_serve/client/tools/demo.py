@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from urllib.request import urlopen
 
-from resnet_serve.client import ClassifierClient
+from resnet_serve.client.sync import ClassifierClient
 from resnet_serve.common.cli import DefaultsFormatter, add_verbose_flag, quiet_frameworks
 from resnet_serve.common.modeldir import load_manifest, resolve_version_dir
 
