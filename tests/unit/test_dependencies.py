@@ -82,6 +82,7 @@ class Rule:
 
 
 S = "resnet_serve.server."
+CLIENT_TOOLS = "resnet_serve.client.tools"
 SERVER = _walk("resnet_serve.server")
 # The engine side: the engine, its workers and the predictor they build (engine*, worker*, predictor*, trt_cache).
 ENGINE_SIDE = tuple(m for m in SERVER if m[len(S):].startswith(("engine", "worker", "predictor", "trt_cache")))
@@ -100,6 +101,10 @@ RULES = {
     "client": Rule(_walk("resnet_serve.client"), ("resnet_serve.server", "resnet_serve.export", "resnet_serve.train",
                                                   "paddle", "sklearn"),
                    "the client imports nothing of the server, export or train, nor Paddle or scikit-learn"),
+    "client-library": Rule(tuple(m for m in _walk("resnet_serve.client") if not m.startswith(CLIENT_TOOLS)),
+                           (CLIENT_TOOLS, "tritonclient"),
+                           "the client library knows nothing of its tools (CLI, demo, load generator) "
+                           "nor tritonclient"),
     "common": Rule(_walk("resnet_serve.common"), ("resnet_serve", "paddle", "grpc"),
                    "common depends on no other part and on neither Paddle nor gRPC", own="resnet_serve.common"),
     "protos": Rule(_walk("resnet_serve.protos"), ("resnet_serve", "paddle"),
