@@ -1,0 +1,60 @@
+"""A real grpc.aio server on loopback for the unit tests of interceptors and client helpers: generic handlers of
+raw bytes (no protobuf service, no Paddle), the interceptors under test in front of them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import grpc
+
+
+def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return b"echo:" + request
+
+
+async def echo_each(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    yield b"echo:" + request
+
+
+def handlers(service: str, deserializer=None, **methods) -> grpc.GenericRpcHandler:
+    """A generic handler for `service` with unary-unary (a function) or unary-stream (an async generator)
+    methods; requests arrive as bytes unless `deserializer` is given."""
+    table = {}
+    for name, fn in methods.items():
+        make = grpc.unary_stream_rpc_method_handler if _is_asyncgen(fn) else grpc.unary_unary_rpc_method_handler
+        table[name] = make(fn, request_deserializer=deserializer)
+    return grpc.method_handlers_generic_handler(service, table)
+
+
+def _is_asyncgen(fn) -> bool:
+    import inspect
+
+    return inspect.isasyncgenfunction(fn)
+
+
+@asynccontextmanager
+async def serving(generic: Sequence[grpc.GenericRpcHandler], interceptors: Sequence = (),
+                  servicers: Sequence = ()) -> AsyncIterator[grpc.aio.Channel]:
+    """A started server on 127.0.0.1 and a channel to it; `servicers` are (add_function, servicer) pairs."""
+    server = grpc.aio.server(interceptors=list(interceptors))
+    server.add_generic_rpc_handlers(tuple(generic))
+    for add, servicer in servicers:
+        add(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(None)
+
+
+async def call(channel: grpc.aio.Channel, method: str, request: bytes = b"",
+               metadata: Sequence[tuple[str, str]] = ()) -> bytes:
+    return await channel.unary_unary(method)(request, metadata=tuple(metadata), timeout=30)
+
+
+async def call_stream(channel: grpc.aio.Channel, method: str, request: bytes = b"",
+                      metadata: Sequence[tuple[str, str]] = ()) -> list[bytes]:
+    return [r async for r in channel.unary_stream(method)(request, metadata=tuple(metadata), timeout=30)]
