@@ -9,16 +9,21 @@ from contextlib import asynccontextmanager
 import grpc
 
 
-def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-    return b"echo:" + request
+def _bytes(request) -> bytes:
+    return request if isinstance(request, bytes) else request.SerializeToString()
 
 
-async def echo_each(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-    yield b"echo:" + request
+async def echo(request, context: grpc.aio.ServicerContext) -> bytes:
+    """b"echo:" and the request (as bytes, re-serialised when it was parsed)."""
+    return b"echo:" + _bytes(request)
+
+
+async def echo_each(request, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    yield b"echo:" + _bytes(request)
 
 
 def handlers(service: str, deserializer=None, **methods) -> grpc.GenericRpcHandler:
-    """A generic handler for `service` with unary-unary (a function) or unary-stream (an async generator)
+    """A generic handler for `service` with unary-unary (a coroutine) or unary-stream (an async generator)
     methods; requests arrive as bytes unless `deserializer` is given."""
     table = {}
     for name, fn in methods.items():
