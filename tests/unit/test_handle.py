@@ -1,92 +1,22 @@
-"""handle and errors: the seam every transport uses. The error table, the message rules, and a ServingHandle over
-a real Pipeline (tests/unit/serving_parts.py: real Batcher, Preprocessor, PreprocessPool, Metrics; the engine's
-workers are a numpy runner)."""
+"""handle: the seam every transport uses (the error table and message rules it applies: test_errors.py). A
+ServingHandle over a real Pipeline (tests/unit/serving_parts.py: real Batcher, Preprocessor, PreprocessPool,
+Metrics; the engine's workers are a numpy runner)."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 
 import grpc
 import pytest
 
-from resnet_serve.server.admission import PreprocessQueueFull
-from resnet_serve.server.batcher import DeadlineExpired, QueueFull, ShuttingDown
-from resnet_serve.server.errors import (
-    MESSAGE_CHARS,
-    ErrorTable,
-    RequestError,
-    cancel_code,
-    check_request_id,
-    clip,
-    echo,
-)
-from resnet_serve.server.handle import IMAGE_METHODS, ServingConfig, ServingHandle, call_deadline
+from resnet_serve.server.errors import ErrorTable, RequestError
+from resnet_serve.server.handle import IMAGE_METHODS, ServingConfig, ServingHandle
 from resnet_serve.server.metrics import Metrics
 from resnet_serve.server.pipeline import ImageInput, Pipeline
-from resnet_serve.server.preprocess import InvalidInput
 from tests.unit.serving_parts import ClassPickingRunner, Parts, fake_version, run, uint8_image
 
 Code = grpc.StatusCode
-
-
-class ComputeFailed(Exception):
-    """Stands for an engine error the server adds to the table (app.py adds the engine's own)."""
-
-
-class ComputeFailedHard(ComputeFailed):
-    pass
-
-
-# --- the error table -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("exc", "code", "message"), [
-    (InvalidInput("image is empty"), Code.INVALID_ARGUMENT, "image is empty"),
-    (QueueFull("queue full (256 requests waiting)"), Code.RESOURCE_EXHAUSTED, "server queue is full, retry later"),
-    (PreprocessQueueFull("preprocessing is full"), Code.RESOURCE_EXHAUSTED,
-     "server is busy preprocessing images, retry later"),
-    (DeadlineExpired("x"), Code.DEADLINE_EXCEEDED, "deadline expired while queued"),
-    (ShuttingDown("x"), Code.UNAVAILABLE, "server is shutting down"),
-    (ComputeFailed("worker 0 failed: out of memory"), Code.INTERNAL, "worker 0 failed: out of memory"),
-    (ComputeFailedHard(""), Code.UNAVAILABLE, "ComputeFailedHard"),  # the most specific class listed wins
-])
-def test_the_error_table_maps_each_error_to_its_code_and_message(exc: BaseException, code: Code,
-                                                                 message: str) -> None:
-    table = ErrorTable({ComputeFailed: Code.INTERNAL, ComputeFailedHard: Code.UNAVAILABLE})
-    error = table.to_error(exc)
-    assert (error.code, error.message) == (code, message)
-
-
-def test_an_error_the_table_does_not_know_is_internal_and_says_only_its_type(caplog) -> None:
-    with caplog.at_level(logging.ERROR, logger="resnet_serve.server.errors"):
-        error = ErrorTable().to_error(KeyError("secret path /etc/x"))
-    assert (error.code, error.message) == (Code.INTERNAL, "internal error: KeyError")
-    assert "secret path" in caplog.text  # the traceback is logged for the operator, not sent
-
-
-def test_messages_are_clipped_and_echoed_strings_quoted_and_cut() -> None:
-    assert clip("short") == "short"
-    long = clip("x" * 5000)
-    assert len(long) == MESSAGE_CHARS and long.endswith("... (truncated)")
-    assert RequestError(Code.INTERNAL, "y" * 5000).message == clip("y" * 5000)
-    assert echo("ok") == "'ok'" and echo("é\n") == "'\\xe9\\n'"
-    assert echo("z" * 100) == f"'{'z' * 64}'... (100 characters)"
-
-
-def test_request_ids_over_the_limit_are_refused() -> None:
-    check_request_id("a" * 8, 8)
-    with pytest.raises(RequestError) as raised:
-        check_request_id("a" * 9, 8)
-    assert (raised.value.code, raised.value.message) == (Code.INVALID_ARGUMENT,
-                                                         "request id is 9 characters, over the limit of 8")
-
-
-def test_a_cancelled_call_is_deadline_exceeded_only_once_its_deadline_passed() -> None:
-    assert cancel_code(None) == Code.CANCELLED
-    assert cancel_code(1.5) == Code.CANCELLED
-    assert cancel_code(0.0) == Code.DEADLINE_EXCEEDED
-    assert cancel_code(-0.1) == Code.DEADLINE_EXCEEDED
-    assert call_deadline(None) is None
 
 
 # --- the handle ----------------------------------------------------------------------------------------------
