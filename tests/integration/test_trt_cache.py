@@ -23,7 +23,7 @@ import pytest
 from resnet_serve.common.modeldir import load_manifest
 from resnet_serve.server import trt_cache
 from resnet_serve.server.predictor_config import plan_config
-from resnet_serve.server.trt_cache import MARKER, CacheKey, cache_key, ensure_pir_converted
+from resnet_serve.server.trt_cache import MARKER, cache_key, ensure_pir_converted
 from tests.harness import wait_for
 
 STANDIN_DIR = Path(__file__).parent / "trt_standin"
@@ -184,23 +184,6 @@ def test_conversion_without_tensorrt_module_says_what_to_install(job: dict, monk
     assert "\n" not in str(e.value)
 
 
-BASE_KEY = CacheKey(kind="pir_trt", model="resnet50", version=1, model_digest="abc", paddle="3.3.1+x",
-                    tensorrt="10.5/py-10.5", gpu_name="NVIDIA L4", compute_capability="8.9", precision="fp16",
-                    max_batch=8, input_size="224x224")
-
-
-@pytest.mark.parametrize("field,value", [
-    ("kind", "classic_trt"), ("model", "resnet18"), ("version", 2), ("model_digest", "abd"),
-    ("paddle", "3.3.2+y"), ("tensorrt", "10.6/py-10.6"), ("gpu_name", "NVIDIA A100"),
-    ("compute_capability", "8.0"), ("precision", "fp32"), ("max_batch", 16), ("input_size", "256x256"),
-    ("workspace_bytes", 1 << 31), ("min_subgraph", 5),
-])
-def test_cache_key_changes_with_each_input(field: str, value: object) -> None:
-    changed = dataclasses.replace(BASE_KEY, **{field: value})
-    assert changed.dirname() != BASE_KEY.dirname()
-    assert dataclasses.replace(BASE_KEY).dirname() == BASE_KEY.dirname()  # and is stable
-
-
 def test_cache_key_of_a_model_uses_its_checksums(tiny_model_dir: Path) -> None:
     vdir = tiny_model_dir / "1"
     m = load_manifest(vdir)
@@ -208,21 +191,6 @@ def test_cache_key_of_a_model_uses_its_checksums(tiny_model_dir: Path) -> None:
     assert (key.input_size, key.max_batch, key.gpu_name, key.compute_capability) == ("32x32", 8, "NVIDIA L4", "8.9")
     other = dataclasses.replace(m, files={**m.files, m.params_file: "0" * 64})
     assert cache_key("pir_trt", vdir, other, ENV, "fp32", 8) != key
-
-
-@pytest.mark.parametrize("cc,fast", [("6.1", False), ("5.3", True), ("6.0", True), ("7.5", True), ("8.9", True),
-                                     ("5.2", False)])
-def test_fast_fp16_follows_compute_capability(cc: str, fast: bool) -> None:
-    assert trt_cache.fast_fp16(cc) is fast
-
-
-def test_select_gpu_sets_cuda_visible_devices(monkeypatch) -> None:
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    trt_cache.select_gpu(3)
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    trt_cache.select_gpu(None)  # CPU, or no --gpus: the environment is left alone
-    assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
 
 def test_instances_spread_over_the_gpus_setting(tiny_model_dir: Path) -> None:
@@ -240,19 +208,6 @@ def test_instances_spread_over_the_gpus_setting(tiny_model_dir: Path) -> None:
     assert cpu.workers.visible_gpu(0) is None
 
 
-@pytest.mark.parametrize("flags,match", [(["--gpus", "0,x"], "gpus"), (["--gpus", "-1"], "gpus"),
-                                         (["--worker-start-timeout-s", "0"], "worker_start_timeout_s"),
-                                         (["--engine", "trt"], "engine"),
-                                         (["--engine", "cuda"], "GPU only"),
-                                         (["--device", "gpu", "--engine", "openvino"], "CPU only"),
-                                         (["--device", "gpu", "--precision", "int8"], "int8 runs on CPU only")])
-def test_gpu_settings_are_checked(flags: list[str], match: str) -> None:
-    from resnet_serve.server.settings import load_settings
-
-    with pytest.raises(ValueError, match=match):
-        load_settings(["--model-dir", "m", *flags], environ={})
-
-
 def test_device_gpu_on_cpu_only_paddle_is_one_line_and_exit_2(tiny_model_dir: Path) -> None:
     from tests.harness import run_cli
 
@@ -263,18 +218,6 @@ def test_device_gpu_on_cpu_only_paddle_is_one_line_and_exit_2(tiny_model_dir: Pa
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert "CPU-only" in lines[0] and "pip install paddlepaddle-gpu==" in lines[0]
     assert trt_cache.PADDLE_GPU_INDEX in lines[0]
-
-
-def test_gpu_support_problem_by_build(monkeypatch) -> None:
-    build = {"full_version": "3.3.1", "cuda_version": "12.6", "tensorrt_version": "None"}
-    monkeypatch.setattr(trt_cache, "paddle_build", lambda: build)
-    assert "--engine cuda" in trt_cache.gpu_support_problem("paddle")
-    assert trt_cache.gpu_support_problem("cuda") is None  # Paddle's own GPU kernels need no TensorRT
-    build["tensorrt_version"] = "10.5.0.18"
-    assert trt_cache.gpu_support_problem("tensorrt") is None
-    assert trt_cache.tensorrt_install_hint().startswith("pip install tensorrt-cu12==10.5.0.18")
-    monkeypatch.setattr(trt_cache, "paddle_build", lambda: None)
-    assert "no paddle is installed" in trt_cache.gpu_support_problem("cuda")
 
 
 def test_paddle_build_is_read_without_importing_paddle() -> None:
@@ -364,22 +307,6 @@ def test_unwritable_cache_directory_says_which_setting_to_change(job: dict, tmp_
         ensure_pir_converted({**job["step"], "save_model_dir": str(blocked / "k" / "inference")}, blocked / "k",
                              job["key"])
     assert "\n" not in str(e.value)
-
-
-def test_the_precision_actually_built_is_logged_and_reported(caplog) -> None:
-    from resnet_serve.server.serving_model import log_build
-
-    info = {"engine": "pir_trt", "gpu": "GTX 1080 (sm 6.1)", "precision_asked": "fp16", "precision_built": "fp32",
-            "engines": 2, "cached": False, "cache": "/c/k"}
-    with caplog.at_level("INFO", logger="resnet_serve.server.serving_model"):
-        assert log_build(info, "fp16") == "fp32"
-    assert "precision fp32 (asked fp16), 2 TensorRT engine(s)" in caplog.text
-    assert any(r.levelname == "WARNING" and "TensorRT built fp32" in r.getMessage() for r in caplog.records)
-    caplog.clear()
-    with caplog.at_level("INFO", logger="resnet_serve.server.serving_model"):
-        assert log_build({**info, "precision_built": "fp16", "engines": 0}, "fp16") == "fp16"
-    assert any("TensorRT built no engine" in r.getMessage() for r in caplog.records)
-    assert log_build({}, "fp32") == "fp32"  # CPU workers build nothing to report
 
 
 def test_tensorrt_engine_ops_are_counted_in_paddles_own_program_format(tiny_model_dir: Path) -> None:

@@ -134,3 +134,19 @@ def test_a_gpu_build_without_tensorrt_engines_is_called_out(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="resnet_serve.server.serving_model"):
         assert log_build(info, "fp32") == "fp32"
     assert caplog.messages == ["TensorRT built no engine: the model runs on Paddle's GPU kernels (cache /cache/y)"]
+
+
+def test_the_precision_actually_built_is_logged_and_reported(caplog) -> None:
+    from resnet_serve.server.serving_model import log_build
+
+    info = {"engine": "pir_trt", "gpu": "GTX 1080 (sm 6.1)", "precision_asked": "fp16", "precision_built": "fp32",
+            "engines": 2, "cached": False, "cache": "/c/k"}
+    with caplog.at_level("INFO", logger="resnet_serve.server.serving_model"):
+        assert log_build(info, "fp16") == "fp32"
+    assert "precision fp32 (asked fp16), 2 TensorRT engine(s)" in caplog.text
+    assert any(r.levelname == "WARNING" and "TensorRT built fp32" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="resnet_serve.server.serving_model"):
+        assert log_build({**info, "precision_built": "fp16", "engines": 0}, "fp16") == "fp16"
+    assert any("TensorRT built no engine" in r.getMessage() for r in caplog.records)
+    assert log_build({}, "fp32") == "fp32"  # CPU workers build nothing to report

@@ -165,3 +165,16 @@ def test_bad_settings_at_the_command_line_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last == f"error: no model versions (numeric folders with manifest.json) under {tmp_path / 'nope'}"
+
+
+@pytest.mark.parametrize("flags,match", [(["--gpus", "0,x"], "gpus"), (["--gpus", "-1"], "gpus"),
+                                         (["--worker-start-timeout-s", "0"], "worker_start_timeout_s"),
+                                         (["--engine", "trt"], "engine"),
+                                         (["--engine", "cuda"], "GPU only"),
+                                         (["--device", "gpu", "--engine", "openvino"], "CPU only"),
+                                         (["--device", "gpu", "--precision", "int8"], "int8 runs on CPU only")])
+def test_gpu_settings_are_checked(flags: list[str], match: str) -> None:
+    from resnet_serve.server.settings import load_settings
+
+    with pytest.raises(ValueError, match=match):
+        load_settings(["--model-dir", "m", *flags], environ={})
