@@ -39,9 +39,9 @@ def _is_asyncgen(fn) -> bool:
 
 
 @asynccontextmanager
-async def serving(generic: Sequence[grpc.GenericRpcHandler], interceptors: Sequence = (),
-                  servicers: Sequence = ()) -> AsyncIterator[grpc.aio.Channel]:
-    """A started server on 127.0.0.1 and a channel to it; `servicers` are (add_function, servicer) pairs."""
+async def started(generic: Sequence[grpc.GenericRpcHandler], interceptors: Sequence = (),
+                  servicers: Sequence = ()) -> AsyncIterator[str]:
+    """A started server on 127.0.0.1, as its target; `servicers` are (add_function, servicer) pairs."""
     server = grpc.aio.server(interceptors=list(interceptors))
     server.add_generic_rpc_handlers(tuple(generic))
     for add, servicer in servicers:
@@ -49,10 +49,17 @@ async def serving(generic: Sequence[grpc.GenericRpcHandler], interceptors: Seque
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel
+        yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+@asynccontextmanager
+async def serving(generic: Sequence[grpc.GenericRpcHandler], interceptors: Sequence = (),
+                  servicers: Sequence = ()) -> AsyncIterator[grpc.aio.Channel]:
+    """A started server (see `started`) and a channel to it."""
+    async with started(generic, interceptors, servicers) as target, grpc.aio.insecure_channel(target) as channel:
+        yield channel
 
 
 async def call(channel: grpc.aio.Channel, method: str, request: bytes = b"",
