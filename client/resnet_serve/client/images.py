@@ -25,7 +25,8 @@ def to_request(image: ImageLike, top_k: int = 0, request_id: str = "") -> pb.Cla
         if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
             req.tensor.CopyFrom(pb.Tensor(dtype=pb.Tensor.UINT8, shape=list(image.shape),
                                           data=np.ascontiguousarray(image).tobytes()))
-        elif image.dtype == np.float32 and image.ndim == 3 and image.shape[0] == 3:
+        elif image.dtype.newbyteorder("=") == np.float32 and image.ndim == 3 and image.shape[0] == 3:
+            # float32 of either byte order (e.g. read with ">f4"): sent little-endian, as the wire format says
             req.tensor.CopyFrom(pb.Tensor(dtype=pb.Tensor.FLOAT32, shape=list(image.shape),
                                           data=np.ascontiguousarray(image, dtype="<f4").tobytes()))
         else:
