@@ -1,21 +1,18 @@
 """The load generator's bookkeeping without a server: which requests count as warm-up or measured, merging
-processes, percentiles, payloads, load splitting, a failed stream (scripted transport). (Runs against a real
-server are in test_client.py and test_oip.py.)"""
+processes, load splitting, a failed stream (scripted transport). (The report's percentiles and table:
+test_load_report.py; the payloads: test_payloads.py; runs against a real server: tests/integration/test_client.py
+and test_oip.py.)"""
 
 from __future__ import annotations
 
 import asyncio
-import io
 from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
-from PIL import Image
 
 from resnet_serve.client.tools import load_report, loadgen
 from resnet_serve.client.tools.load_steps import LoadConfig, Recorder, Samples, StepRunner, StreamFailed
-from resnet_serve.client.tools.payloads import payloads, with_id
-from resnet_serve.protos import classifier_pb2 as pb
 
 
 def test_recorder_sorts_requests_by_send_time_and_answers_by_window() -> None:
@@ -63,24 +60,6 @@ def test_merge_adds_processes_and_summary_has_the_documented_fields() -> None:
     assert step["latency_ms"]["max"] == 3.0 and step["latency_ms"]["p50"] == 3.0
     table = load_report.format_table([step])
     assert "c=4" in table.splitlines()[1] and "UNAVAILABLE=1" in table
-
-
-def test_percentiles() -> None:
-    p = load_report.percentiles_ms([i / 1000 for i in range(1, 101)])
-    assert p == {"p50": 50.5, "p90": 90.1, "p99": 99.01, "max": 100.0}
-    assert load_report.percentiles_ms([]) == {"p50": None, "p90": None, "p99": None, "max": None}
-
-
-@pytest.mark.parametrize("kind", ["raw", "jpeg"])
-def test_payloads_are_valid_requests_at_the_input_size(kind: str) -> None:
-    blobs = payloads(kind, (24, 40), top_k=3, count=2)
-    assert len(set(blobs)) == 2
-    req = pb.ClassifyRequest.FromString(with_id(blobs[0], "17"))
-    assert req.request_id == "17" and req.top_k == 3
-    if kind == "raw":
-        assert list(req.tensor.shape) == [24, 40, 3] and len(req.tensor.data) == 24 * 40 * 3
-    else:
-        assert Image.open(io.BytesIO(req.encoded)).size == (40, 24)
 
 
 def test_load_is_split_over_processes_without_loss() -> None:
