@@ -161,26 +161,6 @@ def test_preprocess_pool_bounds_images_and_bytes_and_counts_refusals() -> None:
     asyncio.run(main())
 
 
-def test_memory_sweeper_sweeps_after_a_burst_of_large_requests() -> None:
-    from resnet_serve.server.memory import MemorySweeper
-
-    async def main() -> None:
-        sweeper = MemorySweeper(threshold_bytes=800, interval_s=0.01)
-        task = asyncio.ensure_future(sweeper.run())
-        try:
-            sweeper.note(800)  # the threshold: swept at the next tick
-            while sweeper.sweeps < 1:
-                await asyncio.sleep(0.01)
-            assert sweeper.received == 0
-            sweeper.note(100)  # an eighth of it, then quiet: swept once the burst is over
-            while sweeper.sweeps < 2:
-                await asyncio.sleep(0.01)
-        finally:
-            task.cancel()
-
-    asyncio.run(asyncio.wait_for(main(), 60))
-
-
 # --- defect 3: counts and ranks before anything client-sized is copied -------------------------------------------
 def _infer_request(name: str, datatype: str, shape: list[int]) -> oip.ModelInferRequest:
     r = oip.ModelInferRequest(model_name="tiny")
