@@ -81,6 +81,15 @@ def test_an_input_shape_of_forty_bytes_passes_and_one_more_byte_is_refused() -> 
         "input shape must have 4 dimensions ([N, ...]), got about 41 or more")
 
 
+def test_an_infer_request_of_sixty_four_fields_passes_and_one_more_is_refused() -> None:
+    """docs/server.md "Limits": OIP request fields (parameters, inputs, outputs), 64, refused before the parse."""
+    output = oip.ModelInferRequest(outputs=[oip.ModelInferRequest.InferRequestedOutputTensor(name="probs")])
+    field = output.SerializeToString()  # one field each: protobuf appends repeated fields
+    check_infer_request(memoryview(field * 64))
+    assert over_limit(check_infer_request, field * 65) == (
+        "request (parameters, inputs, outputs) has more than 64 fields")
+
+
 def test_typed_contents_up_to_the_limit_pass_and_one_element_more_is_refused() -> None:
     n = MAX_TYPED_CONTENTS_BYTES // 4
     check_infer_request(memoryview(infer(fp32_contents=np.zeros(n, np.float32))))
