@@ -14,10 +14,12 @@ from resnet_serve.server.predictor_config import (
     FP32_FEED_FETCH,
     PIR_TRT_CONVERT,
     Precision,
+    PredictorSettings,
     apply_plan,
     config_steps,
     default_trt_cache_dir,
     effective_engine,
+    effective_precision,
     model_files,
     plan_config,
 )
@@ -189,3 +191,36 @@ def test_default_engine_on_gpu_is_tensorrt() -> None:
     assert effective_engine("cuda", manifest("pir"), "gpu") == "cuda"
     assert plan_config(VDIR, manifest("pir"), device="gpu") == plan_config(VDIR, manifest("pir"), device="gpu",
                                                                            engine="tensorrt")
+
+
+def test_an_int8_export_always_runs_int8_and_refuses_other_precisions() -> None:
+    m = manifest("legacy")
+    m.precision = "int8"
+    assert effective_precision("fp32", m) == effective_precision("int8", m) == "int8"
+    with pytest.raises(ValueError) as raised:
+        effective_precision("fp16", m)
+    assert str(raised.value) == "tiny v1 is an int8 export; it cannot run as fp16"
+    with pytest.raises(ValueError) as raised:
+        effective_precision("int8", manifest("legacy"))
+    assert str(raised.value) == ("precision int8 needs an int8 export (resnet-export --precision int8 --calibration "
+                                 "...); tiny v1 is fp32")
+
+
+def test_the_default_engine_on_cpu_is_the_manifests_and_openvino_refuses_int8_exports() -> None:
+    m = manifest("legacy")
+    assert effective_engine("paddle", m) == "paddle"
+    m.engine = "openvino"
+    assert effective_engine("paddle", m) == "openvino"  # the export chose it
+    assert effective_engine("onednn", m) == "onednn"  # an explicit setting wins
+    m.precision = "int8"
+    with pytest.raises(ValueError, match="cannot run Paddle's quantised int8 program; serve int8 exports with "
+                                         "--engine onednn"):
+        effective_engine("paddle", m)
+
+
+def test_predictor_settings_plan_as_plan_config_does(tmp_path: Path) -> None:
+    settings = PredictorSettings(threads=3, max_batch_size=4, trt_cache_dir=tmp_path, device="gpu", precision="fp16")
+    assert settings.plan(str(VDIR), manifest("pir")) == plan_config(
+        VDIR, manifest("pir"), device="gpu", precision="fp16", threads=3, max_batch_size=4, trt_cache_dir=tmp_path)
+    assert PredictorSettings().plan(VDIR, manifest("pir")) == plan_config(VDIR, manifest("pir"))
+    assert default_trt_cache_dir(Path("rel/1")) == Path.cwd() / "rel" / "1" / "_opt_cache"
