@@ -3,6 +3,7 @@ raw bytes (no protobuf service, no Paddle), the interceptors under test in front
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -27,15 +28,10 @@ def handlers(service: str, deserializer=None, **methods) -> grpc.GenericRpcHandl
     methods; requests arrive as bytes unless `deserializer` is given."""
     table = {}
     for name, fn in methods.items():
-        make = grpc.unary_stream_rpc_method_handler if _is_asyncgen(fn) else grpc.unary_unary_rpc_method_handler
+        streaming = inspect.isasyncgenfunction(fn)
+        make = grpc.unary_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
         table[name] = make(fn, request_deserializer=deserializer)
     return grpc.method_handlers_generic_handler(service, table)
-
-
-def _is_asyncgen(fn) -> bool:
-    import inspect
-
-    return inspect.isasyncgenfunction(fn)
 
 
 @asynccontextmanager

@@ -41,7 +41,7 @@ def test_only_unavailable_and_cancelled_are_retried(code: grpc.StatusCode) -> No
     assert attempts.retry_after(aio_error(grpc.StatusCode.UNAVAILABLE)) is not None
 
 
-def test_retryable_codes() -> None:
+def test_cancelled_by_the_server_is_retried_like_unavailable() -> None:
     assert set(RETRYABLE) == {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
     attempts = Attempts(RetryPolicy(attempts=3), None)
     assert attempts.retry_after(aio_error(grpc.StatusCode.CANCELLED)) is not None
