@@ -14,9 +14,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # Python 3.10
+else:  # the server declares tomli for Python 3.10
     import tomli as tomllib
 
 import numpy as np
