@@ -256,9 +256,10 @@ def server_run(vdir: Path, cache: Path, args: argparse.Namespace, in_process: di
     log(f"server end to end: {SERVER_CONFIG} on ResNet-50, unary at concurrency {list(SERVER_CONCURRENCY)}")
     # `python -m`, not the console script: it works whatever directory pip put the scripts in.
     server = subprocess.Popen([sys.executable, "-m", "resnet_serve.server.cli", "--model-dir", str(vdir.parent),
-                               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--device", DEVICE,
-                               "--engine", engine, "--precision", precision, "--max-batch-size", str(max(BATCHES)),
-                               "--buckets", ",".join(map(str, BATCHES)), "--max-queue-size", "1024",
+                               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--health-port", "-1",
+                               "--device", DEVICE, "--engine", engine, "--precision", precision,
+                               "--max-batch-size", str(max(BATCHES)), "--buckets", ",".join(map(str, BATCHES)),
+                               "--max-queue-size", "1024",
                                "--trt-cache-dir", str(cache.parent / "server")],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -67,7 +67,8 @@ class ServerProcess:
     def __init__(self, model_dir: Path, *flags: str):
         self.proc = subprocess.Popen([str(Path(sys.executable).parent / "resnet-serve"), "--model-dir",
                                       str(model_dir), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-                                      *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                      "--health-port", "-1", *flags], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("server did not start")

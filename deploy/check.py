@@ -13,12 +13,15 @@
    - CRDs (PodMonitor, ScaledObject) against the schemas in deploy/k8s/schemas/. Those are hand-written subsets,
      not the upstream CRDs (which are not bundled anywhere offline): they name every spec field and type the ones
      we use. A kind with neither schema fails the check.
-3. Consistency with the server: every RESNET_SERVE_* variable is a real setting and loads; the probes are native
-   gRPC health probes and they and the ports match the configured ports; the startup probe outlasts the worker
-   start timeout; terminationGracePeriodSeconds covers preStop + the drain; liveness outlasts the drain; Services
-   select the pods; autoscaling and monitoring name metrics the server exports.
+3. Consistency with the server: every RESNET_SERVE_* variable is a real setting and loads; the dedicated health
+   port is on and the probes are native gRPC health probes of it (the main port's health waits behind the event
+   loop, see server/resnet_serve/server/health_port.py); the container ports match the configured ports; the
+   startup probe outlasts the worker start timeout; terminationGracePeriodSeconds covers preStop + the drain;
+   liveness outlasts the drain; Services select the pods; autoscaling and monitoring name metrics the server
+   exports.
 4. Dockerfiles: hadolint (deploy/docker/hadolint.yaml), plus the entrypoint being a console script of the server
-   distribution, ENV setting real settings only, HEALTHCHECK outlasting the worker start timeout, COPY sources.
+   distribution, ENV setting real settings only, the health port on and EXPOSEd with the gRPC and metrics ports,
+   HEALTHCHECK outlasting the worker start timeout, COPY sources.
 
 Exit status 0 when everything passes, 1 otherwise; every finding is printed.
 """
@@ -262,17 +265,21 @@ def check_deployment(dep: dict, objs: list[dict], where: str, metrics: set[str],
     try:
         s = load_settings([], environ=env)
         r.ok(f"{where}: the server loads these settings (port {s.port}, metrics {s.metrics_port}, "
-             f"grace {s.grace_period_s:g} s, device {s.device})")
+             f"health {s.health_port}, grace {s.grace_period_s:g} s, device {s.device})")
     except ValueError as e:
         r.fail(f"{where}: the server rejects the Deployment's settings: {e}")
         return
     ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
-    r.check(ports.get("grpc") == s.port and ports.get("metrics") == s.metrics_port,
-            f"{where}: container ports grpc/metrics {ports.get('grpc')}/{ports.get('metrics')} match the settings")
+    r.check(ports.get("grpc") == s.port and ports.get("metrics") == s.metrics_port
+            and ports.get("health") == s.health_port,
+            f"{where}: container ports grpc/metrics/health {ports.get('grpc')}/{ports.get('metrics')}/"
+            f"{ports.get('health')} match the settings")
+    r.check(s.health_port > 0, f"{where}: the dedicated health port is on, at a fixed port (RESNET_SERVE_HEALTH_PORT "
+                               f"{s.health_port})")
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = c.get(kind) or {}
-        r.check(probe.get("grpc", {}).get("port") == s.port,
-                f"{where}: {kind} is a native gRPC health probe on port {s.port}")
+        r.check(probe.get("grpc", {}).get("port") == s.health_port > 0,
+                f"{where}: {kind} is a native gRPC health probe on the health port {s.health_port}")
     pre = ((c.get("lifecycle") or {}).get("preStop") or {})
     cmd = (pre.get("exec") or {}).get("command") or []
     pre_s = float(cmd[1]) if len(cmd) == 2 and cmd[0] == "sleep" else float((pre.get("sleep") or {}).get("seconds", 0))
@@ -367,6 +374,14 @@ def check_dockerfiles(docker: Path, root: Path, r: Report) -> None:
         names = re.findall(r"\b(RESNET_SERVE_\w+)=", df.read_text())
         bad = [n for n in names if n[len(ENV_PREFIX):].lower() not in FIELDS]
         r.check(bool(names) and not bad, f"{df.name}: ENV sets server settings only (unknown: {bad})")
+        settings = dict(re.findall(r"\b(RESNET_SERVE_\w+)=(\S+)", df.read_text()))
+        exposed = {int(p.split("/")[0]) for line in re.findall(r"^EXPOSE\s+(.*)$", df.read_text(), re.M)
+                   for p in line.split() if p.split("/")[0].isdigit()}
+        wanted = {_int(settings.get(ENV_PREFIX + n.upper(), FIELDS[n].default)) for n in ("port", "metrics_port",
+                                                                                           "health_port")}
+        r.check(min(wanted) > 0 and wanted <= exposed,
+                f"{df.name}: the health port is on and EXPOSE {sorted(exposed)} holds the gRPC, metrics and health "
+                f"ports {sorted(wanted)}")
         timeout = re.search(r"\bRESNET_SERVE_WORKER_START_TIMEOUT_S=([\d.]+)", df.read_text())
         worker_s = float(timeout.group(1)) if timeout else FIELDS["worker_start_timeout_s"].default
         period = re.search(r"--start-period=(\d+)s", df.read_text())
@@ -375,6 +390,14 @@ def check_dockerfiles(docker: Path, root: Path, r: Report) -> None:
                 f"start timeout ({worker_s:g} s)")
         for src in re.findall(r"^COPY\s+(?!--from)(?:--\S+\s+)*(deploy/\S+)", df.read_text(), re.M):
             r.check((root / src).exists(), f"{df.name}: COPY source {src} exists")
+
+
+def _int(text: object) -> int:
+    """A port from a Dockerfile's ENV; -1 (off) when it is no integer."""
+    try:
+        return int(str(text))
+    except ValueError:
+        return -1
 
 
 def entrypoint(dockerfile: Path) -> list[str]:

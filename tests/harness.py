@@ -101,7 +101,8 @@ class InProcessServer:
         self.wrap_runner = wrap_runner
         # (instance, batch size) of every batch handed to a worker, through the Engine's on_dispatch (any version).
         self.call_log: list[tuple[int, int]] = []
-        self.settings = Settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, **settings})
+        self.settings = Settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, "health_port": 0,
+                                     **settings})
         self.settings.validate()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -201,7 +202,7 @@ def gated_workers(fifo: Path) -> Iterator[WorkerGate]:
 def start_subprocess_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
     """`resnet-serve ...` as users run it; returns the process and its 'listening' event (ports)."""
     proc = subprocess.Popen([str(Path(sys.executable).parent / "resnet-serve"), "--host", "127.0.0.1",
-                             "--port", "0", "--metrics-port", "0", *args], stdout=subprocess.PIPE,
+                             "--port", "0", "--metrics-port", "0", "--health-port", "0", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     line = proc.stdout.readline()
     if not line:

@@ -134,10 +134,16 @@ BREAKAGES = {
                                                 "terminationGracePeriodSeconds 35 >= preStop 10 s + drain 30 s"),
     "unknown setting": ("k8s/base/deployment.yaml", "RESNET_SERVE_MAX_QUEUE_SIZE", "RESNET_SERVE_MAX_QUEUE",
                         "unknown: ['RESNET_SERVE_MAX_QUEUE']"),
-    "probe on the wrong port": ("k8s/base/deployment.yaml",
-                                "livenessProbe:\n            grpc:\n              port: 50051",
-                                "livenessProbe:\n            grpc:\n              port: 50052",
-                                "FAIL  base: livenessProbe is a native gRPC health probe"),
+    # the probes ask the dedicated health port (answered off the event loop), not the main port
+    "probe on the main port": ("k8s/base/deployment.yaml",
+                               "livenessProbe:\n            grpc:\n              port: 50052",
+                               "livenessProbe:\n            grpc:\n              port: 50051",
+                               "FAIL  base: livenessProbe is a native gRPC health probe on the health port 50052"),
+    "health port off": ("k8s/base/deployment.yaml", 'RESNET_SERVE_HEALTH_PORT\n              value: "50052"',
+                        'RESNET_SERVE_HEALTH_PORT\n              value: "-1"',
+                        "FAIL  base: the dedicated health port is on"),
+    "health container port missing": ("k8s/base/deployment.yaml", "- name: health\n", "- name: healthz\n",
+                                      "FAIL  base: container ports grpc/metrics/health 50051/8000/None"),
     "HPA on a metric the server lacks": ("k8s/base/hpa.yaml", "name: resnet_serve_queue_depth",
                                          "name: resnet_serve_queue_length", "resnet_serve_queue_length"),
     "adapter rule matches nothing": ("k8s/prometheus-adapter/values.yaml", "in_flight_requests|queue_depth",
@@ -145,6 +151,8 @@ BREAKAGES = {
     # Dockerfiles
     "hadolint finding": ("docker/Dockerfile.cpu", "apt-get install -y --no-install-recommends libgomp1",
                          "apt-get install -y libgomp1", "DL3015"),
+    "health port not exposed": ("docker/Dockerfile.cpu", "EXPOSE 50051 8000 50052", "EXPOSE 50051 8000",
+                                "FAIL  Dockerfile.cpu: the health port is on and EXPOSE [8000, 50051]"),
     "entrypoint not a project command": ("docker/Dockerfile.gpu", 'ENTRYPOINT ["resnet-serve"]',
                                          'ENTRYPOINT ["resnet-server"]', "ENTRYPOINT ['resnet-server']"),
 }
@@ -251,8 +259,8 @@ def test_rendered_gpu_overlay_has_its_replicas_gpu_resources_and_hpa_on_top_of_t
         "RESNET_SERVE_DEVICE": "gpu", "RESNET_SERVE_PRECISION": "fp16", "RESNET_SERVE_MAX_BATCH_SIZE": "32",
         "RESNET_SERVE_THREADS_PER_INSTANCE": "1"}
     assert env["RESNET_SERVE_MODEL_DIR"] == "/models/digits"  # env merges by name: the base's settings stay
-    # the longer startup window for TensorRT builds keeps the base's gRPC probe
-    assert c["startupProbe"]["failureThreshold"] == 180 and c["startupProbe"]["grpc"] == {"port": 50051}
+    # the longer startup window for TensorRT builds keeps the base's gRPC probe (of the health port)
+    assert c["startupProbe"]["failureThreshold"] == 180 and c["startupProbe"]["grpc"] == {"port": 50052}
     volumes = {v["name"]: v for v in pod_spec(objs)["volumes"]}
     assert set(volumes) == {"models", "cache", "tmp", "dshm", "trt-cache"}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
@@ -263,6 +271,20 @@ def test_rendered_gpu_overlay_has_its_replicas_gpu_resources_and_hpa_on_top_of_t
     # the targets scale with the batch size (32): two batches in flight per pod, one queued
     assert hpa_targets(hpa) == {"resnet_serve_in_flight_requests": 64, "resnet_serve_queue_depth": 32}
     assert hpa["spec"]["behavior"] == rendered("base")["HorizontalPodAutoscaler/resnet-serve"]["spec"]["behavior"]
+
+
+@pytest.mark.parametrize("kustomization", ["base", "overlays/gpu", "overlays/keda"])
+def test_rendered_probes_ask_the_dedicated_health_port(kustomization: str) -> None:
+    """Every probe is a native gRPC probe of the health port the server is told to open (answered off its event
+    loop, so a burst of large requests cannot fail a probe), which is a container port; the main port is not
+    probed."""
+    c = container(rendered(kustomization))
+    env = check.env_of(c)
+    health, main = int(env["RESNET_SERVE_HEALTH_PORT"]), int(env["RESNET_SERVE_PORT"])
+    assert health > 0 and health != main
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["health"] == health
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[kind]["grpc"] == {"port": health}, kind
 
 
 def test_rendered_keda_overlay_replaces_the_hpa_with_a_scaled_object() -> None:
@@ -307,7 +329,8 @@ def test_entrypoint_with_the_deployment_env_serves_and_passes_the_image_health_c
     # What the container sees: the image's ENV, overridden by the Deployment's env; then only what a test must
     # change: the model (the tiny one) and free ports (0: the server picks and reports them).
     env = {**os.environ, **image_env, **k8s_env, "RESNET_SERVE_MODEL_DIR": str(tiny_model_dir),
-           "RESNET_SERVE_PORT": "0", "RESNET_SERVE_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}
+           "RESNET_SERVE_PORT": "0", "RESNET_SERVE_METRICS_PORT": "0", "RESNET_SERVE_HEALTH_PORT": "0",
+           "PYTHONUNBUFFERED": "1"}
     argv = [str(Path(sys.executable).parent / entry[0]), *entry[1:]]  # the image has the venv's bin on PATH
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -316,11 +339,15 @@ def test_entrypoint_with_the_deployment_env_serves_and_passes_the_image_health_c
         ports = json.loads(line)
         address = f"127.0.0.1:{ports['port']}"
         health = healthcheck_command(DOCKERFILE_CPU)
-        probe_env = {**env, "RESNET_SERVE_PORT": str(ports["port"])}  # what the probe reads inside the container
+        # What the probe reads inside the container: the ports the server chose.
+        probe_env = {**env, "RESNET_SERVE_PORT": str(ports["port"]),
+                     "RESNET_SERVE_HEALTH_PORT": str(ports["health_port"])}
 
         def healthy() -> bool:
             assert proc.poll() is None, proc.stderr.read()
-            return subprocess.run(health, env=probe_env, capture_output=True, timeout=30).returncode == 0
+            r = subprocess.run(health, env=probe_env, capture_output=True, text=True, timeout=30)
+            assert r.stdout.startswith(f"127.0.0.1:{ports['health_port']}: "), r.stdout  # the health port it asks
+            return r.returncode == 0
 
         wait_for(healthy, timeout=120, what="the image's HEALTHCHECK to pass")
         with ClassifierClient(address) as client:

@@ -3,11 +3,12 @@ bearer-token auth), attacked over both APIs one attack after another.
 
 Each attack is a function in ATTACKS: it builds its payloads first (serialised here, so the client's own work
 is done before the clock runs) and returns the `fire` step, which sends them and asserts the answers. While
-`fire` runs, another process checks health again and again; every check must answer within 100 ms (an
-event-loop stall shows up there; an attack over budget runs once more and must pass then, see test_attack; one
-attack has a documented larger budget, see decode_backlog). After every attack: the server is SERVING, the RSS
-of its front and worker processes grew by less than 100 MB over the module, and a normal request answers
-exactly as before.
+`fire` runs, other processes check health again and again, on the dedicated health port (what orchestrators
+probe) and on the main port (answered by the event loop: a stall of the loop shows up there). Every check must
+answer within 100 ms; an attack over budget runs once more and must pass then (see test_attack). One attack has
+a documented larger budget on the main port, never on the health port (see decode_backlog). After every attack:
+the server is SERVING, the RSS of its front and worker processes grew by less than 100 MB over the module, and a
+normal request answers exactly as before.
 
 To add an attack, append a function to ATTACKS.
 """
@@ -53,6 +54,7 @@ class Target:
     channel: grpc.Channel
     log_lines: list[str] = field(default_factory=list)  # the server's stderr, line by line
     metrics_port: int = 0
+    health_address: str = ""  # the dedicated health port (--health-port)
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of a metric's samples whose labels include `labels`, from the server's /metrics."""
@@ -137,7 +139,7 @@ def target(tiny_model_dir: Path):
     channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 * MB)])
     try:
         wait_for(lambda: _serving(channel), timeout=300, what="the server SERVING")
-        yield Target(proc, address, channel, lines, ports["metrics_port"])
+        yield Target(proc, address, channel, lines, ports["metrics_port"], f"127.0.0.1:{ports['health_port']}")
     finally:
         channel.close()
         proc.terminate()
@@ -249,13 +251,16 @@ def decode_backlog(target: Target) -> Callable[[], None]:
     return fire
 
 
-# Known gap, measured on the shared 2-core test machine: while 320 MB arrive at once, health checks took 150-470
-# ms (load 1.4) and up to 600 ms (load 5). asyncio's debug mode reports no callback over 100 ms: the checks wait
-# behind the burst's message callbacks (grpc.aio turns each message into Python bytes on the event loop, ~3 ms per
-# 8 MB, and an admitted one is copied twice more: parse, field access) and for CPU taken by gRPC's receiving
-# threads and the decode threads. Admission refuses large requests before the parse, which helps, not enough;
-# this attack gets a budget that still catches a stall of the seconds the issue measured.
-decode_backlog.health_budget_s = 0.5  # type: ignore[attr-defined]
+# The main port's health, during this attack only, gets a larger budget; the dedicated health port keeps 100 ms.
+# Measured on the shared 2-core test machine: while 320 MB arrive at once, main-port health checks took 150-470 ms
+# (load 1.4) and up to 600 ms (load 5). asyncio's debug mode reports no callback over 100 ms: the checks wait
+# behind the burst's message callbacks (grpc.aio turns each message into Python bytes on the event loop, ~10 ms
+# per 8 MB, and an admitted one is copied twice more: parse, field access) and for CPU taken by gRPC's receiving
+# threads and the decode threads. That work is grpc.aio's, on the one loop that also answers the main port's
+# health: no admission check can run before it. Orchestrators therefore probe the health port
+# (server/resnet_serve/server/health_port.py), answered by threads of its own; the main port keeps a budget that
+# still catches a stall of the seconds the issue measured.
+decode_backlog.main_port_health_budget_s = 0.5  # type: ignore[attr-defined]
 
 
 def bad_oip_parameters(target: Target) -> Callable[[], None]:
@@ -383,33 +388,46 @@ with grpc.insecure_channel(sys.argv[1]) as channel:
 """
 
 
-def probed(address: str, fire: Callable[[], None]) -> list[float]:
-    """Run `fire` while health is checked again and again, back to back, from another process (so the latency
-    is the server's, not this process's: building and sending 8 MB messages holds this process's GIL)."""
-    prober = subprocess.Popen([sys.executable, "-c", PROBE, address], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+def probed(addresses: list[str], fire: Callable[[], None]) -> dict[str, list[float]]:
+    """Run `fire` while health is checked again and again, back to back, at each address, each from a process of
+    its own (so the latency is the server's, not this process's: building and sending 8 MB messages holds this
+    process's GIL)."""
+    probers = {a: subprocess.Popen([sys.executable, "-c", PROBE, a], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True) for a in addresses}
+    outs: dict[str, str] = {}
     try:
-        assert prober.stdout.readline().strip() == "ready"
+        for prober in probers.values():
+            assert prober.stdout.readline().strip() == "ready"
         fire()
     finally:
-        out, _ = prober.communicate("", timeout=60)
-    return [float(line) for line in out.split()]
+        for a, prober in probers.items():
+            outs[a], _ = prober.communicate("", timeout=60)
+    return {a: [float(line) for line in out.split()] for a, out in outs.items()}
+
+
+def over_budget(latencies: dict[str, list[float]], budgets: dict[str, float]) -> dict[str, str]:
+    """The addresses whose slowest check reached their budget, with what it took."""
+    return {a: f"{max(ls) * 1000:.0f} ms of {len(ls)} checks" for a, ls in latencies.items()
+            if max(ls, default=0) >= budgets[a]}
 
 
 @pytest.mark.parametrize("attack", ATTACKS, ids=[a.__name__ for a in ATTACKS])
 def test_attack(target: Target, baseline: Baseline, attack) -> None:
     fire = attack(target)
-    budget = getattr(attack, "health_budget_s", HEALTH_BUDGET_S)
-    latencies = probed(target.address, fire)
-    if max(latencies, default=0) >= budget:
+    budgets = {target.health_address: HEALTH_BUDGET_S,  # the health port: 100 ms, whatever the attack
+               target.address: getattr(attack, "main_port_health_budget_s", HEALTH_BUDGET_S)}
+    latencies = probed(list(budgets), fire)
+    first = over_budget(latencies, budgets)
+    if first:
         # Once more: a stall the attack causes comes back every time, one scheduling hiccup of this shared
         # 2-core machine does not (seen at load 5: one probe of 600 ms in an otherwise quiet run).
-        first = max(latencies)
-        latencies = probed(target.address, fire)
-        assert max(latencies, default=0) < budget, f"slowest health check {first * 1000:.0f} ms, then " \
-                                                   f"{max(latencies) * 1000:.0f} ms of {len(latencies)}"
-    assert latencies, "no health check ran during the attack"
+        latencies = probed(list(budgets), fire)
+        assert not over_budget(latencies, budgets), f"slowest health checks {first}, then " \
+                                                    f"{over_budget(latencies, budgets)} (budgets {budgets})"
+    assert all(latencies.values()), f"no health check ran during the attack: {latencies}"
     assert health_status(target.channel) == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(target.health_address) as health_port:
+        assert health_status(health_port) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_after_every_attack_the_server_is_whole(target: Target, baseline: Baseline) -> None:

@@ -56,13 +56,22 @@ def test_metrics_port_in_use_is_one_line_naming_port_and_setting(tiny_model_dir:
     assert_one_line_exit_2(r, f"127.0.0.1:{busy_port}", "/metrics", "Address already in use", "--metrics-port")
 
 
+def test_health_port_in_use_is_one_line_naming_port_and_setting(tiny_model_dir: Path, busy_port: int) -> None:
+    r = run_cli("resnet-serve", "--model-dir", str(tiny_model_dir), "--host", "127.0.0.1", "--port", "0",
+                "--metrics-port", "0", "--health-port", str(busy_port), env={"RESNET_SERVE_LOG_LEVEL": "WARNING"},
+                timeout=120)
+    assert_one_line_exit_2(r, f"127.0.0.1:{busy_port}", "health port", "Address already in use", "--health-port")
+
+
 @pytest.mark.parametrize("args,needles", [
     (["--host", "10.255.255.254"], ["10.255.255.254:0", "gRPC", "Cannot assign requested address", "--host"]),
     (["--metrics-port", "70000"], ["metrics_port must be 0..65535"]),
+    (["--health-port", "-2"], ["health_port must be 0..65535 (0: a free one, -1: off)"]),
     (["--port", "-5"], ["port must be 0..65535"]),
     (["--tls-cert", "/no/cert.pem", "--tls-key", "/no/key.pem"], ["cannot read /no/", "--tls-cert"]),
     (["--auth-token-file", "/no/tokens"], ["/no/tokens", "No such file"]),
-], ids=["host not here", "metrics port out of range", "negative port", "tls files missing", "token file missing"])
+], ids=["host not here", "metrics port out of range", "health port out of range", "negative port",
+         "tls files missing", "token file missing"])
 def test_other_listen_and_file_mistakes_are_one_line(tiny_model_dir: Path, args: list[str],
                                                      needles: list[str]) -> None:
     r = run_cli("resnet-serve", "--model-dir", str(tiny_model_dir), "--host", "127.0.0.1", "--port", "0",

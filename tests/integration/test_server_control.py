@@ -58,6 +58,13 @@ def health(srv: InProcessServer) -> int:
     return stub.Check(health_pb2.HealthCheckRequest(service="classifier.v1.Classifier"), timeout=10).status
 
 
+def health_port(srv: InProcessServer, service: str = "") -> int:
+    """The status on the dedicated health port (server/resnet_serve/server/health_port.py)."""
+    with grpc.insecure_channel(f"127.0.0.1:{srv.server.health_port}") as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                         timeout=10).status
+
+
 def calls(srv: InProcessServer) -> list[int]:
     return [n for _, n in srv.call_log]
 
@@ -66,12 +73,17 @@ def test_not_serving_until_warm_then_serving(srv: InProcessServer, gate: WorkerG
     # Runs first (file order): the module server is still warming, its worker held at the gate.
     assert not srv.server.ready.is_set()
     assert health(srv) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert health_port(srv) == health_port(srv, "classifier.v1.Classifier") == \
+        health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(grpc.RpcError) as err:
         srv.stub.Classify(request(), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.value.details()
     gate.release(len(BUCKETS))  # one warm-up batch per bucket
     srv.wait_ready()
     assert health(srv) == health_pb2.HealthCheckResponse.SERVING
+    # the health port mirrors the main port's statuses, per service name too (published in order, off the loop)
+    wait_for(lambda: health_port(srv) == health_port(srv, "classifier.v1.Classifier")
+             == health_pb2.HealthCheckResponse.SERVING, what="SERVING on the health port")
 
 
 def test_32_concurrent_requests_form_few_full_batches(srv: InProcessServer, held: WorkerGate) -> None:
@@ -154,8 +166,13 @@ def test_killed_worker_fails_its_batch_then_is_replaced(srv: InProcessServer, he
     with pytest.raises(grpc.RpcError) as err:
         doomed.result()
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "worker" in err.value.details().lower()
+    # No worker can take work until the replacement has warmed through the (held) gate: NOT_SERVING, on the
+    # health port too.
+    wait_for(lambda: health_port(srv) == health_pb2.HealthCheckResponse.NOT_SERVING,
+             what="NOT_SERVING on the health port after the worker loss")
     held.open()  # the replacement warms its buckets through the gate too
     wait_for(lambda: srv.engine.alive_instances() == 1 and srv.engine.worker_pids()[0] != old_pid,
              what="a replacement worker")
     assert srv.stub.Classify(request(1), timeout=60).request_id == "1"
     assert health(srv) == health_pb2.HealthCheckResponse.SERVING
+    wait_for(lambda: health_port(srv) == health_pb2.HealthCheckResponse.SERVING, what="SERVING on the health port")

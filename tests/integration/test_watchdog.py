@@ -117,6 +117,9 @@ def test_sigterm_exits_within_the_grace_period_while_the_worker_is_stopped(tiny_
         channel = grpc.insecure_channel(f"127.0.0.1:{ports['port']}")
         statuses, watch = watch_health(channel)
         next_status(statuses, SERVING)
+        health_channel = grpc.insecure_channel(f"127.0.0.1:{ports['health_port']}")
+        health_port, health_watch = watch_health(health_channel)  # the dedicated health port
+        next_status(health_port, SERVING)
         workers = worker_pids_of(proc.pid)
         assert len(workers) == 1
         os.kill(workers[0], signal.SIGSTOP)
@@ -129,11 +132,14 @@ def test_sigterm_exits_within_the_grace_period_while_the_worker_is_stopped(tiny_
         elapsed = time.monotonic() - t0
         assert code == 0
         assert elapsed < grace + 10, f"exit took {elapsed:.1f} s with a {grace} s grace period"
+        next_status(health_port, NOT_SERVING)  # the drain was published on the health port before it closed
         with pytest.raises(grpc.RpcError):  # answered (cancelled by the shutdown), never left hanging
             held.result(timeout=60)
         assert not Path(f"/proc/{workers[0]}").exists()  # the stopped worker was killed, not orphaned
         watch.cancel()
+        health_watch.cancel()
         channel.close()
+        health_channel.close()
     finally:
         for pid in workers:
             if Path(f"/proc/{pid}").exists():

@@ -98,6 +98,8 @@ RULES = {
     "front": Rule((S + "app", S + "cli"), ("paddle",), "the front process never imports Paddle"),
     "metrics": Rule((S + "metrics",), ("resnet_serve", "grpc", "paddle"),
                     "metrics knows prometheus_client only (the others call it)"),
+    "health-port": Rule((S + "health_port",), ("resnet_serve", "paddle"),
+                        "the health port knows gRPC's health service only (app.py sets its statuses)"),
     "client": Rule(_walk("resnet_serve.client"), ("resnet_serve.server", "resnet_serve.export", "resnet_serve.train",
                                                   "paddle", "sklearn"),
                    "the client imports nothing of the server, export or train, nor Paddle or scikit-learn"),

@@ -99,6 +99,14 @@ def test_wrong_type_in_a_file_names_the_file(tmp_path: Path) -> None:
                                           "'http'"
 
 
+def test_the_health_port_is_on_at_a_fixed_port_unless_turned_off() -> None:
+    """A fixed default (like --port and --metrics-port), so probes and HEALTHCHECKs can name it; -1 turns it off."""
+    assert (settings().health_port, settings().health_host) == (50052, "")
+    s = settings(env={"RESNET_SERVE_HEALTH_PORT": "-1", "RESNET_SERVE_HEALTH_HOST": "127.0.0.1"})
+    assert (s.health_port, s.health_host, s.sources["health_port"]) == (-1, "127.0.0.1", "env")
+    assert settings("--health-port", "0").health_port == 0  # a free one, reported in the 'listening' line
+
+
 def test_model_dir_is_required() -> None:
     assert error() == "--model-dir is required (or RESNET_SERVE_MODEL_DIR, or model_dir in the config file)"
 
@@ -122,6 +130,7 @@ def test_model_dir_is_required() -> None:
     (["--max-request-id-length", "0"], "max_request_id_length must be at least 1"),
     (["--port", "65536"], "port must be 0..65535 (0: a free one), not 65536"),
     (["--metrics-port", "-2"], "metrics_port must be 0..65535 (0: a free one, -1: off), not -2"),
+    (["--health-port", "65536"], "health_port must be 0..65535 (0: a free one, -1: off), not 65536"),
     (["--batch-time-limit-s", "-1"], "batch_time_limit_s must be >= 0 (0: derived from the warm-up)"),
     (["--max-aspect-ratio", "0.5"], "max_aspect_ratio must be at least 1"),
     (["--max-aspect-ratio", "nan"], "max_aspect_ratio must be at least 1"),

@@ -1,6 +1,7 @@
 """Wires the server together: engine workers -> batcher -> pipeline -> ServingHandle -> gRPC servicers (classifier.v1
-and the Open Inference Protocol), plus health, reflection, /metrics, and the drain sequence. The one module that
-knows every part; the servicers know only the handle it builds."""
+and the Open Inference Protocol), plus health (on the main port and the dedicated health port), reflection,
+/metrics, and the drain sequence. The one module that knows every part; the servicers know only the handle it
+builds."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .batcher import BatcherObserver
 from .engine import Engine, EngineError, WorkerDied
 from .errors import ErrorTable
 from .handle import ServingConfig, ServingHandle
+from .health_port import HealthPort
 from .memory import MemorySweeper
 from .metrics import Metrics
 from .oip_service import OIPService, add_oip_service
@@ -153,6 +155,8 @@ class Server:
         self.port = 0
         self.metrics_port = 0
         self._metrics_http = None
+        self.health_port = 0
+        self._health_port: HealthPort | None = None
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
         self._draining = False
@@ -189,6 +193,8 @@ class Server:
         status = SERVING if self.serving() else NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+            if self._health_port is not None:  # the dedicated port mirrors every change, in order
+                self._health_port.set(name, status)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -256,19 +262,27 @@ class Server:
             self._close_metrics_http()
             raise ListenError(f"cannot listen on {address} for gRPC ({why or 'gRPC could not bind it'}): "
                               f"choose another port (--port) or host (--host)")
+        try:
+            self._open_health_port(bool(tokens))
+        except ListenError:
+            await self.grpc_server.stop(None)
+            raise
         if s.host in ("0.0.0.0", "::", "[::]", "") and not tokens and not s.tls_client_ca:
             log.warning("serving on every interface (%s) without authentication: anyone who can reach this "
                         "port can classify and read model info; use --host 127.0.0.1 or --auth-token-file "
                         "(docs/server.md)", s.host or "all")
         await self._update_health()
         await self.grpc_server.start()
+        if self._health_port is not None:
+            self._health_port.start()
         self._spawn(self.sweeper.run())
-        log.info("listening on %s:%d (gRPC%s%s, %s), metrics on %s; loading %s", s.host, self.port,
-                 ", TLS" if s.tls_cert else "", ", mutual TLS" if s.tls_client_ca else "",
+        log.info("listening on %s:%d (gRPC%s%s, %s), metrics on %s, health port on %s; loading %s", s.host,
+                 self.port, ", TLS" if s.tls_cert else "", ", mutual TLS" if s.tls_client_ca else "",
                  f"{len(tokens)} bearer token(s)" if tokens else "no auth",
                  f"{s.metrics_host or s.host}:{self.metrics_port}" if s.metrics_port >= 0 else "off",
-                 self.version_dir)
-        print(json.dumps({"event": "listening", "port": self.port, "metrics_port": self.metrics_port}), flush=True)
+                 f"{s.health_host or s.host}:{self.health_port}" if self._health_port else "off", self.version_dir)
+        print(json.dumps({"event": "listening", "port": self.port, "metrics_port": self.metrics_port,
+                          "health_port": self.health_port}), flush=True)
         self._loader = asyncio.create_task(self._load_first())
 
     async def _load(self, version_dir: Path) -> LoadedModel:
@@ -357,6 +371,35 @@ class Server:
         except Exception:
             log.exception("looking for a new model version failed; the current version keeps serving")
 
+    def _open_health_port(self, auth: bool) -> None:
+        """The dedicated health port (settings health_port/health_host), NOT_SERVING until _update_health."""
+        s = self.settings
+        if s.health_port < 0:
+            return
+        if auth and not s.auth_exempt_health:
+            log.warning("health port off: --auth-exempt-health false asks a token of every health check, and the "
+                        "health port serves health without one (probes cannot send one); probe the main port")
+            return
+        host = s.health_host or s.host
+        why = _why_not_bindable(host, s.health_port)
+        if why is None:
+            try:
+                self._health_port = HealthPort(host, s.health_port)
+            except RuntimeError:  # grpc's "Failed to bind to address"
+                why = "gRPC could not bind it"
+        if self._health_port is None:
+            self._close_metrics_http()
+            raise ListenError(f"cannot listen on {host}:{s.health_port} for the health port ({why}): choose "
+                              f"another health_port (--health-port; -1 turns it off)")
+        self.health_port = self._health_port.port
+
+    async def _close_health_port(self) -> None:
+        """Stop the health port after its last status (NOT_SERVING for good), off the loop: it may block briefly."""
+        hp, self._health_port = self._health_port, None  # on the loop: no status is published to it after this
+        if hp is not None:
+            stopped = await asyncio.to_thread(hp.stop, 1.0)
+            await asyncio.to_thread(stopped.wait, 5.0)
+
     def _close_metrics_http(self) -> None:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -381,6 +424,7 @@ class Server:
             task.cancel()
         self.pool.shutdown()
         self._close_metrics_http()
+        await self._close_health_port()  # last: probes saw NOT_SERVING there for the whole drain
         log.info("stopped after a %.2f s drain", time.perf_counter() - t0)
 
 

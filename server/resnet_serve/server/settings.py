@@ -27,6 +27,11 @@ class Settings:
     port: int = 50051
     metrics_port: int = 8000  # -1 disables /metrics; 0 picks a free port
     metrics_host: str = ""  # where /metrics, /healthz, /readyz listen; empty = the gRPC host
+    # grpc.health.v1 alone, answered off the event loop (server/resnet_serve/server/health_port.py), for probes
+    # that must not wait behind a burst of large requests. On by default, at a fixed port like the gRPC and
+    # metrics ports, so probes and HEALTHCHECKs can name it; -1 turns it off; 0 picks a free port.
+    health_port: int = 50052
+    health_host: str = ""  # where the health port listens; empty = the gRPC host
     max_batch_size: int = 8
     max_queue_delay_us: int = 2000
     max_queue_size: int = 256
@@ -113,6 +118,8 @@ class Settings:
             raise ValueError(f"port must be 0..65535 (0: a free one), not {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0..65535 (0: a free one, -1: off), not {self.metrics_port}")
+        if not -1 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be 0..65535 (0: a free one, -1: off), not {self.health_port}")
         if self.batch_time_limit_s < 0:
             raise ValueError("batch_time_limit_s must be >= 0 (0: derived from the warm-up)")
         if not self.max_aspect_ratio >= 1:
@@ -179,6 +186,9 @@ HELP = {
     "port": "gRPC port; 0 picks a free one",
     "metrics_port": "HTTP port of /metrics, /healthz, /readyz; -1 disables it, 0 picks a free one",
     "metrics_host": "listen address of the metrics port",
+    "health_port": "gRPC port serving grpc.health.v1 only, answered off the event loop (for probes); -1 "
+                   "disables it, 0 picks a free one",
+    "health_host": "listen address of the health port",
     "max_batch_size": "largest batch sent to a predictor",
     "max_queue_delay_us": "how long the oldest queued request may wait for its batch to fill",
     "max_queue_size": "queued requests beyond which new ones get RESOURCE_EXHAUSTED",
@@ -214,9 +224,9 @@ HELP = {
     "unhealthy_after_failures": "consecutive failed batches that turn health NOT_SERVING",
 }
 # What an empty or None default means, in --help.
-EMPTY_DEFAULT = {"version": "the highest", "metrics_host": "the --host", "buckets": "powers of two up to "
-                 "--max-batch-size", "trt_cache_dir": "<version folder>/_opt_cache", "model_dir": "none, required",
-                 "gpus": "GPU 0"}
+EMPTY_DEFAULT = {"version": "the highest", "metrics_host": "the --host", "health_host": "the --host",
+                 "buckets": "powers of two up to --max-batch-size", "trt_cache_dir": "<version folder>/_opt_cache",
+                 "model_dir": "none, required", "gpus": "GPU 0"}
 
 
 def _help(name: str) -> str:

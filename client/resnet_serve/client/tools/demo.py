@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo: {len(images)} held-out digit images under {args.images}", flush=True)
     server = subprocess.Popen([_script("resnet-serve"), "--model-dir", str(args.model_dir),
                                "--host", "127.0.0.1", "--port", str(args.port), "--metrics-port",
-                               str(args.metrics_port), *(["--verbose"] if args.verbose else [])],
+                               str(args.metrics_port), "--health-port", "-1",  # its health: through the client
+                               *(["--verbose"] if args.verbose else [])],
                               stdout=subprocess.PIPE, text=True)
     try:
         ports = json.loads(server.stdout.readline() or "{}")

@@ -1,0 +1,65 @@
+"""A dedicated grpc.health.v1 endpoint answered off the event loop.
+
+The main port's health servicer runs on the front's asyncio loop, so a health check there waits behind whatever
+the loop is doing: grpc.aio turns every received message into Python bytes on that loop (~10 ms per 8 MB), and a
+burst of large requests delays a check by hundreds of milliseconds. Orchestrator probes must not see that as an
+outage. This endpoint is a synchronous `grpc.server` with its own small thread pool: its checks are answered by
+gRPC's threads, never by the loop, and only the GIL is shared.
+
+Bounded: at most `max_concurrent_rpcs` calls at once (Checks and open Watches together), each with a thread of its
+own; past that a call gets RESOURCE_EXHAUSTED at once, never a wait. Plaintext and without tokens, like the
+/healthz of the metrics port: Kubernetes gRPC probes can do neither TLS nor metadata. It serves health only, so it
+reveals nothing but SERVING / NOT_SERVING.
+
+It knows nothing of the server: the owner sets each status as its main-port servicer changes (`set`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+MAX_CONCURRENT_RPCS = 16  # calls at once (Checks and open Watches); beyond: RESOURCE_EXHAUSTED
+MAX_MESSAGE_BYTES = 64 * 1024  # a HealthCheckRequest is a service name
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthPort:
+    """grpc.health.v1 (Check and Watch) on its own port, on a synchronous gRPC server's threads."""
+
+    def __init__(self, host: str, port: int, max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS):
+        """Binds host:port (0: a free one, see `port`); raises RuntimeError if gRPC cannot bind it. Every status
+        starts NOT_SERVING (the stock servicer would start the whole server SERVING)."""
+        self.servicer = health.HealthServicer()  # Watch is non-blocking: an open Watch holds no thread
+        self.servicer.set("", NOT_SERVING)
+        # One thread per admitted call: an admitted Check never queues behind others.
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrent_rpcs, thread_name_prefix="health-port")
+        self._server = grpc.server(self._pool, maximum_concurrent_rpcs=max_concurrent_rpcs,
+                                   options=[("grpc.so_reuseport", 0),
+                                            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, self._server)
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        # Statuses are published from one thread of their own, in order: sending a Watch update blocks until
+        # gRPC has taken it, which must never be the caller's (the event loop's) wait.
+        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-port-publish")
+
+    def start(self) -> None:
+        self._server.start()
+
+    def set(self, service: str, status: int) -> None:
+        """Publish `status` for `service` ("" = the whole server); returns at once, applied in call order."""
+        with contextlib.suppress(RuntimeError):  # stopped: every status is NOT_SERVING for good
+            self._publisher.submit(self.servicer.set, service, status)
+
+    def stop(self, grace: float = 1.0) -> threading.Event:
+        """Every service NOT_SERVING for good, then stop listening; open Watches end after `grace`. Blocks up to
+        `grace` for the statuses queued before it; the returned event is set once the server has stopped."""
+        wait([self._publisher.submit(self.servicer.enter_graceful_shutdown)], timeout=grace)
+        done = self._server.stop(grace)  # also ends a publish blocked on a Watch client that never reads
+        self._publisher.shutdown(wait=False)
+        self._pool.shutdown(wait=False)
+        return done
