@@ -12,6 +12,7 @@ CHECKPOINTS ?= checkpoints/$(NAME)
 MODELS ?= models/$(NAME)
 PORT ?= 50051
 METRICS_PORT ?= 8000
+HEALTH_PORT ?= 50052
 PROMETHEUS_PORT ?= 9090
 OBSERVE_DIR ?= runs/prometheus
 # Installed once; again only when a pyproject.toml changes (every target depends on install).
@@ -42,7 +43,7 @@ export: install  ## export the latest checkpoint of `make train` as the next mod
 	$(BIN)/resnet-export --checkpoint $(CHECKPOINTS) --out $(MODELS)
 
 serve: install  ## serve the newest exported version
-	$(BIN)/resnet-serve --model-dir $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/resnet-serve --model-dir $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT) --health-port $(HEALTH_PORT)
 
 demo: install  ## train -> export -> serve -> classify held-out digits through the client -> accuracy + metrics
 	@test -d $(CHECKPOINTS) || $(MAKE) --no-print-directory train

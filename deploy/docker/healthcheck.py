@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,7 +33,7 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def default_address(environ: dict[str, str] | os._Environ = os.environ) -> str:
+def default_address(environ: Mapping[str, str] = os.environ) -> str:
     """The health port the server's settings name (as it reads them: RESNET_SERVE_*), else its gRPC port."""
     health = environ.get("RESNET_SERVE_HEALTH_PORT", "50052").strip()
     port = environ.get("RESNET_SERVE_PORT", "50051") if health == "-1" else health

@@ -156,7 +156,7 @@ def test_admin_disabled_without_tokens(tiny_model_dir: Path) -> None:
         s.close()
 
 
-def test_health_can_require_token(tiny_model_dir: Path, pki) -> None:
+def test_health_can_require_token(tiny_model_dir: Path, pki, caplog) -> None:
     s = InProcessServer(model_dir=str(tiny_model_dir), threads_per_instance=1, auth_token_file=str(pki["tokens"]),
                         auth_exempt_health=False)
     try:
@@ -167,6 +167,8 @@ def test_health_can_require_token(tiny_model_dir: Path, pki) -> None:
         ok = stub.Check(health_pb2.HealthCheckRequest(), timeout=10,
                         metadata=(("authorization", f"Bearer {TOKEN}"),))
         assert ok.status == health_pb2.HealthCheckResponse.SERVING
+        # The health port answers without a token (probes cannot send one), so it stays closed here.
+        assert s.server.health_port == 0 and "health port off" in caplog.text  # asked for 0: opened, it is > 0
     finally:
         s.close()
 
