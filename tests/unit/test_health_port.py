@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from resnet_serve.server.health_port import HealthPort
+from resnet_serve.server.health_port import HealthPort, HealthService
 from tests.harness import wait_for
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -42,10 +42,10 @@ def check(stub: health_pb2_grpc.HealthStub, service: str = "") -> int:
 
 
 class Watched:
-    """Every status one Health.Watch stream reports, in order; `ended` once the stream is over."""
+    """Every status one Health.Watch stream reports, in order, then None; `ended` once the stream is over."""
 
     def __init__(self, stub: health_pb2_grpc.HealthStub, service: str = ""):
-        self.statuses: queue.Queue[int] = queue.Queue()
+        self.statuses: queue.Queue[int | None] = queue.Queue()
         self.ended = threading.Event()
         self.call = stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=WAIT_S)
         threading.Thread(target=self._pump, daemon=True).start()
@@ -57,9 +57,11 @@ class Watched:
         except grpc.RpcError:
             pass
         finally:
+            self.statuses.put(None)
             self.ended.set()
 
-    def next(self) -> int:
+    def next(self) -> int | None:
+        """The next status, None once the stream has ended."""
         return self.statuses.get(timeout=WAIT_S)
 
 
@@ -101,32 +103,76 @@ def test_stop_publishes_not_serving_to_every_watch_then_closes_the_port() -> Non
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_calls_beyond_the_bound_get_resource_exhausted_never_a_wait(port: HealthPort, stub) -> None:
-    port.set("", SERVING)
-    watches = [Watched(stub) for _ in range(4)]  # the bound: 4 calls at once, each Watch holds one
-    assert [w.next() for w in watches] == [SERVING] * 4
-    flood = [stub.Check.future(health_pb2.HealthCheckRequest(), timeout=WAIT_S) for _ in range(50)]
-    codes = []
-    for f in flood:
-        try:
-            f.result()
-            codes.append(grpc.StatusCode.OK)
-        except grpc.RpcError as e:
-            codes.append(e.code())
-    assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 50
-    watches[0].call.cancel()  # a slot frees: checks are answered again
-    # gRPC frees the slot once it has seen the cancellation: polled, bounded
-    wait_for(lambda: _code(stub) == grpc.StatusCode.OK, timeout=WAIT_S, what="a check answered once a Watch ended")
-    for w in watches[1:]:
-        w.call.cancel()
+class HeldChecks(HealthService):
+    """Each Check waits for `release` once it has been counted in `entered`: calls held inside the port."""
+
+    def __init__(self) -> None:
+        super().__init__(max_watches=2)
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def Check(self, request, context):  # noqa: N802
+        self.entered.release()
+        self.release.wait(WAIT_S)
+        return super().Check(request, context)
 
 
-def _code(stub) -> grpc.StatusCode:
+def outcome(call) -> grpc.StatusCode:
     try:
-        stub.Check(health_pb2.HealthCheckRequest(), timeout=WAIT_S)
+        call.result()
     except grpc.RpcError as e:
         return e.code()
     return grpc.StatusCode.OK
+
+
+def test_calls_beyond_the_bound_get_resource_exhausted_at_once_never_a_wait() -> None:
+    servicer = HeldChecks()
+    hp = HealthPort("127.0.0.1", 0, max_concurrent_rpcs=4, servicer=servicer)
+    hp.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{hp.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            held = [stub.Check.future(health_pb2.HealthCheckRequest(), timeout=WAIT_S) for _ in range(4)]
+            for _ in held:  # all four are being answered: the bound is reached
+                assert servicer.entered.acquire(timeout=WAIT_S)
+            flood = [stub.Check.future(health_pb2.HealthCheckRequest(), timeout=WAIT_S) for _ in range(50)]
+            assert [outcome(f) for f in flood] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 50  # while still held
+            assert not any(f.done() for f in held)
+            servicer.release.set()
+            assert [outcome(f) for f in held] == [grpc.StatusCode.OK] * 4
+            # the slots are free again (gRPC counts a call out once its thread is done: polled, bounded)
+            wait_for(lambda: outcome(stub.Check.future(health_pb2.HealthCheckRequest(), timeout=WAIT_S))
+                     == grpc.StatusCode.OK, timeout=WAIT_S, what="a check answered again")
+    finally:
+        servicer.release.set()
+        hp.stop(grace=0).wait(WAIT_S)
+
+
+def test_watches_are_bounded_on_their_own_and_never_starve_checks() -> None:
+    hp = HealthPort("127.0.0.1", 0, max_concurrent_rpcs=2, servicer=HealthService(max_watches=3))
+    hp.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{hp.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            hp.set("", SERVING)
+            watches = [Watched(stub) for _ in range(3)]
+            assert [w.next() in (NOT_SERVING, SERVING) for w in watches] == [True] * 3  # all three open
+            extra = Watched(stub)
+            assert extra.next() is None and extra.call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # no status
+            assert [check(stub) for _ in range(10)] == [SERVING] * 10  # more Watches than calls: Checks still pass
+            watches[0].call.cancel()  # a Watch closes: another may open (its slot frees on gRPC's callback)
+
+            def reopened() -> bool:
+                w = Watched(stub)
+                accepted = w.next() is not None  # a first status: accepted; the end at once: refused
+                w.call.cancel()
+                return accepted
+
+            wait_for(reopened, timeout=WAIT_S, what="a Watch accepted once another closed")
+            for w in watches[1:]:
+                w.call.cancel()
+    finally:
+        hp.stop(grace=0).wait(WAIT_S)
 
 
 def test_a_flood_of_checks_is_answered_or_refused_never_left_waiting(port: HealthPort, stub) -> None:
