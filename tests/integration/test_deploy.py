@@ -365,6 +365,15 @@ def test_entrypoint_with_the_deployment_env_serves_and_passes_the_image_health_c
             proc.communicate()
 
 
+def test_healthcheck_asks_the_health_port_the_env_names_or_the_grpc_port_when_it_is_off() -> None:
+    spec = importlib.util.spec_from_file_location("healthcheck", DEPLOY / "docker" / "healthcheck.py")
+    hc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hc)
+    assert hc.default_address({}) == "127.0.0.1:50052"  # the server's default health port
+    assert hc.default_address({"RESNET_SERVE_HEALTH_PORT": "6000", "RESNET_SERVE_PORT": "7000"}) == "127.0.0.1:6000"
+    assert hc.default_address({"RESNET_SERVE_HEALTH_PORT": "-1", "RESNET_SERVE_PORT": "7000"}) == "127.0.0.1:7000"
+
+
 def test_healthcheck_fails_without_a_server() -> None:
     import socket
 
