@@ -209,7 +209,8 @@ def test_leaving_a_stream_early_cancels_it_and_the_client_goes_on(srv, client) -
 
 # --- the stream window ---------------------------------------------------------------------------------------
 class CohortGate:
-    """Wraps the servicer's per-item call: holds items until `size` of them are held, then lets them all go.
+    """Wraps the serving handle's submit (what the servicer calls once per stream item): holds items until `size`
+    of them are held, then lets them all go.
     So the server sees a full window at once (max_in_flight reaches the window), and an item sent beyond the
     window would be read while the cohort is held or computing and show as more than `size` in flight."""
 
@@ -218,7 +219,7 @@ class CohortGate:
         self.in_flight = self.max_in_flight = 0
         self.held: list[asyncio.Future] = []
 
-    async def __call__(self, request, deadline):
+    async def __call__(self, images, top_k, deadline):
         self.in_flight += 1  # the server's event loop only: no lock needed
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -229,7 +230,7 @@ class CohortGate:
                     f.set_result(None)
                 self.held = []
             await fut
-            return await self.inner(request, deadline)
+            return await self.inner(images, top_k, deadline)
         finally:
             self.in_flight -= 1  # before the answer is even queued for sending
 
@@ -237,8 +238,8 @@ class CohortGate:
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_stream_window_is_never_exceeded(srv, client, monkeypatch, flavour: str) -> None:
     window, n = 4, 24  # n a multiple of the window, so every cohort fills
-    gate = CohortGate(srv.server.service._classify_one, window)
-    monkeypatch.setattr(srv.server.service, "_classify_one", gate)
+    gate = CohortGate(srv.server.handle.submit, window)
+    monkeypatch.setattr(srv.server.handle, "submit", gate)
     images = [picture(i) for i in range(n)]
     if flavour == "sync":
         results = client.classify_many(images, window=window, timeout=120)
@@ -696,11 +697,11 @@ def test_aio_streams_core_internal_error_past_the_deadline_is_the_deadline() -> 
     the client's own batch failing, nothing from the server): reported as the deadline it is, only past it."""
     from grpc.aio import AioRpcError, Metadata
 
-    from resnet_serve.client.aio import _stream_error
+    from resnet_serve.client.aio import stream_error
 
     core = AioRpcError(grpc.StatusCode.INTERNAL, Metadata(), Metadata(), details="Internal error from Core")
-    assert _stream_error(core, deadline=0.0).code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _stream_error(core, deadline=float("inf")).code == grpc.StatusCode.INTERNAL  # deadline not reached
-    assert _stream_error(core, deadline=None).code == grpc.StatusCode.INTERNAL  # no deadline at all
+    assert stream_error(core, deadline=0.0).code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert stream_error(core, deadline=float("inf")).code == grpc.StatusCode.INTERNAL  # deadline not reached
+    assert stream_error(core, deadline=None).code == grpc.StatusCode.INTERNAL  # no deadline at all
     server = AioRpcError(grpc.StatusCode.INTERNAL, Metadata(), Metadata(), details="predictor failed")
-    assert _stream_error(server, deadline=0.0).code == grpc.StatusCode.INTERNAL  # a real server INTERNAL stays
+    assert stream_error(server, deadline=0.0).code == grpc.StatusCode.INTERNAL  # a real server INTERNAL stays

@@ -143,7 +143,7 @@ def test_a_tampered_version_is_refused_and_the_old_one_keeps_serving(srv: InProc
     v2 = copy_version(models / "1", models / ".2.tmp", version=2)
     (v2 / "labels.txt").write_text("tampered\n" * 10)
     v2.rename(models / "2")
-    wait_for(lambda: models / "2" in srv.server._refused, what="the poller to refuse version 2")
+    wait_for(lambda: models / "2" in srv.server.refused_versions, what="the poller to refuse version 2")
     assert served(srv) == "1"
     assert all(p.label.startswith("digit_") for p in classify(srv).predictions)
 
@@ -160,7 +160,7 @@ def test_a_version_seen_mid_copy_is_loaded_once_the_copy_completes(srv: InProces
     (v3 / MANIFEST).write_text(json.dumps({**data, "version": 3}))
     params = (models / "1" / "inference.pdiparams").read_bytes()
     (v3 / "inference.pdiparams").write_bytes(params[: len(params) // 2])
-    wait_for(lambda: v3 in srv.server._refused, what="the poller to refuse the half-copied version 3")
+    wait_for(lambda: v3 in srv.server.refused_versions, what="the poller to refuse the half-copied version 3")
     assert served(srv) == "1"
     with open(v3 / "inference.pdiparams", "ab") as f:
         f.write(params[len(params) // 2:])

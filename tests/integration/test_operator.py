@@ -115,7 +115,7 @@ def test_metrics_listen_on_the_grpc_host_by_default(tiny_model_dir: Path) -> Non
     srv = InProcessServer(model_dir=str(tiny_model_dir), host="127.0.0.1", max_batch_size=1, wait_ready=False)
     try:
         port = srv.server.metrics_port
-        assert srv.server._metrics_http.server_address[0] == "127.0.0.1"
+        assert srv.server.metrics_host == "127.0.0.1"
         assert http_get(port, "/metrics")[0] == 200
         with pytest.raises(URLError):
             http_get(port, "/metrics", host="127.0.0.2")
@@ -129,7 +129,7 @@ def test_every_interface_without_auth_warns_and_metrics_host_is_a_setting(tiny_m
     srv = InProcessServer(model_dir=str(tiny_model_dir), host="0.0.0.0", metrics_host="127.0.0.1",
                           max_batch_size=1)
     try:
-        assert srv.server._metrics_http.server_address[0] == "127.0.0.1"
+        assert srv.server.metrics_host == "127.0.0.1"
         assert http_get(srv.server.metrics_port, "/readyz")[0] == 200
     finally:
         srv.close()

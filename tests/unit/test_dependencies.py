@@ -561,3 +561,17 @@ def test_tests_import_only_what_the_dev_install_brings() -> None:
         modules.append(Module(name, path, ast.parse(path.read_text(), str(path)), is_package))
     missing = _undeclared("", modules, declared, module_level_only=False, local=("tests", "bench"))
     assert not missing, "tests import what the dev install does not bring:\n  " + "\n  ".join(missing)
+
+
+def test_tests_use_no_private_name_of_the_source() -> None:
+    """Tests hold the source to its public names too: a test that needs a private name is testing the wrong thing
+    or the module lacks a public way to observe it."""
+    defined = {name: _defined(mod) for name, mod in MODULES.items()}
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        if path == Path(__file__).resolve():
+            continue  # its own examples name private names on purpose
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        mod = Module(name, path, ast.parse(path.read_text(), str(path)), path.name == "__init__.py")
+        found += _private_uses(mod, {**defined, name: _defined(mod)})
+    assert not found, "tests use private names of the source:\n  " + "\n  ".join(sorted(found, key=_by_place))

@@ -120,7 +120,7 @@ class AsyncClassifierClient(ClientBase):
                         raise error from None
                     raise
                 except grpc.aio.AioRpcError as e:
-                    raise _stream_error(e, deadline) from e
+                    raise stream_error(e, deadline) from e
                 if response is grpc.aio.EOF:
                     break
                 slots.release()
@@ -162,7 +162,7 @@ class AsyncClassifierClient(ClientBase):
             await asyncio.sleep(delay)
 
 
-def _stream_error(e: grpc.aio.AioRpcError, deadline: float | None) -> ClassifierError:
+def stream_error(e: grpc.aio.AioRpcError, deadline: float | None) -> ClassifierError:
     """grpc.aio's client ends a few percent of streams whose deadline passes while the call is being set up with
     INTERNAL "Internal error from Core" (its own batch failed; nothing came from the server; seen with a 1 us
     timeout, tests/integration/test_client.py): past the caller's deadline, that is the deadline."""

@@ -154,6 +154,7 @@ class Server:
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
+        self.metrics_host = ""  # the address /metrics listens on, once started
         self._metrics_http = None
         self.health_port = 0
         self._health_port: HealthPort | None = None
@@ -183,6 +184,11 @@ class Server:
         return self.model.batcher if self.model else None
 
     # --- health --------------------------------------------------------------------------------------------
+    @property
+    def refused_versions(self) -> frozenset[Path]:
+        """Version folders the poller refused and will retry only once one of their files changes."""
+        return frozenset(self._refused)
+
     def serving(self) -> bool:
         """Ready to answer: loaded and warm, not failed or draining, batches succeeding, a worker alive."""
         engine = self.engine
@@ -228,7 +234,7 @@ class Server:
                 raise ListenError(f"cannot listen on {metrics_host}:{s.metrics_port} for /metrics "
                                   f"({e.strerror or e}): choose another metrics_port (--metrics-port; -1 turns "
                                   f"it off)") from None
-            self.metrics_port = self._metrics_http.server_port
+            self.metrics_host, self.metrics_port = self._metrics_http.server_address[:2]
         options = [("grpc.max_receive_message_length", s.max_message_bytes),
                    ("grpc.max_send_message_length", s.max_message_bytes),
                    ("grpc.max_concurrent_streams", s.max_concurrent_streams),
