@@ -116,6 +116,7 @@ def test_metrics_listen_on_the_grpc_host_by_default(tiny_model_dir: Path) -> Non
     try:
         port = srv.server.metrics_port
         assert srv.server.metrics_host == "127.0.0.1"
+        assert srv.server.health_host == "127.0.0.1" and srv.server.health_port > 0  # the health port too
         assert http_get(port, "/metrics")[0] == 200
         with pytest.raises(URLError):
             http_get(port, "/metrics", host="127.0.0.2")

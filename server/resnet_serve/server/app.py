@@ -156,7 +156,7 @@ class Server:
         self.metrics_port = 0
         self.metrics_host = ""  # the address /metrics listens on, once started
         self._metrics_http = None
-        self.health_port = 0
+        self.health_host, self.health_port = "", 0  # where the health port listens, once started (0: off)
         self._health_port: HealthPort | None = None
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
@@ -286,7 +286,7 @@ class Server:
                  self.port, ", TLS" if s.tls_cert else "", ", mutual TLS" if s.tls_client_ca else "",
                  f"{len(tokens)} bearer token(s)" if tokens else "no auth",
                  f"{s.metrics_host or s.host}:{self.metrics_port}" if s.metrics_port >= 0 else "off",
-                 f"{s.health_host or s.host}:{self.health_port}" if self._health_port else "off", self.version_dir)
+                 f"{self.health_host}:{self.health_port}" if self._health_port else "off", self.version_dir)
         print(json.dumps({"event": "listening", "port": self.port, "metrics_port": self.metrics_port,
                           "health_port": self.health_port}), flush=True)
         self._loader = asyncio.create_task(self._load_first())
@@ -397,7 +397,7 @@ class Server:
             self._close_metrics_http()
             raise ListenError(f"cannot listen on {host}:{s.health_port} for the health port ({why}): choose "
                               f"another health_port (--health-port; -1 turns it off)")
-        self.health_port = self._health_port.port
+        self.health_host, self.health_port = host, self._health_port.port
 
     async def _close_health_port(self) -> None:
         """Stop the health port after its last status (NOT_SERVING for good), off the loop: it may block briefly."""
