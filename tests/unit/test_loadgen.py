@@ -64,9 +64,9 @@ def test_merge_adds_processes_and_summary_has_the_documented_fields() -> None:
 
 def test_load_is_split_over_processes_without_loss() -> None:
     for total, parts in [(1, 2), (16, 3), (7, 7)]:
-        shares = [loadgen.share(total, i, parts, "concurrency") for i in range(parts)]
+        shares = [loadgen.split_load(total, i, parts, "concurrency") for i in range(parts)]
         assert sum(shares) == total and max(shares) - min(shares) <= 1
-    assert sum(loadgen.share(90.0, i, 4, "rate") for i in range(4)) == pytest.approx(90.0)
+    assert sum(loadgen.split_load(90.0, i, 4, "rate") for i in range(4)) == pytest.approx(90.0)
 
 
 def test_steps_and_validation() -> None:

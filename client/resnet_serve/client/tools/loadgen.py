@@ -66,7 +66,7 @@ async def _run_steps(config: LoadConfig, share: Callable[[str, float], float], s
         await runner.close()
 
 
-def share(total: float, index: int, parts: int, kind: str) -> float:
+def split_load(total: float, index: int, parts: int, kind: str) -> float:
     """This process's part of a step's load: rates split evenly (a sum of Poisson processes is Poisson),
     concurrency as whole workers."""
     if kind == "rate":
@@ -81,7 +81,7 @@ def _child(config: LoadConfig, index: int, barrier: Any, results: Any) -> None:
         await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
 
     def share(kind: str, load: float) -> float:
-        return share(load, index, config.processes, kind)
+        return split_load(load, index, config.processes, kind)
 
     def report(s: Samples) -> None:
         results.put((index, asdict(s) | {"latencies_s": s.latencies_s.tolist()}, None))
