@@ -109,7 +109,7 @@ def build_parser() -> Parser:
     b.add_argument("--warmup", type=float, default=1.0, metavar="S", help="seconds of warm-up per step")
     b.add_argument("--duration", type=float, default=5.0, metavar="S", help="measured seconds per step")
     b.add_argument("--requests", type=int, default=0, metavar="N",
-                   help="closed loop: measure exactly N requests per step instead of --duration seconds")
+                   help="measure exactly N requests per step instead of --duration seconds (with --rate: N arrivals)")
     b.add_argument("--streams", type=int, default=1, help="streams per process in --mode stream")
     b.add_argument("--processes", type=int, default=1, help="client processes sharing the load (for ceilings)")
     b.add_argument("--protocol", choices=("classifier", "oip"), default="classifier",
@@ -456,8 +456,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise BadInput("--duration must be positive and --warmup non-negative")
     if args.streams < 1 or args.processes < 1:
         raise BadInput("--streams and --processes must be at least 1")
-    if args.requests < 0 or (args.requests and rates):
-        raise BadInput("--requests must be positive and goes with --concurrency, not --rate")
+    if args.requests < 0:
+        raise BadInput("--requests must be positive")
     if args.protocol == "oip" and not args.model:
         raise BadInput("--protocol oip needs --model NAME")
     data = read_input_data(args.input_data) if args.input_data is not None else []

@@ -9,9 +9,10 @@ Each step warms up, then measures a window [start, end). Accounting, so totals m
   window (nothing is sent at or after `end`; the step then waits for every outstanding answer);
 - `images_per_s`: successful answers *received* inside the window / the window's length;
 - latency percentiles and `errors` (by gRPC code): over the requests sent inside the window.
-With `requests` set (closed loop only), a step measures exactly that many requests instead of a duration: the
-window runs from `start` to the last answer, and every successful answer to a measured request counts, so
-nothing depends on how much work fits in a time window (what tests use).
+With `requests` set, a step measures exactly that many requests instead of a duration (open loop: that many
+Poisson arrivals after the warm-up, each counted by its scheduled time): the window runs from `start` to the last
+answer, and every successful answer to a measured request counts, so nothing depends on how much work fits in a
+time window (what tests use).
 
 Requests are serialised once up front (a request id is appended as an extra protobuf field), and responses of
 unary calls are not even parsed, so the generator stays cheap; `processes` > 1 splits the load over several
