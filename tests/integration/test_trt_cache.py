@@ -86,7 +86,8 @@ def test_standin_conversion_gets_prefix_paddle_names_and_records_what_was_built(
     assert call["pid"] != os.getpid()  # converted in a short-lived child, not in the worker
     assert call["save_model_dir"] == str(job["cache"] / "inference")
     assert call["precision_mode"] == "FP16" and call["workspace_size"] == 1 << 30
-    assert call["inputs"] == [{"name": "image", "min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [4, 3, 32, 32]}]
+    assert call["inputs"] == [{"name": "image", "min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [4, 3, 32, 32],
+                               "dtype": "float32"}]
     assert result["cached"] is False and result["precision_built"] == "fp16" and result["engines"] == 1
     assert (job["cache"] / MARKER).is_file()
     assert ensure_pir_converted(job["step"], job["cache"], job["key"])["cached"] is True

@@ -74,7 +74,7 @@ class Engine:
         # Planned here, in the front, before any worker is spawned: a bad setting raises ValueError now, and every
         # worker gets this plan instead of making its own.
         plan = settings.plan(self.version_dir, self.manifest)
-        self.layout = BatchLayout(cfg.max_batch_size, self.input_shape)
+        self.layout = BatchLayout(cfg.max_batch_size, self.input_shape, self.manifest.takes_pixels)
         spec = WorkerSpec(self.version_dir, self.manifest, settings, plan, self.buckets, self.layout)
         self.on_worker_event = on_worker_event
         self.on_dispatch = on_dispatch

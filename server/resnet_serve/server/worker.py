@@ -23,7 +23,7 @@ from .predictor import build_predictor
 from .trt_cache import select_gpu
 from .worker_protocol import BatchDone, BatchFailed, LoadFailed, Ready, RunBatch, SharedBatch, Stop, WorkerSpec
 
-Compute = Callable[[np.ndarray], np.ndarray]  # float32 [n, 3, H, W] -> logits [n, C]
+Compute = Callable[[np.ndarray], np.ndarray]  # float32 [n, 3, H, W] or uint8 [n, H, W, 3] -> logits [n, C]
 
 TEST_GATE_ENV = "RESNET_SERVE_TEST_WORKER_GATE"
 
@@ -62,7 +62,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
             compute = gated(predictor.run)
             t1 = time.perf_counter()
             for b in spec.buckets:  # every new shape costs a slow first run: pay it before serving
-                compute(np.zeros((b, *spec.layout.input_shape), dtype=np.float32))
+                compute(spec.layout.warmup_batch(b))
             t2 = time.perf_counter()
         except Exception as e:  # noqa: BLE001 - report any load failure to the front, which raises it
             conn.send(LoadFailed(f"loading {spec.version_dir} failed: {type(e).__name__}: {e}"))

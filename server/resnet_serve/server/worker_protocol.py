@@ -42,10 +42,18 @@ class WorkerDied(RuntimeError):
 @dataclass(frozen=True)
 class BatchLayout:
     """One worker's shared memory: float32 [max_batch, 3, H, W] model input, then uint8 [max_batch, H, W, 3] pixels
-    (4x fewer bytes to write in the front; the worker normalises them into the float rows)."""
+    (4x fewer bytes to write in the front; the worker normalises them into the float rows, unless
+    ``pixels_in``: the model takes the pixel rows as they are, docs/architecture.md "Where normalisation
+    happens")."""
 
     max_batch: int
     input_shape: tuple[int, int, int]  # (3, H, W)
+    pixels_in: bool = False  # the manifest's input_format is uint8_nhwc
+
+    def warmup_batch(self, n: int) -> np.ndarray:
+        """Zeros of the model's own input for a batch of ``n`` (what an all-uint8 batch feeds it)."""
+        c, h, w = self.input_shape
+        return np.zeros((n, h, w, c), np.uint8) if self.pixels_in else np.zeros((n, c, h, w), np.float32)
 
     @property
     def nbytes(self) -> int:
@@ -107,9 +115,12 @@ class SharedBatch:
 
     def read(self, request: RunBatch, normalise: Normaliser) -> np.ndarray:
         """Worker side: normalise the batch's uint8 rows into the float rows; returns the float32 [n, 3, H, W]
-        model input (a view of the buffer). Raises ValueError for a request outside the layout."""
+        model input (a view of the buffer). With ``layout.pixels_in`` a batch without float rows is returned as
+        its uint8 [n, H, W, 3] pixels, untouched. Raises ValueError for a request outside the layout."""
         self.layout.check(request)
         n = request.n
+        if not request.float_rows and self.layout.pixels_in:
+            return self.pixels[:n]
         if not request.float_rows:
             normalise(self.pixels[:n], self.floats[:n])
         else:
