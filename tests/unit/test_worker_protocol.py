@@ -196,3 +196,29 @@ def test_unlinked_shared_memory_cannot_be_attached() -> None:
     shared.unlink()  # twice is harmless (close() after a failed start, then again)
     with pytest.raises(FileNotFoundError):
         SharedBatch(LAYOUT, name)
+
+
+def test_a_pixel_input_layout_hands_the_pixel_rows_over_untouched_unless_a_float_row_is_in_the_batch() -> None:
+    """Manifest input_format uint8_nhwc (docs/architecture.md, "Where normalisation happens"): an all-pixel batch
+    is read as the uint8 rows themselves (no normalisation); a batch with a float row is model input as before."""
+    layout = BatchLayout(MAX_BATCH, SHAPE, pixels_in=True)
+    assert layout.nbytes == LAYOUT.nbytes  # float rows keep their place
+    assert layout.warmup_batch(2).shape == (2, 4, 5, 3) and layout.warmup_batch(2).dtype == np.uint8
+    assert LAYOUT.warmup_batch(2).shape == (2, 3, 4, 5) and LAYOUT.warmup_batch(2).dtype == np.float32
+    shared = SharedBatch(layout)
+    try:
+        px, fl = pixels(3, seed=5), floats(1)
+        request = layout.request_for(list(px))
+        shared.write(list(px), request)
+        read = shared.read(request, Normaliser(MEAN, STD))
+        assert read.dtype == np.uint8 and np.array_equal(read, px)
+        assert np.shares_memory(read, shared.pixels)  # a view of the buffer: nothing copied or converted
+        rows = [px[0], fl[0]]
+        request = layout.request_for(rows)
+        shared.write(rows, request)
+        read = shared.read(request, Normaliser(MEAN, STD))
+        np.testing.assert_allclose(read, np.stack([normalise(px[0], MEAN, STD), fl[0]]), rtol=1e-6)
+        del read  # a live view blocks close()
+    finally:
+        shared.close()
+        shared.unlink()
