@@ -103,6 +103,9 @@ def test_a_pixel_export_names_its_float_program_which_must_be_there_and_checksum
     assert not f.takes_pixels
     alone = version(tmp_path, 2, input_format="uint8_nhwc")
     assert "takes uint8 pixels only" in error(load_manifest(alone).float_program)
+    outside = version(tmp_path, 3, input_format="uint8_nhwc", float_model_file="../1/inference_float.json")
+    assert error(load_manifest, outside) == f"{outside / MANIFEST}: '../1/inference_float.json' leads outside its " \
+        "version folder"
 
 
 def test_an_unknown_input_format_or_a_newer_schema_is_refused(tmp_path: Path) -> None:
