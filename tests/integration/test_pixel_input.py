@@ -123,3 +123,15 @@ def test_model_info_still_describes_the_client_facing_input(srv) -> None:
     info = srv.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert list(info.input_shape) == [3, SIZE, SIZE]  # float32 requests: [3, H, W]; pixels: [H, W, 3]
     assert info.preprocessing.layout == "NCHW" and len(info.mean) == 3
+
+
+def test_the_engine_runs_pixel_float_and_mixed_batches_alike(srv, predictors) -> None:
+    """Straight to the served engine, so each batch is exactly as given: all pixels (fed as they are), all floats
+    and pixels mixed with floats (both through the float program)."""
+    old, _ = predictors
+    run = srv.engine.runners()[0]
+    x = pixels(4, seed=3)
+    floats = normalise(x)
+    reference = old.run(floats)
+    for batch in (list(x), floats, [x[0], floats[1], x[2], floats[3]]):
+        within_export_tolerance(reference, run(batch))
