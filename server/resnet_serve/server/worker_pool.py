@@ -277,7 +277,7 @@ class WorkerPool:
                     channel.waiting.remove(turn)
                     self._break(channel)  # our reply will arrive with nobody to read it
                     raise
-                if channel.waiting[0] is not turn:  # broken while this batch was queued behind another
+                if channel.broken:  # while this batch was queued behind another
                     channel.waiting.remove(turn)
                     failure = "died or was killed while this batch was queued in it"
         if failure:
