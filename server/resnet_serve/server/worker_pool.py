@@ -233,7 +233,8 @@ class WorkerPool:
             return inst.free.pop(0)
 
     def _await_instance(self, inst: _Instance) -> _Channel:
-        """Block until the instance is ready, restarting it if its process has died while idle; its channel."""
+        """Block until the instance is ready, restarting it if its process has died (or its pipe broke) while no
+        batch was there to notice; the channel to send on."""
         deadline = time.monotonic() + self.start_timeout_s
         retried = False
         with self._cond:
@@ -241,9 +242,11 @@ class WorkerPool:
                 if inst.state == "closed":
                     raise WorkerDied("engine is closed")
                 if inst.state == "ready":
-                    if inst.proc.is_alive():
-                        assert inst.channel is not None
-                        return inst.channel
+                    channel = inst.channel
+                    assert channel is not None
+                    if inst.proc.is_alive() and not channel.broken:
+                        return channel
+                    # Dead, or being killed by _break: a new batch waits for the replacement instead of failing.
                     self._begin_restart_locked(inst, inst.proc)
                 elif inst.state == "failed":
                     if retried:
