@@ -5,8 +5,11 @@ A batch travels through the worker's preallocated shared memory; only a small me
 
   front -> worker, at spawn:  WorkerSpec (model, manifest, settings and the plan computed once by the front)
   worker -> front, once:      Ready(...) after loading and warming every bucket, or LoadFailed(message) (it exits)
-  front -> worker:            RunBatch(n, float_rows) -> BatchDone(logits) | BatchFailed(message)
+  front -> worker:            RunBatch(n, float_rows, slot) -> BatchDone(logits) | BatchFailed(message)
                               Stop()   exit cleanly
+
+Each worker has ``batches in flight`` shared-memory slots (two by default): the front writes the next batch into
+one slot while the worker computes the other's. The worker answers requests in the order they arrive.
 
 Nothing here imports Paddle, gRPC or asyncio: both sides import it.
 """
@@ -153,7 +156,7 @@ class WorkerSpec:
     plan: Plan
     buckets: tuple[int, ...]  # warmed before Ready: every batch shape served
     layout: BatchLayout
-    shm_name: str = ""  # this instance's SharedBatch
+    shm_names: tuple[str, ...] = ()  # this instance's SharedBatch slots; RunBatch.slot indexes them
     visible_gpu: int | None = None  # GPU only: this instance's device (CUDA_VISIBLE_DEVICES)
 
 
@@ -162,11 +165,12 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class RunBatch:
-    """Front -> worker: the first ``n`` rows of the shared buffer are a batch. Rows listed in ``float_rows`` are
-    already float32 model input; the others are uint8 pixels the worker normalises."""
+    """Front -> worker: the first ``n`` rows of shared-memory slot ``slot`` are a batch. Rows listed in
+    ``float_rows`` are already float32 model input; the others are uint8 pixels the worker normalises."""
 
     n: int
     float_rows: tuple[int, ...] = ()
+    slot: int = 0
 
 
 @dataclass(frozen=True)
