@@ -56,6 +56,24 @@ NEEDS = {"limit": ("resnet",), "batched": ("resnet",), "unbatched": ("resnet",),
 FAST = {"fp32_legacy": ("legacy", "onednn"), "int8": ("int8", "paddle"), "openvino": ("legacy", "openvino")}
 
 
+# What docs/BENCHMARKS.md says of the issue 17 configs; kept here so `make bench`, which rewrites that file, keeps it.
+DOC_NOTES = """## Issue 17: the front's cost and a simulated GPU
+
+- `front_cost`: the null-model server under request-bounded stream load (raw uint8): CPU (utime + stime from
+  /proc) per image answered of the front process, of its worker processes and of the load generator, and
+  images/s (bench/front_cost.py).
+- `simulated`: the server over `--engine simulated --simulated-cost-ms A,C` (benchmarks only: a batch of b takes
+  A + C*b ms, answers are a function of the pixels; server/resnet_serve/server/simulated_engine.py). By default
+  A,C = 5,0.1 and max batch 32: images/s at concurrency 256 over the engine's capacity (32 / (A + 32*C)), and the
+  p50 at concurrency 1 minus (A + C).
+- `--configs front_cost,simulated` runs only these; `--requests N` sets the measured requests per step;
+  `--baseline REV` also runs `front_cost` on REV's server (a cached git worktree and venv under bench/.baseline/),
+  alternated with the current one in every round, and adds `_over_base` ratios (REV has no simulated engine).
+- Smoke run (seconds; figures meaningless): `python -m bench.run --configs front_cost,simulated --rounds 1 --size 32
+  --requests 50 --no-docs --out /tmp/bench-smoke`.
+"""
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -412,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_docs:
         args.docs.write_text("# Benchmarks\n\nProduced by `make bench` (bench/run.py; protocol in its docstring). "
                              "Rerun it to reproduce; raw numbers: `" + str(path.relative_to(ROOT)) +
-                             "`.\n\n" + table + "\n")
+                             "`.\n\n" + DOC_NOTES + "\n" + table + "\n")
     log(f"done in {report['elapsed_s'] / 60:.1f} min; wrote {path}")
     return 0
 
