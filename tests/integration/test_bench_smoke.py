@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from bench.run import ServerProcess
 from bench.run import main as bench_main
 from resnet_serve.client.sync import ClassifierClient
 from resnet_serve.common.modeldir import Manifest, sha256_file
-from tests.harness import one_error_line, run_cli
+from tests.harness import one_error_line, run_cli, scrape, start_subprocess_server
 
 CLASSES = 10
 
@@ -41,16 +42,23 @@ def stand_in(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_simulated_server_answers_from_the_pixels_and_says_it_is_simulated(stand_in: Path) -> None:
-    server = ServerProcess(stand_in, "--engine", "simulated", "--simulated-cost-ms", "0,0", "--max-batch-size", "4")
+    """GetModelInfo and the info metric both name the engine, so no simulated figure passes for a model's."""
+    proc, ports = start_subprocess_server("--model-dir", str(stand_in), "--engine", "simulated",
+                                          "--simulated-cost-ms", "0,0", "--max-batch-size", "4")
     try:
-        with ClassifierClient(server.target) as client:
+        with ClassifierClient(f"127.0.0.1:{ports['port']}") as client:
+            client.wait_until_ready(120)
             assert client.model_info().engine == "simulated"
             for value in (3, 57, 200):  # solid images: the top-1 class is the pixel value mod the class count
                 result = client.classify(np.full((32, 32, 3), value, np.uint8), top_k=1)
                 assert (result.top1.class_id, result.top1.label) == (value % CLASSES, f"class_{value % CLASSES}")
+        info = [dict(labels) for (name, labels) in scrape(ports["metrics_port"]) if name == "resnet_serve_model_info"]
+        assert [i["engine"] for i in info] == ["simulated"]
     finally:
-        server.close()
-    assert server.proc.returncode == 0
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "engine simulated (benchmarks only)" in err
 
 
 @pytest.mark.parametrize(("flags", "message"), [
