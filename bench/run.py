@@ -310,7 +310,7 @@ def fast_table(report: dict) -> list[str]:
 
 def render(report: dict) -> str:
     m, s, a = report["machine"], report["summary"], report["args"]
-    fmt = {"ratio": "{:.3f}", "over": "{:.3f}", "ms": "{:.2f}", "_us_": "{:.1f}", "images": "{:.1f}"}
+    fmt = {"ratio": "{:.3f}", "over": "{:.2f}", "ms": "{:.2f}", "_us_": "{:.1f}", "images": "{:.1f}"}
 
     def f(key: str, v: float) -> str:
         for tag, pattern in fmt.items():
@@ -413,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     for i in range(args.rounds):
         order = configs[i % len(configs):] + configs[:i % len(configs)]  # alternate who goes first
+        if "front_cost" + BASE in order:  # and current and baseline swap places every round
+            a, b = order.index("front_cost"), order.index("front_cost" + BASE)
+            if (a < b) == bool(i % 2):
+                order[a], order[b] = order[b], order[a]
         result: dict = {"order": list(order)}
         for name in order:
             log(f"round {i + 1}/{args.rounds}: {name}")
