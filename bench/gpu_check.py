@@ -107,7 +107,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         result["images_per_s"] = {}
         h, w = manifest.input_size
         for n in spec["batches"]:
-            x = np.random.default_rng(0).standard_normal((n, 3, h, w)).astype(np.float32)
+            rng = np.random.default_rng(0)  # the program's own input (a float batch would run the float program)
+            x = (rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8) if manifest.takes_pixels
+                 else rng.standard_normal((n, 3, h, w)).astype(np.float32))
             run(x)  # first run of a shape
             times: list[float] = []
             while sum(times) < spec["throughput_s"] or len(times) < 3:
@@ -182,7 +184,8 @@ def prepare_models(root: Path) -> dict[str, Path]:
 
 
 def inputs_for(models: dict[str, Path], work: Path) -> dict[str, Path]:
-    """Fixed model inputs: 32 seeded normal images for ResNet-50; the normalised held-out digits."""
+    """Fixed model inputs: 32 seeded normal images for ResNet-50; the held-out digits (normalised for a float
+    program)."""
     from resnet_serve.common.imaging import Normaliser
     from resnet_serve.common.modeldir import load_manifest
     from resnet_serve.train.data import load_digits
@@ -191,8 +194,10 @@ def inputs_for(models: dict[str, Path], work: Path) -> dict[str, Path]:
     np.save(rn, np.random.default_rng(1).standard_normal((32, 3, 224, 224)).astype(np.float32))
     m = load_manifest(models["digits"])
     _, held = load_digits(m.input_size[0])
-    x = np.empty((len(held.images), 3, *m.input_size), np.float32)
-    Normaliser(m.mean, m.std)(held.images, x)
+    x = held.images  # a pixel-input export normalises them itself (its float program would run a float batch)
+    if not m.takes_pixels:
+        x = np.empty((len(held.images), 3, *m.input_size), np.float32)
+        Normaliser(m.mean, m.std)(held.images, x)
     dg = work / "digits-inputs.npy"
     np.save(dg, x)
     return {"resnet50": rn, "digits": dg}

@@ -26,7 +26,9 @@ def measure(version_dir: str, threads: int, sizes: list[int], seconds: float, en
     out: dict = {"threads": threads, "precision": precision, "engine": engine, "format": manifest.format,
                  "batches": {}}
     for n in sizes:
-        x = np.random.default_rng(0).standard_normal((n, 3, h, w)).astype(np.float32)
+        rng = np.random.default_rng(0)  # the program's own input: pixels, or float model input for older exports
+        x = (rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8) if manifest.takes_pixels
+             else rng.standard_normal((n, 3, h, w)).astype(np.float32))
         times = []
         for i in range(10_000):
             t0 = time.perf_counter()

@@ -11,8 +11,16 @@ from tests.harness import make_tiny_model_dir, run_cli
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """models/tiny with version 1: a random ResNet-18, 10 classes, 32x32 input, PIR format."""
+    """models/tiny with version 1: a random ResNet-18, 10 classes, 32x32 input, PIR format; its manifest as exports
+    wrote it before schema 2 (float32 NCHW input, normalised by the worker)."""
     return make_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models/tiny with version 1 as resnet-export writes it now: tiny_model_dir's network and weights, its
+    program taking uint8 NHWC pixels (normalised in the graph), plus its float program over the same params."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny", pixels=True)
 
 
 @pytest.fixture(scope="session")

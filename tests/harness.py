@@ -25,8 +25,13 @@ TINY_INPUT = 32
 TINY_CLASSES = 10
 
 
-def make_tiny_model_dir(out: Path, version: int = 1, seed: int = 0, fmt: str = "pir") -> Path:
+def make_tiny_model_dir(out: Path, version: int = 1, seed: int = 0, fmt: str = "pir", pixels: bool = False) -> Path:
     """Export a random-weight ResNet-18 (10 classes, 32x32) into out/<version> in a subprocess.
+
+    Default: a folder as exports before manifest schema 2 wrote them (float32 NCHW program, no `input_format` in
+    its manifest), so every server test also proves that older folders still serve. ``pixels``: what resnet-export
+    writes now (resnet_serve.export.exporter.save_programs: a uint8 NHWC program that normalises in the graph and a
+    float program over the same parameters); the same ``seed`` gives the same weights either way.
 
     A subprocess keeps Paddle (and its SIGTERM handler) out of the test process where that matters,
     and lets FLAGS_enable_pir_api be chosen per format.
@@ -40,22 +45,32 @@ from resnet_serve.common.modeldir import Manifest, sha256_file
 paddle.seed({seed})
 m = resnet18(num_classes={TINY_CLASSES}); m.eval()
 d = Path({str(out)!r}) / "{version}"; d.mkdir(parents=True, exist_ok=True)
-spec = [paddle.static.InputSpec([None, 3, {TINY_INPUT}, {TINY_INPUT}], "float32", "image")]
-paddle.jit.save(paddle.jit.to_static(m, input_spec=spec, full_graph=True), str(d / "inference"))
+mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+extra = {{}}
+if {pixels}:
+    from resnet_serve.export.exporter import save_programs
+    model_file, float_model_file = save_programs(m, d, {TINY_INPUT}, mean, std, "{fmt}")
+    extra = dict(input_format="uint8_nhwc", float_model_file=float_model_file)
+else:
+    spec = [paddle.static.InputSpec([None, 3, {TINY_INPUT}, {TINY_INPUT}], "float32", "image")]
+    paddle.jit.save(paddle.jit.to_static(m, input_spec=spec, full_graph=True), str(d / "inference"))
+    model_file = "inference.json" if (d / "inference.json").exists() else "inference.pdmodel"
 (d / "labels.txt").write_text("\\n".join(f"digit_{{i}}" for i in range({TINY_CLASSES})) + "\\n")
-model_file = "inference.json" if (d / "inference.json").exists() else "inference.pdmodel"
 man = Manifest(name="tiny", version={version}, architecture="resnet18", num_classes={TINY_CLASSES},
-               input_size=[{TINY_INPUT}, {TINY_INPUT}], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-               format="{fmt}", model_file=model_file)
+               input_size=[{TINY_INPUT}, {TINY_INPUT}], mean=mean, std=std, format="{fmt}", model_file=model_file,
+               **extra)
 man.files = {{p.name: sha256_file(p) for p in d.iterdir()}}
-(d / "manifest.json").write_text(man.to_json())
+data = json.loads(man.to_json())
+if not {pixels}:  # the manifest of an export made before schema 2
+    del data["input_format"], data["float_model_file"]
+    data["schema_version"] = 1
+(d / "manifest.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\\n")
 """
     env = dict(os.environ)
     if fmt == "legacy":
         env["FLAGS_enable_pir_api"] = "0"
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     return out
-
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

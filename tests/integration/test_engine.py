@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from resnet_serve.server.engine import Engine, EngineConfig, EngineError, WorkerDied
-from resnet_serve.server.worker_protocol import RunBatch, batch_result
+from resnet_serve.server.worker_protocol import RunBatch, SharedBatch, batch_result
+from tests.harness import WorkerGate
 
 WAIT_S = 120.0  # upper bound for a restart; reached only if something is broken
 
@@ -52,11 +53,19 @@ class Dispatches:
     def __init__(self) -> None:
         self.log: list[tuple[int, int]] = []
         self.action = None
+        self._cond = threading.Condition()
 
     def __call__(self, instance: int, n: int) -> None:
-        self.log.append((instance, n))
+        with self._cond:
+            self.log.append((instance, n))
+            self._cond.notify_all()
         if self.action is not None:
             self.action(instance)
+
+    def wait_for(self, count: int) -> None:
+        """Block until `count` batches have been written into a worker's slots."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.log) >= count, WAIT_S), f"{self.log} after {WAIT_S} s"
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +141,7 @@ def test_start_reports_model_timings_and_names(engine: Engine) -> None:
     assert engine.load_seconds > 0 and engine.warmup_seconds > 0
     assert engine.input_name == "image" and engine.output_name
     assert engine.alive_instances() == 1
-    assert len(engine.runners()) == 1
+    assert [r.__name__ for r in engine.runners()] == ["engine_runner_0", "engine_runner_0"]  # one per slot
     assert all(pid > 0 and pid != os.getpid() for pid in engine.worker_pids())
 
 
@@ -326,3 +335,144 @@ def test_workers_start_from_the_manifest_and_plan_the_front_hands_them(tiny_mode
     (vdir / "manifest.json").unlink()
     with eng:
         assert eng.runners()[0](inputs[:1]).shape == (1, 10)
+
+
+# ---------------------------------------------------------------- two batches in flight per worker
+
+
+class Call(threading.Thread):
+    """One runner call on its own thread; `outcome` is every result or exception it ended with (exactly one)."""
+
+    def __init__(self, run, batch: np.ndarray):
+        super().__init__(daemon=True)
+        self.run_batch, self.batch = run, batch
+        self.outcome: list[object] = []
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.outcome.append(self.run_batch(self.batch))
+        except Exception as e:  # noqa: BLE001 - the test asserts which
+            self.outcome.append(e)
+
+    def result(self) -> object:
+        self.join(WAIT_S)
+        assert not self.is_alive(), "the runner call hung"
+        assert len(self.outcome) == 1, self.outcome
+        return self.outcome[0]
+
+
+@pytest.fixture(scope="module")
+def gated(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    """A one-worker engine with buckets 1 and 4 whose first worker is held by a WorkerGate (its replacements are
+    not: the gate variable is set only while it starts). Its own events and dispatches."""
+    gate = WorkerGate(tmp_path_factory.mktemp("gate") / "fifo")
+    events, dispatches = Events(), Dispatches()
+    eng = Engine(EngineConfig(version_dir=tiny_model_dir / "1", instances=1, threads_per_instance=1,
+                              max_batch_size=4, buckets=(1, 4), start_timeout_s=WAIT_S),
+                 on_worker_event=events, on_dispatch=dispatches)
+    with pytest.MonkeyPatch.context() as mp_env:
+        for k, v in gate.env.items():
+            mp_env.setenv(k, v)
+        gate.open()  # the warm-up runs through the gate
+        eng.start()
+    gate.hold()
+    yield eng, gate, events, dispatches
+    gate.open()
+    eng.close()
+    gate.close()
+
+
+def test_the_next_batch_is_written_into_the_other_slot_while_one_computes(gated, reference,
+                                                                          inputs: np.ndarray) -> None:
+    eng, gate, _, dispatches = gated
+    first_runner, second_runner = eng.runners()
+    start = len(dispatches.log)
+    first = Call(first_runner, inputs[:4])
+    dispatches.wait_for(start + 1)  # in the worker, held at the gate: it cannot finish
+    second = Call(second_runner, inputs[4:8])
+    dispatches.wait_for(start + 2)
+    assert first.is_alive() and not first.outcome  # the second batch was written while the first computed
+    assert dispatches.log[start:] == [(0, 4), (0, 4)]
+    # Both batches sit in shared memory at once, each in its own slot.
+    slots = [SharedBatch(eng.layout, name) for name in eng.shm_names()]
+    try:
+        assert len(slots) == 2
+        np.testing.assert_array_equal(slots[0].floats[:4], inputs[:4])
+        np.testing.assert_array_equal(slots[1].floats[:4], inputs[4:8])
+    finally:
+        for shared in slots:
+            shared.close()
+    gate.release(2)
+    a, b = first.result(), second.result()
+    # Each caller gets its own batch's logits: distinct inputs, distinct answers, each the direct predictor's.
+    assert close_to(a, reference(8)[:4]) and close_to(b, reference(8)[4:])
+    assert not close_to(a, b)
+
+
+def test_a_worker_killed_holding_two_batches_fails_both_once_then_restarts(gated, reference,
+                                                                          inputs: np.ndarray) -> None:
+    eng, _gate, events, dispatches = gated  # the gate stays shut: the first batch computes, the second waits
+    first_runner, second_runner = eng.runners()
+    old_pid, mark, start = eng.worker_pids()[0], len(events.log), len(dispatches.log)
+    first = Call(first_runner, inputs[:4])
+    dispatches.wait_for(start + 1)
+    second = Call(second_runner, inputs[4:8])
+    dispatches.wait_for(start + 2)
+    os.kill(old_pid, signal.SIGKILL)
+    for call in (first, second):
+        assert isinstance(call.result(), WorkerDied)
+    events.wait_for("restarted", mark)
+    assert events.log[mark:].count(("died", 0)) == 1
+    assert close_to(first_runner(inputs[:4]), reference(4))  # the replacement (not gated) serves
+    assert eng.worker_pids()[0] != old_pid and eng.alive_instances() == 1
+
+
+def both_outstanding(dispatches: Dispatches) -> None:
+    """Hold each of two runner calls in on_dispatch (its batch written) until both are: then both are sent."""
+    barrier = threading.Barrier(2, timeout=WAIT_S)
+    dispatches.action = lambda _i: barrier.wait()
+
+
+def test_a_stopped_worker_holding_two_batches_is_killed_at_the_time_limit_and_both_fail(
+        gated, inputs: np.ndarray) -> None:
+    eng, _gate, events, dispatches = gated
+    runners = eng.runners()
+    old_pid, mark, limit = eng.worker_pids()[0], len(events.log), eng.workers.batch_time_limit_s
+    os.kill(old_pid, signal.SIGSTOP)
+    eng.workers.batch_time_limit_s = 5.0  # counts from when the worker could start the batch
+    both_outstanding(dispatches)
+    try:
+        calls = [Call(run, inputs[:1]) for run in runners]
+        outcomes = [c.result() for c in calls]
+    finally:
+        dispatches.action = None
+        eng.workers.batch_time_limit_s = limit
+    assert all(isinstance(o, WorkerDied) for o in outcomes), outcomes
+    messages = [str(o) for o in outcomes]  # the one computing hit the limit; the one queued behind it failed too
+    assert sum("exceeded the batch time limit of 5 s" in m for m in messages) == 1, messages
+    assert sum("queued" in m for m in messages) == 1, messages
+    events.wait_for("restarted", mark)
+    assert events.log[mark:].count(("hung", 0)) == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(old_pid, 0)  # killed (SIGKILL ends a stopped process) and reaped
+    assert runners[1](inputs[:1]).shape == (1, 10)
+
+
+def test_close_is_bounded_while_a_stopped_worker_holds_two_batches(gated, inputs: np.ndarray) -> None:
+    """Last of the module: closes the shared gated engine (its fixture's close is then a no-op)."""
+    eng, _gate, _events, dispatches = gated
+    runners = eng.runners()
+    pid, start = eng.worker_pids()[0], len(dispatches.log)
+    os.kill(pid, signal.SIGSTOP)  # the batch time limit (30 s or more) is far away
+    both_outstanding(dispatches)
+    try:
+        calls = [Call(run, inputs[:1]) for run in runners]
+        dispatches.wait_for(start + 2)
+        eng.close(grace_s=0.5)
+        outcomes = [c.result() for c in calls]
+    finally:
+        dispatches.action = None
+    assert all(isinstance(o, WorkerDied) for o in outcomes), outcomes
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -11,6 +11,7 @@ import numpy as np
 import paddle
 import pytest
 
+from resnet_serve.common.imaging import normalise
 from resnet_serve.common.modeldir import load_manifest, sha256_file
 from resnet_serve.export import verify
 from resnet_serve.export.checkpoint_reader import read_weights
@@ -55,15 +56,32 @@ def fp32_export(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
 
 def test_fp32_export_writes_the_design_directory(fp32_export: Path) -> None:
     assert fp32_export.name == "1"
-    assert {p.name for p in fp32_export.iterdir()} == {"inference.json", "inference.pdiparams", "manifest.json",
-                                                        "labels.txt"}
+    assert {p.name for p in fp32_export.iterdir()} == {"inference.json", "inference_float.json", "inference.pdiparams",
+                                                        "manifest.json", "labels.txt"}
     m = load_manifest(fp32_export, verify_checksums=True)
     assert (m.name, m.version, m.architecture, m.num_classes) == ("digits", 1, "resnet18", 10)
     assert m.input_size == [32, 32] and m.precision == "fp32" and m.format == "pir"
+    assert (m.input_format, m.float_model_file, m.schema_version) == ("uint8_nhwc", "inference_float.json", 2)
     assert m.source_checkpoint["layout"] == "fp32" and m.source_checkpoint["epoch"] == 2
     v = m.verification
     assert v["passed"] and v["top1_agreement"] == 1.0
     assert v["max_abs_diff"] <= 1e-3 * max(1.0, v["max_abs_reference"])
+    f = v["float_program"]  # the float program, on the same pixels normalised in numpy
+    assert f["passed"] and f["top1_agreement"] == 1.0 and f["n_inputs"] == v["n_inputs"]
+
+
+def test_pixels_in_give_the_trained_network_on_numpy_normalised_pixels(fp32_export: Path,
+                                                                      trained_checkpoint: Path) -> None:
+    """The program normalises in the graph exactly as the server normalised in numpy before (within the export's
+    bound), and its float program answers the normalised pixels the same."""
+    model = build_model("resnet18", 10)
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in read_weights(trained_checkpoint / "epoch_002")
+                          .state.items()})
+    m = load_manifest(fp32_export)
+    x = verify.fixed_pixels([32, 32], n=4, seed=7)
+    reference = verify.dygraph_logits(model, normalise(x, m.mean, m.std))
+    from_pixels, from_floats = verify.predictor_logits(fp32_export, m, x, normalise(x, m.mean, m.std))
+    assert verify.compare(reference, from_pixels)["passed"] and verify.compare(reference, from_floats)["passed"]
     assert m.files["inference.pdiparams"] == sha256_file(fp32_export / "inference.pdiparams")
     assert (fp32_export / "labels.txt").read_text().split() == [str(i) for i in range(10)]
 
@@ -102,8 +120,11 @@ def test_legacy_format_via_cli(trained_checkpoint: Path, tmp_path: Path) -> None
     r = run_cli("resnet-export", "--checkpoint", str(trained_checkpoint), "--out", str(tmp_path / "lg"),
                 "--format", "legacy")
     assert r.returncode == 0, r.stderr
-    m = load_manifest(tmp_path / "lg" / "1")
+    m = load_manifest(tmp_path / "lg" / "1", verify_checksums=True)
     assert m.format == "legacy" and m.model_file == "inference.pdmodel" and m.verification["passed"]
+    assert (m.input_format, m.float_model_file) == ("uint8_nhwc", "inference_float.pdmodel")
+    assert m.verification["float_program"]["passed"]
+    assert not (tmp_path / "lg" / "1" / "inference_float.pdiparams").exists()  # one params file for both
 
 
 def _bad(tmp_path: Path, *args: str) -> str:

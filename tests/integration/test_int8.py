@@ -73,6 +73,12 @@ def test_int8_export_passes_its_gate_and_records_the_figures(models: Path) -> No
     assert v["eval_source"].startswith("held-out split of digits")
     assert 0 < v["max_abs_diff"] < 0.1 * v["max_abs_reference"]
     assert v["fp32_export"]["passed"]
+    # Pixels in, as the fp32 export: calibration fed them as they are, the input stage stayed float (its three
+    # observed activations lost their quantise/dequantise pairs), and the float program cut after it agrees.
+    assert (m.input_format, m.float_model_file) == ("uint8_nhwc", "inference_float.pdmodel")
+    assert v["calibration"]["input_stage_quantisation_dropped"] == 3
+    assert v["float_program"]["passed"] and v["float_program"]["n_inputs"] == 64
+    assert sorted(p.name for p in (models / "2").glob("*.pdiparams")) == ["inference.pdiparams"]
 
 
 def test_int8_logits_within_recorded_tolerance(models: Path, holdout) -> None:

@@ -127,10 +127,11 @@ def gate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerGate]:
 
 @pytest.fixture(scope="module")
 def srv(tiny_model_dir: Path, gate: WorkerGate) -> Iterator[InProcessServer]:
-    """Delay 0 (work-conserving), batches up to 8, a queue of 16, one worker whose every batch waits for a token."""
+    """Delay 0 (work-conserving), batches up to 8, a queue of 16, one worker whose every batch waits for a token;
+    one batch in it at a time, so the batches these tests count queue behind it."""
     gate.release(WARMUP_BATCHES)
     s = InProcessServer(model_dir=str(tiny_model_dir), max_batch_size=MAX_BATCH, max_queue_delay_us=0,
-                        max_queue_size=MAX_QUEUE, threads_per_instance=1)
+                        max_queue_size=MAX_QUEUE, threads_per_instance=1, batches_in_flight=1)
     yield s
     gate.release(64)  # whatever a failed test left held must not block shutdown
     s.close()

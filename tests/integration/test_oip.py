@@ -67,11 +67,13 @@ def recorder() -> BatchRecorder:
 
 @pytest.fixture(scope="module")
 def srv(tiny_model_dir: Path, gate: WorkerGate, recorder: BatchRecorder, tmp_path_factory: pytest.TempPathFactory):
-    """Work-conserving batches of up to 8, with a bearer token (health and OIP probes exempt)."""
+    """Work-conserving batches of up to 8, with a bearer token (health and OIP probes exempt); one batch in the
+    worker at a time, so a held batch keeps every later request queued."""
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
     tokens.write_text(TOKEN + "\n")
     s = InProcessServer(model_dir=str(tiny_model_dir), max_batch_size=8, max_queue_delay_us=0, max_queue_size=64,
-                        threads_per_instance=1, auth_token_file=str(tokens), wrap_runner=recorder.wrap)
+                        threads_per_instance=1, auth_token_file=str(tokens), wrap_runner=recorder.wrap,
+                        batches_in_flight=1)
     yield s
     s.close()
 

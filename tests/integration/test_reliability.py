@@ -130,7 +130,7 @@ def gated(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[InProcessServe
     with gated_workers(tmp_path / "gate") as gate:
         gate.open()  # warm-up passes
         s = InProcessServer(model_dir=str(tiny_model_dir), threads_per_instance=1, max_batch_size=8,
-                            max_queue_delay_us=0, max_queue_size=512, max_stream_in_flight=8)
+                            max_queue_delay_us=0, max_queue_size=512, max_stream_in_flight=8, batches_in_flight=1)
         try:
             yield s, gate
         finally:

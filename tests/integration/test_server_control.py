@@ -34,10 +34,11 @@ def gate(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def srv(tiny_model_dir: Path, gate: WorkerGate):
     """Work-conserving batching (delay 0), batches of up to 8, a queue of 40. Starts NOT_SERVING: warm-up runs
-    one batch per bucket through the gate."""
+    one batch per bucket through the gate. One batch in the worker at a time: what these tests count is what
+    queues behind it."""
     gate.hold()
     s = InProcessServer(wait_ready=False, model_dir=str(tiny_model_dir), max_batch_size=8, max_queue_delay_us=0,
-                        max_queue_size=40, threads_per_instance=1)
+                        max_queue_size=40, threads_per_instance=1, batches_in_flight=1)
     yield s
     gate.open()
     s.close()

@@ -86,11 +86,31 @@ def test_standin_conversion_gets_prefix_paddle_names_and_records_what_was_built(
     assert call["pid"] != os.getpid()  # converted in a short-lived child, not in the worker
     assert call["save_model_dir"] == str(job["cache"] / "inference")
     assert call["precision_mode"] == "FP16" and call["workspace_size"] == 1 << 30
-    assert call["inputs"] == [{"name": "image", "min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [4, 3, 32, 32]}]
+    assert call["inputs"] == [{"name": "image", "min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [4, 3, 32, 32],
+                               "dtype": "float32"}]
     assert result["cached"] is False and result["precision_built"] == "fp16" and result["engines"] == 1
     assert (job["cache"] / MARKER).is_file()
     assert ensure_pir_converted(job["step"], job["cache"], job["key"])["cached"] is True
     assert len(events(job["record"])) == 1
+
+
+def test_standin_conversion_of_a_pixel_input_model_declares_uint8_nhwc(tiny_pixel_model_dir: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """The program takes uint8 [N, H, W, 3] (manifest input_format uint8_nhwc): TensorRT's shapes and the data
+    Paddle generates while converting must be those, and the real loader finds the pixel program's feed."""
+    vdir = tiny_pixel_model_dir / "1"
+    m = load_manifest(vdir)
+    key = cache_key("pir_trt", vdir, m, ENV, "fp16", 4)
+    cache = tmp_path / "trt" / key.dirname()
+    step = plan_config(vdir, m, device="gpu", precision="fp16", max_batch_size=4, trt_cache_dir=cache)[0][1][0]
+    record = tmp_path / "record.jsonl"
+    for k, v in standin_env(record, STANDIN_LOAD="1").items():
+        monkeypatch.setenv(k, v)
+    assert ensure_pir_converted(step, cache, key)["cached"] is False
+    [call] = events(record)
+    assert call["inputs"] == [{"name": "image", "min": [1, 32, 32, 3], "opt": [4, 32, 32, 3], "max": [4, 32, 32, 3],
+                               "dtype": "uint8"}]
+    assert [e["feeds"] for e in events(record, "loaded")] == [["image"]]
 
 
 def test_standin_gpu_without_fast_fp16_reports_the_fp32_it_built(job: dict, monkeypatch) -> None:

@@ -79,7 +79,40 @@ def test_manifest_round_trips_and_ignores_fields_it_does_not_know(tmp_path: Path
     m = Manifest(**REQUIRED, files={"a": "b"})
     again = Manifest.from_dict({**json.loads(m.to_json()), "added_later": True})
     assert again == m
-    assert m.to_json().endswith("\n") and json.loads(m.to_json())["schema_version"] == 1
+    assert m.to_json().endswith("\n") and json.loads(m.to_json())["schema_version"] == 2
+
+
+def test_a_manifest_without_input_format_is_an_older_float_export(tmp_path: Path) -> None:
+    """Folders exported before schema 2 name no input_format: their program takes normalised float32 NCHW."""
+    m = load_manifest(version(tmp_path, 1, schema_version=1))
+    assert (m.input_format, m.takes_pixels, m.float_model_file) == ("float32_nchw", False, "")
+    assert m.float_program() is m  # already the float program
+
+
+def test_a_pixel_export_names_its_float_program_which_must_be_there_and_checksummed(tmp_path: Path) -> None:
+    d = version(tmp_path, 1, input_format="uint8_nhwc", float_model_file="inference_float.json")
+    assert error(load_manifest, d) == f"{d / 'inference_float.json'} is missing"
+    (d / "inference_float.json").write_text("{}")
+    assert error(load_manifest, d, verify_checksums=True) == \
+        f"{d / MANIFEST} lists no sha256 for inference_float.json (in `files`)"
+    m = load_manifest(d)
+    assert m.takes_pixels
+    f = m.float_program()
+    assert (f.model_file, f.params_file, f.input_format) == ("inference_float.json", "inference.pdiparams",
+                                                             "float32_nchw")
+    assert not f.takes_pixels
+    alone = version(tmp_path, 2, input_format="uint8_nhwc")
+    assert "takes uint8 pixels only" in error(load_manifest(alone).float_program)
+    outside = version(tmp_path, 3, input_format="uint8_nhwc", float_model_file="../1/inference_float.json")
+    assert error(load_manifest, outside) == f"{outside / MANIFEST}: '../1/inference_float.json' leads outside its " \
+        "version folder"
+
+
+def test_an_unknown_input_format_or_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    d = version(tmp_path, 1, input_format="float16_nhwc")
+    assert "input_format 'float16_nhwc' is not one of float32_nchw, uint8_nhwc" in error(load_manifest, d)
+    d = version(tmp_path, 2, schema_version=3)
+    assert "schema_version 3 is newer than this server reads (2): upgrade resnet-serve" in error(load_manifest, d)
 
 
 def test_manifest_names_the_required_fields_it_lacks() -> None:

@@ -27,10 +27,14 @@ from resnet_serve.server.predictor_config import (
 VDIR = Path("/models/tiny/1")
 
 
-def manifest(fmt: str = "pir") -> Manifest:
+def manifest(fmt: str = "pir", input_format: str = "float32_nchw") -> Manifest:
     return Manifest(name="tiny", version=1, architecture="resnet18", num_classes=10, input_size=[32, 48],
                     mean=[0.5] * 3, std=[0.5] * 3, format=fmt,
-                    model_file="inference.json" if fmt == "pir" else "inference.pdmodel")
+                    model_file="inference.json" if fmt == "pir" else "inference.pdmodel", input_format=input_format)
+
+
+# TensorRT's dynamic shapes follow the program's input: older float exports, then pixel-input exports (H=32, W=48).
+SHAPES = [("float32_nchw", [3, 32, 48], "float32"), ("uint8_nhwc", [32, 48, 3], "uint8")]
 
 
 class RecordingConfig:
@@ -117,17 +121,19 @@ def test_int8_export_on_gpu_is_refused_in_one_line(setting: str) -> None:
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("input_format,shape,dtype", SHAPES)
 @pytest.mark.parametrize("precision,mode", [("fp32", "Float32"), ("fp16", "Half")])
-def test_fake_gpu_legacy_plan_uses_classic_tensorrt(precision: str, mode: str, tmp_path: Path) -> None:
-    plan = plan_config(VDIR, manifest("legacy"), device="gpu", precision=precision, max_batch_size=16,
-                       trt_cache_dir=tmp_path, gpu_id=1)
+def test_fake_gpu_legacy_plan_uses_classic_tensorrt(precision: str, mode: str, input_format: str, shape: list[int],
+                                                    dtype: str, tmp_path: Path) -> None:
+    plan = plan_config(VDIR, manifest("legacy", input_format), device="gpu", precision=precision,
+                       max_batch_size=16, trt_cache_dir=tmp_path, gpu_id=1)
     assert plan[0] == FP32_FEED_FETCH
     assert plan[1] == ("enable_use_gpu", (256, 1))  # must precede enable_tensorrt_engine
     trt = dict(plan)["enable_tensorrt_engine"]
     # workspace, max_batch, min_subgraph, precision, use_static, use_calib_mode
     assert trt == (1 << 30, 16, 3, Precision(mode), True, False)
     assert dict(plan)["set_trt_dynamic_shape_info"] == (
-        {"image": [1, 3, 32, 48]}, {"image": [16, 3, 32, 48]}, {"image": [16, 3, 32, 48]})
+        {"image": [1, *shape]}, {"image": [16, *shape]}, {"image": [16, *shape]})
     assert dict(plan)["set_optim_cache_dir"] == (str(tmp_path),)
     assert "enable_mkldnn" not in names(plan)
     fake = RecordingConfig()
@@ -146,16 +152,18 @@ def test_fake_gpu_trt_cache_defaults_to_version_dir_and_is_absolute(monkeypatch,
     assert step["save_model_dir"] == str(tmp_path / "cache" / "inference")
 
 
+@pytest.mark.parametrize("input_format,shape,dtype", SHAPES)
 @pytest.mark.parametrize("precision,mode", [("fp32", "FP32"), ("fp16", "FP16")])
-def test_fake_gpu_pir_plan_is_a_conversion_step_then_gpu_config(precision: str, mode: str,
+def test_fake_gpu_pir_plan_is_a_conversion_step_then_gpu_config(precision: str, mode: str, input_format: str,
+                                                                  shape: list[int], dtype: str,
                                                                   tmp_path: Path) -> None:
-    plan = plan_config(VDIR, manifest("pir"), device="gpu", precision=precision, max_batch_size=4,
+    plan = plan_config(VDIR, manifest("pir", input_format), device="gpu", precision=precision, max_batch_size=4,
                        trt_cache_dir=tmp_path)
     assert plan[0][0] == PIR_TRT_CONVERT
     step = plan[0][1][0]
     assert step["model_prefix"] == str(VDIR / "inference")  # no .json: Paddle's loader appends it
-    assert step["inputs"] == [{"name": "image", "min_input_shape": [1, 3, 32, 48],
-                               "optim_input_shape": [4, 3, 32, 48], "max_input_shape": [4, 3, 32, 48]}]
+    assert step["inputs"] == [{"name": "image", "min_input_shape": [1, *shape], "optim_input_shape": [4, *shape],
+                               "max_input_shape": [4, *shape], "input_data_type": dtype}]
     assert step["precision_mode"] == mode
     assert step["save_model_dir"].startswith(str(tmp_path))
     cfg_steps = config_steps(plan)

@@ -61,7 +61,7 @@ class Worker:
     def __init__(self, shm_name: str, compute=fake_logits):
         self.conn, child = mp.get_context("spawn").Pipe()
         self.shared = SharedBatch(LAYOUT, shm_name)
-        self.thread = threading.Thread(target=serve, args=(child, self.shared, compute, Normaliser(MEAN, STD)),
+        self.thread = threading.Thread(target=serve, args=(child, [self.shared], compute, Normaliser(MEAN, STD)),
                                        daemon=True)
         self.thread.start()
 
@@ -180,9 +180,9 @@ def test_the_start_spec_and_every_message_survive_pickling(tmp_path: Path) -> No
                         std=STD)
     settings = PredictorSettings(device="gpu", precision="fp16", engine="cuda")
     spec = WorkerSpec(tmp_path, manifest, settings, settings.plan(tmp_path, manifest), (1, 2, 4), LAYOUT,
-                      shm_name="psm_x", visible_gpu=1)
+                      shm_names=("psm_x", "psm_y"), visible_gpu=1)
     assert pickle.loads(pickle.dumps(spec)) == spec
-    for msg in (RunBatch(2, (1,)), Stop(), BatchFailed("x")):
+    for msg in (RunBatch(2, (1,), slot=1), Stop(), BatchFailed("x")):
         assert pickle.loads(pickle.dumps(msg)) == msg
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(BatchDone(np.eye(2, dtype=np.float32)))).logits,
                                   np.eye(2))
@@ -196,3 +196,62 @@ def test_unlinked_shared_memory_cannot_be_attached() -> None:
     shared.unlink()  # twice is harmless (close() after a failed start, then again)
     with pytest.raises(FileNotFoundError):
         SharedBatch(LAYOUT, name)
+
+
+def test_a_pixel_input_layout_hands_the_pixel_rows_over_untouched_unless_a_float_row_is_in_the_batch() -> None:
+    """Manifest input_format uint8_nhwc (docs/architecture.md, "Where normalisation happens"): an all-pixel batch
+    is read as the uint8 rows themselves (no normalisation); a batch with a float row is model input as before."""
+    layout = BatchLayout(MAX_BATCH, SHAPE, pixels_in=True)
+    assert layout.nbytes == LAYOUT.nbytes  # float rows keep their place
+    assert layout.warmup_batch(2).shape == (2, 4, 5, 3) and layout.warmup_batch(2).dtype == np.uint8
+    assert LAYOUT.warmup_batch(2).shape == (2, 3, 4, 5) and LAYOUT.warmup_batch(2).dtype == np.float32
+    shared = SharedBatch(layout)
+    try:
+        px, fl = pixels(3, seed=5), floats(1)
+        request = layout.request_for(list(px))
+        shared.write(list(px), request)
+        read = shared.read(request, Normaliser(MEAN, STD))
+        assert read.dtype == np.uint8 and np.array_equal(read, px)
+        assert np.shares_memory(read, shared.pixels)  # a view of the buffer: nothing copied or converted
+        rows = [px[0], fl[0]]
+        request = layout.request_for(rows)
+        shared.write(rows, request)
+        read = shared.read(request, Normaliser(MEAN, STD))
+        np.testing.assert_allclose(read, np.stack([normalise(px[0], MEAN, STD), fl[0]]), rtol=1e-6)
+        del read  # a live view blocks close()
+    finally:
+        shared.close()
+        shared.unlink()
+
+
+def test_each_slot_is_its_own_batch_and_replies_come_in_request_order() -> None:
+    """Two slots: both batches are written before the worker reads either (the second queued on the pipe behind
+    the first), and each reply answers its own slot's rows, in the order sent; a slot the worker lacks fails
+    that batch only."""
+    slots = [SharedBatch(LAYOUT), SharedBatch(LAYOUT)]
+    conn, child = mp.get_context("spawn").Pipe()
+    attached = [SharedBatch(LAYOUT, s.name) for s in slots]
+    thread = threading.Thread(target=serve, args=(child, attached, fake_logits, Normaliser(MEAN, STD)), daemon=True)
+    try:
+        a, b = floats(2, seed=3), floats(4, seed=4)
+        slots[0].write(list(a), RunBatch(2, (0, 1), slot=0))
+        slots[1].write(list(b), RunBatch(4, (0, 1, 2, 3), slot=1))
+        conn.send(RunBatch(2, (0, 1), slot=0))
+        conn.send(RunBatch(4, (0, 1, 2, 3), slot=1))
+        conn.send(RunBatch(1, (0,), slot=2))
+        thread.start()
+        replies = []
+        for _ in range(3):
+            assert conn.poll(30), "no reply from the serve loop"
+            replies.append(conn.recv())
+        np.testing.assert_allclose(batch_result(replies[0]).logits, fake_logits(a), rtol=1e-6)
+        np.testing.assert_allclose(batch_result(replies[1]).logits, fake_logits(b), rtol=1e-6)
+        assert isinstance(replies[2], BatchFailed) and "slot 2 outside 0..1" in replies[2].message
+        conn.send(Stop())
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        for s in attached + slots:
+            s.close()
+        for s in slots:
+            s.unlink()

@@ -122,13 +122,24 @@ def normalise(images: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
     return Normaliser(mean, std)(images, np.empty((*lead, c, h, w), np.float32))
 
 
+def normalisation_constants(mean: Sequence[float] = IMAGENET_MEAN,
+                            std: Sequence[float] = IMAGENET_STD) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (scale, shift), each [3]: normalised = pixel * scale - shift. The one definition shared by
+    Normaliser and the exported program's own normalisation (export/resnet_serve/export/pixels.py), so both
+    compute the same float32 operations on the same constants."""
+    std32 = np.asarray(std, np.float32)
+    return np.float32(1.0 / 255.0) / std32, np.asarray(mean, np.float32) / std32
+
+
 class Normaliser:
     """uint8 NHWC batches -> float32 NCHW normalised, written into a preallocated buffer in two passes (the
-    worker's hot path: no temporaries, the transpose folded into the first pass)."""
+    worker's hot path for models that take float input: no temporaries, the transpose folded into the first
+    pass)."""
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.scale = (np.float32(1.0 / 255.0) / np.asarray(std, np.float32))[:, None, None]
-        self.shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32))[:, None, None]
+        scale, shift = normalisation_constants(mean, std)
+        self.scale = scale[:, None, None]
+        self.shift = shift[:, None, None]
 
     def __call__(self, images: np.ndarray, out: np.ndarray) -> np.ndarray:
         np.multiply(np.moveaxis(images, -1, -3), self.scale, out=out, casting="unsafe")

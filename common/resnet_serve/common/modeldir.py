@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
 LABELS = "labels.txt"
-SCHEMA_VERSION = 1
+# 2: `input_format` and `float_model_file` (a reader of schema 1 would feed float32 to a uint8 program).
+SCHEMA_VERSION = 2
+# What the program's input is. float32_nchw: normalised model input [N, 3, H, W] (every export before schema 2,
+# and a manifest without the field). uint8_nhwc: pixels [N, H, W, 3]; the program normalises them with mean/std.
+FLOAT32_NCHW = "float32_nchw"
+UINT8_NHWC = "uint8_nhwc"
+INPUT_FORMATS = (FLOAT32_NCHW, UINT8_NHWC)
 
 
 class ModelDirError(ValueError):
@@ -43,6 +49,25 @@ class Manifest:
     verification: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     schema_version: int = SCHEMA_VERSION
+    input_format: str = FLOAT32_NCHW  # absent from older manifests: float input, normalised by the server
+    # uint8_nhwc only: the same network taking float32 [N, 3, H, W] model input, loaded with the same params_file
+    # (docs/architecture.md, "Where normalisation happens"); "" when the export has none.
+    float_model_file: str = ""
+
+    @property
+    def takes_pixels(self) -> bool:
+        """Whether the program's input is uint8 pixels [N, H, W, 3] (it normalises them itself)."""
+        return self.input_format == UINT8_NHWC
+
+    def float_program(self) -> Manifest:
+        """This manifest as the description of its float program (uint8_nhwc exports only): same weights, float32
+        NCHW input. Raises ModelDirError when the export has no float program."""
+        if not self.takes_pixels:
+            return self
+        if not self.float_model_file:
+            raise ModelDirError(f"{self.name} v{self.version} takes uint8 pixels only: its export has no float "
+                                "program (float_model_file) for float32 model input")
+        return replace(self, model_file=self.float_model_file, input_format=FLOAT32_NCHW, float_model_file="")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -126,15 +151,23 @@ def load_manifest(version_dir: Path, verify_checksums: bool = False) -> Manifest
         raise ModelDirError(f"{path} is not valid JSON: {e}") from e
     except TypeError as e:  # a JSON value that is not an object
         raise ModelDirError(f"{path} is not a manifest object: {e}") from e
+    if not isinstance(manifest.schema_version, int) or manifest.schema_version > SCHEMA_VERSION:
+        raise ModelDirError(f"{path}: schema_version {manifest.schema_version!r} is newer than this server reads "
+                            f"({SCHEMA_VERSION}): upgrade resnet-serve to serve it")
+    if manifest.input_format not in INPUT_FORMATS:
+        raise ModelDirError(f"{path}: input_format {manifest.input_format!r} is not one of {', '.join(INPUT_FORMATS)}")
     if not isinstance(manifest.files, dict):
         raise ModelDirError(f"{path}: files must map file names to sha256 digests")
-    for name in (manifest.model_file, manifest.params_file, manifest.labels_file, *manifest.files):
+    programs = [manifest.model_file, manifest.params_file]
+    if manifest.float_model_file:
+        programs.append(manifest.float_model_file)
+    for name in (*programs, manifest.labels_file, *manifest.files):
         inside(version_dir, name)
-    for name in (manifest.model_file, manifest.params_file):
+    for name in programs:
         if not (version_dir / name).is_file():
             raise ModelDirError(f"{version_dir / name} is missing")
     if verify_checksums:
-        needed = [manifest.model_file, manifest.params_file]
+        needed = list(programs)
         if (version_dir / manifest.labels_file).exists():
             needed.append(manifest.labels_file)
         unlisted = [n for n in needed if n not in manifest.files]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import filecmp
 import logging
 import os
 import shutil
@@ -19,10 +20,11 @@ from pathlib import Path
 import paddle
 
 from resnet_serve.common import __version__
-from resnet_serve.common.imaging import IMAGENET_MEAN, IMAGENET_STD
+from resnet_serve.common.imaging import IMAGENET_MEAN, IMAGENET_STD, normalise
 from resnet_serve.common.modeldir import (
     LABELS,
     MANIFEST,
+    UINT8_NHWC,
     Manifest,
     list_versions,
     load_manifest,
@@ -35,6 +37,7 @@ from resnet_serve.train.models import build_model
 
 from . import quantize, verify
 from .checkpoint_reader import check_against, read_weights
+from .pixels import FloatInput, PixelInput, float_spec, pixel_spec
 from .quantize import CALIBRATION_SAMPLES, INT8_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -171,15 +174,12 @@ def _export(opts: ExportOptions, prefix: Path, meta: dict, arch: str, num_classe
 
 def _write(model, tmp: Path, opts: ExportOptions, meta: dict, prefix: Path, arch: str, num_classes: int,
            size: int, weights, final: Path) -> Manifest:
-    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", "image")]
-    paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), str(tmp / "inference"))
-    model_file = "inference.json" if opts.format == "pir" else "inference.pdmodel"
-    if not (tmp / model_file).is_file():
-        raise ExportError(f"paddle.jit.save did not write {model_file} (format {opts.format})")
+    mean, std = list(meta.get("mean", IMAGENET_MEAN)), list(meta.get("std", IMAGENET_STD))
+    model_file, float_model_file = save_programs(model, tmp, size, mean, std, opts.format)
 
     manifest = Manifest(
         name=opts.name or final.parent.name, version=int(final.name), architecture=arch, num_classes=num_classes,
-        input_size=[size, size], mean=list(meta.get("mean", IMAGENET_MEAN)), std=list(meta.get("std", IMAGENET_STD)),
+        input_size=[size, size], mean=mean, std=std, input_format=UINT8_NHWC, float_model_file=float_model_file,
         precision=opts.precision, format=opts.format, model_file=model_file,
         source_checkpoint={"path": str(prefix.with_suffix(ckpt.PARAMS)),
                            "sha256": sha256_file(prefix.with_suffix(ckpt.PARAMS)),
@@ -189,13 +189,18 @@ def _write(model, tmp: Path, opts: ExportOptions, meta: dict, prefix: Path, arch
         exporter_version=f"resnet-serve {__version__}, paddle {paddle.__version__}",
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    # Verified with the server's own predictor, built from this manifest as a server worker would build it.
-    x = verify.fixed_inputs([size, size])
-    figures = verify.compare(verify.dygraph_logits(model, x), verify.predictor_logits(tmp, manifest, x), opts.rtol)
-    if not figures["passed"]:
-        raise ExportError(f"verification failed: max|dygraph - predictor| = {figures['max_abs_diff']:.3g} "
-                          f"(tolerance {figures['tolerance']:.3g}), top-1 agreement "
-                          f"{100 * figures['top1_agreement']:.1f}%")
+    # Verified with the server's own predictor, built from this manifest as a server worker would build it: the
+    # pixel program on uint8 pixels, the float program on those pixels normalised in numpy, both against the
+    # trained network fed the numpy-normalised pixels (the server's normalisation before it moved into the graph).
+    pixels = verify.fixed_pixels([size, size])
+    reference = verify.dygraph_logits(model, pixels, mean, std)
+    from_pixels, from_floats = verify.predictor_logits(tmp, manifest, pixels, normalise(pixels, mean, std))
+    figures = verify.compare(reference, from_pixels, opts.rtol)
+    figures["float_program"] = verify.compare(reference, from_floats, opts.rtol)
+    for what, f in (("predictor", figures), ("float program", figures["float_program"])):
+        if not f["passed"]:
+            raise ExportError(f"verification failed: max|dygraph - {what}| = {f['max_abs_diff']:.3g} "
+                              f"(tolerance {f['tolerance']:.3g}), top-1 agreement {100 * f['top1_agreement']:.1f}%")
     manifest.verification = figures
 
     labels = list(meta.get("labels") or [str(i) for i in range(num_classes)])
@@ -205,6 +210,29 @@ def _write(model, tmp: Path, opts: ExportOptions, meta: dict, prefix: Path, arch
     manifest.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / "manifest.json").write_text(manifest.to_json())
     return manifest
+
+
+def save_programs(model: paddle.nn.Layer, tmp: Path, size: int, mean: list[float], std: list[float],
+                  fmt: str) -> tuple[str, str]:
+    """Write the pixel program (uint8 NHWC in, normalised in the graph: resnet_serve.export.pixels) and the float
+    program (float32 NCHW model input) over one parameters file; returns their file names.
+
+    Both are saved from the same parameter tensors, so Paddle writes the same ``.pdiparams`` twice: the second copy
+    is checked byte for byte and removed, and the float program is loaded with the first (tests check that both
+    programs load it and agree)."""
+    suffix = ".json" if fmt == "pir" else ".pdmodel"
+    for prefix, layer, spec in (("inference", PixelInput(model, mean, std), pixel_spec(size)),
+                                ("inference_float", FloatInput(model), float_spec(size))):
+        paddle.jit.save(paddle.jit.to_static(layer, input_spec=spec, full_graph=True), str(tmp / prefix))
+        if not (tmp / (prefix + suffix)).is_file():
+            raise ExportError(f"paddle.jit.save did not write {prefix + suffix} (format {fmt})")
+    params, float_params = tmp / "inference.pdiparams", tmp / "inference_float.pdiparams"
+    if not filecmp.cmp(params, float_params, shallow=False):
+        raise ExportError("the float program's parameters differ from the pixel program's: they cannot share "
+                          f"{params.name}")
+    for extra in (float_params, tmp / "inference_float.pdiparams.info"):
+        extra.unlink(missing_ok=True)
+    return "inference" + suffix, "inference_float" + suffix
 
 
 def export_int8(opts: ExportOptions) -> Path:

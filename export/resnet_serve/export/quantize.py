@@ -16,6 +16,7 @@ after it) removes that: max |int8 - fp32| 25 -> 1.1, agreement 98.9% -> 100%, no
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import shutil
@@ -31,6 +32,8 @@ from resnet_serve.common.modeldir import Manifest
 from resnet_serve.server.predictor import build_predictor
 from resnet_serve.server.predictor_config import PredictorSettings
 from resnet_serve.train.data import DIGITS, IMAGE_SUFFIXES, held_out, load_dataset
+
+from . import verify
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +143,62 @@ def residual_outputs(program: Any) -> list[str]:
     return out
 
 
+# The legacy ops of the pixel program's input stage (resnet_serve.export.pixels.PixelInput), in order.
+NORMALISATION_OPS = ("cast", "transpose2", "elementwise_mul", "elementwise_sub")
+
+
+def normalisation_chain(block: Any, feed: str) -> list[str]:
+    """The activations from the feed through the pixel program's input stage: [feed, ..., normalised model input].
+    Just [feed] for a float program. Quantise/dequantise pairs that PTQ put on the way are stepped over."""
+    consumers: dict[str, list[Any]] = {}
+    for op in block.ops:
+        for name in op.input_arg_names:
+            consumers.setdefault(name, []).append(op)
+    chain, var = [feed], feed
+    while True:
+        users = consumers.get(var, [])
+        while len(users) == 1 and users[0].type in ("quantize_linear", "dequantize_linear"):
+            users = consumers.get(users[0].output("Y")[0], [])
+        if len(users) != 1 or users[0].type not in NORMALISATION_OPS:
+            return chain
+        var = users[0].output("Out")[0]
+        chain.append(var)
+
+
+def drop_quantisation(block: Any, names: list[str]) -> int:
+    """Remove the quantise/dequantise pairs on ``names``, reconnecting their readers to the float activation.
+
+    PTQ's export pass puts such a pair after every op it observes, the input stage's cast, transpose and multiply
+    included: quantising pixels to int8 steps of 2 and more. The float model's quantisation had nothing there, and
+    neither has this one (its first quantised activation is the normalised input, as before)."""
+    removed = 0
+    for name in names:
+        for q in [op for op in block.ops if op.type == "quantize_linear" and op.input("X") == [name]]:
+            quantized = q.output("Y")[0]
+            for dq in [op for op in block.ops if op.type == "dequantize_linear" and op.input("X") == [quantized]]:
+                dequantized = dq.output("Y")[0]
+                for op in block.ops:
+                    if dequantized in op.input_arg_names:
+                        op._rename_input(dequantized, name)
+                block._remove_op(list(block.ops).index(dq))
+            block._remove_op(list(block.ops).index(q))
+            removed += 1
+    return removed
+
+
 def quantize_model(fp32_dir: Path, out_dir: Path, calib: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   algo: str = ALGO, residual_factor: float = RESIDUAL_RANGE_FACTOR) -> dict[str, Any]:
+                   algo: str = ALGO, residual_factor: float = RESIDUAL_RANGE_FACTOR,
+                   pixels_in: bool = False) -> dict[str, Any]:
     """fp32_dir/inference.pdmodel -> out_dir/inference.{pdmodel,pdiparams} (quantise-dequantise program).
 
-    Needs FLAGS_enable_pir_api=0 set before Paddle was imported. Returns figures for the manifest."""
+    ``pixels_in``: fp32_dir holds a pixel-input export (manifest input_format uint8_nhwc): calibration feeds it
+    the uint8 images as they are, and out_dir also gets ``inference_float.pdmodel``, the quantised program cut
+    after its input stage, over the same parameters file. Needs FLAGS_enable_pir_api=0 set before Paddle was
+    imported. Returns figures for the manifest."""
     import paddle
     from paddle.static.quantization import PostTrainingQuantization
 
-    x = normalise(calib, mean, std)
+    x = calib if pixels_in else normalise(calib, mean, std)
     batches = (len(x) + CALIBRATION_BATCH - 1) // CALIBRATION_BATCH
 
     def loader():
@@ -181,17 +231,31 @@ def quantize_model(fp32_dir: Path, out_dir: Path, calib: np.ndarray, mean=IMAGEN
                 t = var.get_tensor()
                 t.set(np.array(t) * residual_factor, paddle.CPUPlace())
                 widened.append(name)
+            block = program.global_block()
+            chain = normalisation_chain(block, feeds[0]) if pixels_in else [feeds[0]]
+            if pixels_in and len(chain) != 1 + len(NORMALISATION_OPS):
+                raise QuantizeError(f"{fp32_dir}: the program's input stage is not {' -> '.join(NORMALISATION_OPS)}"
+                                    f" (found {len(chain) - 1} of its ops): cannot quantise it as a pixel program")
+            dropped = drop_quantisation(block, chain[1:-1])
             out_dir.mkdir(parents=True, exist_ok=True)
-            paddle.static.save_inference_model(str(out_dir / "inference"),
-                                               [program.global_block().var(f) for f in feeds], fetches, exe,
-                                               program=program)
+            programs = [("inference", chain[0])] + ([("inference_float", chain[-1])] if pixels_in else [])
+            for prefix, feed in programs:
+                paddle.static.save_inference_model(str(out_dir / prefix), [block.var(feed)], fetches, exe,
+                                                   program=program)
     finally:
         paddle.disable_static()
         shutil.rmtree(raw, ignore_errors=True)
-    for stray in out_dir.glob("inference.pdiparams.info"):
+    for stray in out_dir.glob("inference*.pdiparams.info"):
         stray.unlink()
+    if pixels_in:
+        shared, copy = out_dir / "inference.pdiparams", out_dir / "inference_float.pdiparams"
+        if not filecmp.cmp(shared, copy, shallow=False):
+            raise QuantizeError("the quantised float program's parameters differ from the pixel program's: they "
+                                f"cannot share {shared.name}")
+        copy.unlink()
     return {"algo": algo, "samples": int(len(x)), "onnx_format": True,
-            "residual_range_factor": residual_factor, "residual_tensors_widened": len(widened)}
+            "residual_range_factor": residual_factor, "residual_tensors_widened": len(widened),
+            "input_stage_quantisation_dropped": dropped}
 
 
 def logits(version_dir: Path, manifest: Manifest, images: np.ndarray, threads: int = 2,
@@ -202,6 +266,17 @@ def logits(version_dir: Path, manifest: Manifest, images: np.ndarray, threads: i
                                  engine=engine)
     predictor = build_predictor(version_dir, manifest, settings)
     return np.concatenate([predictor.run(images[i:i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)])
+
+
+def float_program_figures(version_dir: Path, manifest: Manifest, images: np.ndarray, pixel_logits: np.ndarray,
+                          threads: int = 2) -> dict[str, Any]:
+    """How the float program of a pixel-input model agrees with its pixel program (``pixel_logits``) on the first
+    EVAL_BATCH ``images`` normalised in numpy (verify.compare's figures)."""
+    first = images[:EVAL_BATCH]
+    settings = PredictorSettings(precision=manifest.precision, threads=threads, max_batch_size=EVAL_BATCH)
+    floats = build_predictor(version_dir, manifest.float_program(), settings).run(
+        normalise(first, manifest.mean, manifest.std))
+    return verify.compare(pixel_logits[:len(first)], floats)
 
 
 def gate(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -223,7 +298,8 @@ def write_int8(fp32_dir: Path, tmp: Path, fp32_manifest: Manifest, calib: Images
                threshold: float, force: bool) -> Manifest:
     """Quantise fp32_dir into tmp, evaluate, gate; returns the int8 manifest (not yet written). Raises
     QuantizeError when the gate fails and force is off."""
-    figures = quantize_model(fp32_dir, tmp, calib.images, fp32_manifest.mean, fp32_manifest.std)
+    figures = quantize_model(fp32_dir, tmp, calib.images, fp32_manifest.mean, fp32_manifest.std,
+                             pixels_in=fp32_manifest.takes_pixels)
     shutil.copy(fp32_dir / fp32_manifest.labels_file, tmp / fp32_manifest.labels_file)
     m = Manifest(**{**json.loads(fp32_manifest.to_json()), "precision": "int8", "format": "legacy",
                     "model_file": "inference.pdmodel", "engine": "onednn"})
@@ -233,6 +309,12 @@ def write_int8(fp32_dir: Path, tmp: Path, fp32_manifest: Manifest, calib: Images
     m.verification = {**result, "forced": bool(force and not result["passed"]),
                       "calibration": {"source": calib.source, **figures}, "eval_source": evaluation.source,
                       "fp32_export": fp32_manifest.verification}
+    if m.takes_pixels:
+        # The int8 float program is the pixel program cut after its input stage: it must compute the same.
+        f = m.verification["float_program"] = float_program_figures(tmp, m, evaluation.images, got)
+        if not f["passed"]:
+            raise QuantizeError(f"the int8 float program differs from the int8 pixel program by "
+                                f"{f['max_abs_diff']:.3g} (tolerance {f['tolerance']:.3g})")
     log.info("int8: fp32 top-1 %.4f, int8 top-1 %.4f, agreement %.4f on %d images (threshold %.4f); "
              "max |int8 - fp32| %.3g", result["fp32_top1"], result["int8_top1"], result["top1_agreement"],
              result["n_eval"], threshold, result["max_abs_diff"])

@@ -4,7 +4,9 @@ Knows nothing of gRPC or Paddle: requests are numpy arrays, engines are blocking
 are run in worker threads so the event loop stays responsive. See docs/architecture.md, "Dynamic batching".
 
 Rules, in short:
-- one consumer task per runner; each handles one batch at a time, the next batch forms while it computes;
+- one consumer task per runner; each handles one batch at a time, the next batch forms while it computes
+  (an engine may hand out several runners over one device, e.g. engine.py's one per worker slot: then one
+  consumer's batch is written while another's computes);
 - a batch closes when ``max_batch_size`` requests are queued ("full"), when its oldest request has waited
   ``max_queue_delay_us`` since *arrival* ("delay"), when the oldest arrived at a completely idle server
   ("idle": waiting could not fill it), or while draining ("drain");

@@ -47,19 +47,22 @@ class EngineConfig:
     start_timeout_s: float = 300.0  # per worker start, TensorRT builds included (settings.worker_start_timeout_s)
     gpus: tuple[int, ...] = ()  # GPU device: instance i runs on gpus[i % len(gpus)] (CUDA_VISIBLE_DEVICES)
     batch_time_limit_s: float = 0.0  # > 0: fixed; 0: derived from the warm-up timings once started
+    batches_in_flight: int = 2  # per instance: one computing, the next written and queued behind it (1 or 2)
     simulated_cost_ms: tuple[float, float] = (0.0, 0.0)  # engine "simulated" (benchmarks): a + c*b ms per batch
 
 
 class Engine:
-    """A pool of predictor worker processes, one batch at a time each, driven through ``runners()``."""
+    """A pool of predictor worker processes, each holding up to ``batches_in_flight`` batches (one computing, the
+    next written into its other shared-memory slot), driven through ``runners()``."""
 
     def __init__(self, cfg: EngineConfig, manifest: Manifest | None = None,
                  on_worker_event: WorkerEvent | None = None, on_dispatch: Dispatch | None = None):
         """``manifest``: the version's manifest when the caller has loaded (and verified) it already; it travels to
         the workers as is. ``on_worker_event(event, instance)``: "died" | "hung" | "restarted" |
         "restart_failed", from engine threads, never raising into them. ``on_dispatch(instance, n)``: called in
-        the runner's thread once a batch of n is written into the instance's shared memory, just before the
-        worker is told to run it (tests use it to know a batch is in a worker, or to kill that worker then)."""
+        the runner's thread once a batch of n is written into one of the instance's shared-memory slots, just
+        before the worker is told to run it (it may then wait behind the batch computing in the other slot; tests
+        use it to know a batch is in a worker, or to kill that worker then)."""
         self.cfg = cfg
         self.version_dir = Path(cfg.version_dir)
         self.manifest: Manifest = manifest if manifest is not None else load_manifest(self.version_dir)
@@ -75,12 +78,12 @@ class Engine:
         # Planned here, in the front, before any worker is spawned: a bad setting raises ValueError now, and every
         # worker gets this plan instead of making its own.
         plan = settings.plan(self.version_dir, self.manifest)
-        self.layout = BatchLayout(cfg.max_batch_size, self.input_shape)
+        self.layout = BatchLayout(cfg.max_batch_size, self.input_shape, self.manifest.takes_pixels)
         spec = WorkerSpec(self.version_dir, self.manifest, settings, plan, self.buckets, self.layout)
         self.on_worker_event = on_worker_event
         self.on_dispatch = on_dispatch
         self.workers = WorkerPool(spec, cfg.instances, cfg.start_timeout_s, cfg.batch_time_limit_s, cfg.gpus,
-                                  on_event=self._worker_event)
+                                  on_event=self._worker_event, slots=cfg.batches_in_flight)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -137,8 +140,11 @@ class Engine:
         return self.workers.shm_names()
 
     def runners(self) -> list[Callable[[Sequence[np.ndarray] | np.ndarray], np.ndarray]]:
-        """One blocking callable per instance: a batch (n in buckets) -> float32 logits [n, C]."""
-        return [self._make_runner(i) for i in range(self.cfg.instances)]
+        """Blocking callables, a batch (n in buckets) -> float32 logits [n, C]: ``batches_in_flight`` per
+        instance, so that a caller per runner (the batcher's consumers) keeps each worker's slots full: one batch
+        computes while the next is written. Ordered instance by instance within each round (0, 1, .., 0, 1, ..),
+        so that the first runners taken spread the work over the instances."""
+        return [self._make_runner(i) for _ in range(self.workers.slots) for i in range(self.cfg.instances)]
 
     # ---------------------------------------------------------------- running batches
 

@@ -71,7 +71,8 @@ class Metrics:
                                     "Decode/validate/resize/normalise time of one image", ["kind"],
                                     buckets=PREPROCESS_BUCKETS, registry=r)
         self.inference = Histogram(f"{PREFIX}_inference_duration_seconds",
-                                   "Wall time of one batch in a worker, shared-memory round trip included",
+                                   "Wall time of one batch in a worker, shared-memory round trip included (and, with "
+                                   "--batches-in-flight 2, any wait behind the batch computing ahead of it)",
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(f"{PREFIX}_batch_size", "Images per batch sent to a predictor",
                                     buckets=batch_size_buckets(max_batch_size), registry=r)

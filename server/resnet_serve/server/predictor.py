@@ -9,7 +9,8 @@ process (and a worker that has yet to choose its GPU) free of it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,15 @@ from .predictor_config import Plan, PredictorSettings, apply_plan, model_files
 
 @dataclass
 class Predictor:
-    """A built predictor and what was built (on GPU: engine, precision actually built, cache; see trt_cache)."""
+    """A built predictor and what was built (on GPU: engine, precision actually built, cache; see trt_cache).
+
+    ``float_program`` (pixel-input models only): builds the predictor of the export's float program, called the
+    first time float32 model input arrives (docs/architecture.md, "Where normalisation happens")."""
 
     paddle_predictor: Any  # paddle.inference.Predictor
     manifest: Manifest
     build_info: dict[str, Any] = field(default_factory=dict)
+    float_program: Callable[[], Predictor] | None = None
 
     def __post_init__(self) -> None:
         self.input_name: str = self.paddle_predictor.get_input_names()[0]
@@ -36,19 +41,51 @@ class Predictor:
         self._input = self.paddle_predictor.get_input_handle(self.input_name)
         self._output = self.paddle_predictor.get_output_handle(self.output_name)
         self._normalise = Normaliser(self.manifest.mean, self.manifest.std)
+        self._float: Predictor | None = None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """float32 model input [n, 3, H, W], or uint8 pixels [n, H, W, 3] normalised as the server normalises them
-        (the manifest's mean and std) -> float32 logits [n, C]. A contiguous float32 batch is fed without a copy."""
+        """uint8 pixels [n, H, W, 3] or float32 model input [n, 3, H, W] -> float32 logits [n, C].
+
+        A model that takes pixels (manifest ``input_format`` uint8_nhwc) is fed them as they are, and float input
+        goes to its float program, built on first use; an older float model gets pixels normalised here as the
+        server always normalised them (the manifest's mean and std). A contiguous batch of the program's own dtype
+        is fed without a copy."""
         batch = np.asarray(batch)
+        if self.manifest.takes_pixels:
+            if batch.dtype != np.uint8:
+                return self._float_predictor().run(batch)
+            return self._feed(np.ascontiguousarray(batch))
         if batch.dtype == np.uint8:
             n, h, w, c = batch.shape
             batch = self._normalise(batch, np.empty((n, c, h, w), np.float32))
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        return self._feed(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def _float_predictor(self) -> Predictor:
+        if self._float is None:
+            if self.float_program is None:
+                raise ValueError(f"{self.manifest.name} v{self.manifest.version} takes uint8 pixels only: no float "
+                                 "program for float32 model input")
+            self._float = self.float_program()
+        return self._float
+
+    def _feed(self, batch: np.ndarray) -> np.ndarray:
         self._input.reshape(list(batch.shape))
         self._input.copy_from_cpu(batch)
         self.paddle_predictor.run()
         return np.ascontiguousarray(self._output.copy_to_cpu(), dtype=np.float32)
+
+
+def float_program_builder(version_dir: Path, manifest: Manifest,
+                          settings: PredictorSettings) -> Callable[[], Predictor] | None:
+    """How to build the float program of a pixel-input export (None when there is none to build): the same
+    settings, planned for the float program's own input. On GPU it runs on Paddle's CUDA kernels, never TensorRT:
+    it is built inside the first batch that needs it, and a TensorRT build there would outlast the batch time
+    limit (docs/gpu.md)."""
+    if not manifest.takes_pixels or not manifest.float_model_file:
+        return None
+    float_manifest = manifest.float_program()
+    float_settings = replace(settings, engine="cuda") if settings.device == "gpu" else settings
+    return lambda: build_predictor(version_dir, float_manifest, float_settings)
 
 
 def build_predictor(version_dir: Path | str, manifest: Manifest | None = None,
@@ -71,10 +108,11 @@ def build_predictor(version_dir: Path | str, manifest: Manifest | None = None,
         from .trt_cache import build_gpu_predictor  # the TensorRT conversion and its cache live there
 
         predictor, info = build_gpu_predictor(version_dir, manifest, settings, plan)
-        return Predictor(predictor, manifest, info)
+        return Predictor(predictor, manifest, info, float_program_builder(version_dir, manifest, settings))
     import paddle.inference as paddle_infer
 
     config = paddle_infer.Config(*model_files(version_dir, manifest, plan))
     apply_plan(config, plan)
     with framework_output():  # oneDNN INT8 passes print to stderr even with glog info off
-        return Predictor(paddle_infer.create_predictor(config), manifest)
+        return Predictor(paddle_infer.create_predictor(config), manifest,
+                         float_program=float_program_builder(version_dir, manifest, settings))

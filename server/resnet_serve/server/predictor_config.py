@@ -234,9 +234,8 @@ def _plan_gpu_cuda(pir: bool, precision: str, gpu_id: int, gpu_memory_mb: int) -
 
 def _plan_gpu(version_dir: Path, manifest: Manifest, pir: bool, precision: str, max_batch_size: int,
               cache: Path, gpu_id: int, gpu_memory_mb: int) -> Plan:
-    h, w = manifest.input_size
     name = manifest.input_name
-    lo, hi = [1, 3, h, w], [max_batch_size, 3, h, w]
+    lo, hi = input_shape(manifest, 1), input_shape(manifest, max_batch_size)
     if pir:
         step = pir_trt_step(version_dir, manifest, precision, max_batch_size, cache)
         return [
@@ -262,6 +261,13 @@ def _plan_gpu(version_dir: Path, manifest: Manifest, pir: bool, precision: str, 
     ]
 
 
+def input_shape(manifest: Manifest, batch: int) -> list[int]:
+    """The program's input shape for ``batch`` rows: uint8 [n, H, W, 3] pixels or float32 [n, 3, H, W] model input,
+    as the manifest's input_format says (TensorRT's dynamic shapes name it)."""
+    h, w = (int(x) for x in manifest.input_size)
+    return [batch, h, w, 3] if manifest.takes_pixels else [batch, 3, h, w]
+
+
 def pir_trt_step(version_dir: Path, manifest: Manifest, precision: str, max_batch_size: int,
                  cache: Path) -> dict[str, Any]:
     """Arguments of the PIR-TensorRT conversion, as plain data (server/resnet_serve/server/trt_cache.py performs it).
@@ -273,15 +279,15 @@ def pir_trt_step(version_dir: Path, manifest: Manifest, precision: str, max_batc
     the directory ``<prefix>/``, recording their absolute paths in the program. ``cache`` is the keyed cache
     directory (trt_cache.cache_key), so settings, GPUs and versions never share one.
     """
-    h, w = manifest.input_size
     prefix = Path(cache).absolute() / "inference"
     return {
         "model_prefix": str((Path(version_dir) / manifest.model_file).absolute().with_suffix("")),
         "inputs": [{
             "name": manifest.input_name,
-            "min_input_shape": [1, 3, h, w],
-            "optim_input_shape": [max_batch_size, 3, h, w],
-            "max_input_shape": [max_batch_size, 3, h, w],
+            "min_input_shape": input_shape(manifest, 1),
+            "optim_input_shape": input_shape(manifest, max_batch_size),
+            "max_input_shape": input_shape(manifest, max_batch_size),
+            "input_data_type": "uint8" if manifest.takes_pixels else "float32",
         }],
         "precision_mode": _PIR_TRT_PRECISION[precision],
         "workspace_size": TRT_WORKSPACE_BYTES,

@@ -71,6 +71,9 @@ class Settings:
     # A worker holding one batch longer than this is killed and replaced (its requests get UNAVAILABLE).
     # 0: derived from the warm-up, 10 x the time to warm every bucket and at least 30 s.
     batch_time_limit_s: float = 0.0
+    # Batches each worker holds: 2 = while one computes, the next is written into its other shared-memory slot
+    # (server/resnet_serve/server/worker_pool.py); 1 = one at a time (the next batch keeps filling meanwhile).
+    batches_in_flight: int = 2
     verbose: bool = False  # -v: Paddle's own log lines and warnings too (framework chatter is hidden by default)
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -133,6 +136,8 @@ class Settings:
             raise ValueError(f"metrics_port must be 0..65535 (0: a free one, -1: off), not {self.metrics_port}")
         if not -1 <= self.health_port <= 65535:
             raise ValueError(f"health_port must be 0..65535 (0: a free one, -1: off), not {self.health_port}")
+        if self.batches_in_flight not in (1, 2):
+            raise ValueError(f"batches_in_flight must be 1 or 2, not {self.batches_in_flight}")
         if self.batch_time_limit_s < 0:
             raise ValueError("batch_time_limit_s must be >= 0 (0: derived from the warm-up)")
         if not self.max_aspect_ratio >= 1:
@@ -222,6 +227,8 @@ HELP = {
     "max_message_bytes": "largest gRPC message accepted or sent",
     "batch_time_limit_s": "kill and replace a worker holding one batch longer than this (its requests: "
                           "UNAVAILABLE)",
+    "batches_in_flight": "batches each worker holds: 2 = the next is written while one computes, 1 = one at a "
+                         "time",
     "max_pixels": "pixels decoded per image (a JPEG's after reduced-scale decoding); beyond: INVALID_ARGUMENT",
     "max_aspect_ratio": "longer / shorter side of an image; beyond: INVALID_ARGUMENT",
     "max_preprocess_queue": "images waiting for or in a preprocess thread; beyond: RESOURCE_EXHAUSTED",

@@ -313,8 +313,11 @@ def _convert(spec: dict[str, Any]) -> dict[str, Any]:
     except ImportError as e:
         return {"error": f"this Paddle has no paddle.tensorrt ({e}): install paddlepaddle-gpu from "
                          f"{PADDLE_GPU_INDEX} (docs/gpu.md)"}
+    # input_data_type: the dtype of the data Paddle generates to run the program while converting (export.py);
+    # a pixel-input program must be given uint8, as it is fed in service.
     inputs = [trt_export.Input(min_input_shape=i["min_input_shape"], optim_input_shape=i["optim_input_shape"],
-                               max_input_shape=i["max_input_shape"], name=i["name"]) for i in spec["inputs"]]
+                               max_input_shape=i["max_input_shape"], name=i["name"],
+                               input_data_type=i.get("input_data_type", "float32")) for i in spec["inputs"]]
     config = trt_export.TensorRTConfig(inputs=inputs, min_subgraph_size=spec["min_subgraph_size"],
                                        save_model_dir=spec["save_model_dir"],
                                        precision_mode=trt_export.PrecisionMode[spec["precision_mode"]],

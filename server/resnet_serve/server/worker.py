@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -23,7 +23,7 @@ from .predictor import build_predictor
 from .trt_cache import select_gpu
 from .worker_protocol import BatchDone, BatchFailed, LoadFailed, Ready, RunBatch, SharedBatch, Stop, WorkerSpec
 
-Compute = Callable[[np.ndarray], np.ndarray]  # float32 [n, 3, H, W] -> logits [n, C]
+Compute = Callable[[np.ndarray], np.ndarray]  # float32 [n, 3, H, W] or uint8 [n, H, W, 3] -> logits [n, C]
 
 TEST_GATE_ENV = "RESNET_SERVE_TEST_WORKER_GATE"
 
@@ -50,7 +50,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     # The front owns shutdown: Ctrl-C in a terminal reaches the whole process group, but only the front
     # should react (it drains, then stops us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    shared: SharedBatch | None = None
+    slots: list[SharedBatch] = []
     try:
         t0 = time.perf_counter()
         try:
@@ -58,40 +58,47 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
             # `import paddle` installs a SIGTERM handler that aborts with a crash dump; a terminate() from
             # the front should just end the process.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            shared = SharedBatch(spec.layout, spec.shm_name)
+            for name in spec.shm_names:
+                slots.append(SharedBatch(spec.layout, name))
             compute = gated(predictor.run)
             t1 = time.perf_counter()
             for b in spec.buckets:  # every new shape costs a slow first run: pay it before serving
-                compute(np.zeros((b, *spec.layout.input_shape), dtype=np.float32))
+                compute(spec.layout.warmup_batch(b))
             t2 = time.perf_counter()
         except Exception as e:  # noqa: BLE001 - report any load failure to the front, which raises it
             conn.send(LoadFailed(f"loading {spec.version_dir} failed: {type(e).__name__}: {e}"))
             return
         conn.send(Ready(t1 - t0, t2 - t1, predictor.input_name, predictor.output_name, predictor.build_info))
-        serve(conn, shared, compute, Normaliser(spec.manifest.mean, spec.manifest.std))
+        serve(conn, slots, compute, Normaliser(spec.manifest.mean, spec.manifest.std))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the front went away: nothing left to serve
     finally:
-        if shared is not None:
+        for shared in slots:
             shared.close()
         conn.close()
 
 
-def serve(conn: Connection, shared: SharedBatch, compute: Compute, normalise: Normaliser) -> None:
-    """Answer every request on ``conn`` until Stop (or EOFError when the front goes away)."""
+def serve(conn: Connection, slots: Sequence[SharedBatch], compute: Compute, normalise: Normaliser) -> None:
+    """Answer every request on ``conn``, in the order received, until Stop (or EOFError when the front goes
+    away). The front may queue a second batch (in another slot) behind the one computing: it is read the moment
+    this one is answered, so the worker never waits for the front to write it."""
     while True:
         request = conn.recv()
         if isinstance(request, Stop):
             return
-        conn.send(answer(request, shared, compute, normalise))
+        conn.send(answer(request, slots, compute, normalise))
 
 
-def answer(request: object, shared: SharedBatch, compute: Compute, normalise: Normaliser) -> BatchDone | BatchFailed:
-    """One batch: read it from shared memory, run it. Any failure, a malformed request included, is a BatchFailed
-    reply: a bad batch must not take the worker down."""
+def answer(request: object, slots: Sequence[SharedBatch], compute: Compute,
+           normalise: Normaliser) -> BatchDone | BatchFailed:
+    """One batch: read it from its shared-memory slot, run it. Any failure, a malformed request included, is a
+    BatchFailed reply: a bad batch must not take the worker down."""
     try:
         if not isinstance(request, RunBatch):
             raise ValueError(f"unknown request {request!r}")
-        return BatchDone(np.ascontiguousarray(compute(shared.read(request, normalise)), dtype=np.float32))
+        if not isinstance(request.slot, int) or not 0 <= request.slot < len(slots):
+            raise ValueError(f"slot {request.slot!r} outside 0..{len(slots) - 1}")
+        batch = slots[request.slot].read(request, normalise)
+        return BatchDone(np.ascontiguousarray(compute(batch), dtype=np.float32))
     except Exception as e:  # noqa: BLE001 - reported to the front, which raises EngineError for this batch
         return BatchFailed(f"{type(e).__name__}: {e}")

@@ -1,15 +1,22 @@
 """Worker process lifecycle for the engine front: spawn, wait for ready, watch, restart, the batch time limit, stop.
 
-Each instance is one worker process (worker.py) with its own shared batch buffer and control pipe
-(worker_protocol.py); one batch at a time per instance. This module never imports Paddle, gRPC or asyncio.
+Each instance is one worker process (worker.py) with its control pipe and ``slots`` shared-memory batch buffers
+(worker_protocol.py; two by default): while one batch computes, the next is written into the other slot and queued
+on the pipe, so the worker starts it the moment it answers the first. At most one batch per slot is outstanding.
+The worker answers in order; the callers of one process take turns reading (``_Channel``): only the caller whose
+batch was sent first reads the next reply, so no two threads ever receive on one pipe. This module never imports
+Paddle, gRPC or asyncio.
 
-Failure semantics:
-- the worker dies while it holds a batch: ``WorkerDied`` for that batch (never a hang: the wait watches
-  the pipe and the process sentinel together), and the instance restarts in the background;
+Failure semantics (every batch an instance holds, computing or queued behind it, is answered exactly once):
+- the worker dies while it holds batches: ``WorkerDied`` for each of them (never a hang: the reader watches the
+  pipe and the process sentinel together, and once one caller sees the death the pipe is marked broken, so a
+  queued batch never reads a reply that was not its own), and the instance restarts in the background;
 - a worker that dies while idle is noticed by a watcher thread and restarted without failing anything;
   a call made while its instance restarts waits for it (at most ``start_timeout_s``);
-- a worker that holds a batch longer than the batch time limit (hung: deadlocked, SIGSTOPped, swapping) is
-  killed and replaced, and that batch fails with ``WorkerDied``: no request waits on a worker forever.
+- a worker that computes one batch longer than the batch time limit (hung: deadlocked, SIGSTOPped, swapping) is
+  killed and replaced, and that batch and the one queued behind it fail with ``WorkerDied``: no request waits on a
+  worker forever. A queued batch's clock starts when the batch ahead of it is answered (the earliest the worker
+  can start it), so waiting behind a slow batch never counts against it.
 """
 
 from __future__ import annotations
@@ -18,13 +25,24 @@ import contextlib
 import multiprocessing as mp
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from .worker import worker_main
-from .worker_protocol import EngineError, LoadFailed, Ready, Reply, Request, SharedBatch, Stop, WorkerDied, WorkerSpec
+from .worker_protocol import (
+    EngineError,
+    LoadFailed,
+    Ready,
+    Reply,
+    RunBatch,
+    SharedBatch,
+    Stop,
+    WorkerDied,
+    WorkerSpec,
+)
 
 STOP_TIMEOUT_S = 10.0
 STOP_GRACE_S = 3.0  # close(): how long an idle worker gets to exit on Stop before it is killed
@@ -36,13 +54,32 @@ BATCH_LIMIT_FLOOR_S = 30.0
 WorkerEvent = Callable[[str, int], None]  # (event, instance): "died" | "hung" | "restarted" | "restart_failed"
 
 
+SEND_LOCK_TIMEOUT_S = 1.0  # close(): how long to wait for a caller's send before sending Stop regardless
+
+
+@dataclass(eq=False)
+class _Channel:
+    """One worker process's control pipe as its callers share it. Requests are sent (and their callers queued in
+    ``waiting``) under ``cond``, so the queue has the pipe's order; the worker answers in that order, so the first
+    caller waiting reads the next reply, and is the only one reading. ``broken``: the process died or was killed,
+    or a reply could not be read: the pipe is out of step, and every caller still waiting fails at once."""
+
+    proc: Any  # multiprocessing SpawnProcess
+    conn: Connection
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    waiting: deque[object] = field(default_factory=deque)
+    broken: bool = False
+
+
 @dataclass
 class _Instance:
     index: int
-    shared: SharedBatch
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one batch in flight per instance
+    slots: list[SharedBatch]
+    slot_cond: threading.Condition = field(default_factory=threading.Condition)  # guards free
+    free: list[int] = field(default_factory=list)  # slots no caller holds
     proc: Any = None  # multiprocessing SpawnProcess
     conn: Connection | None = None
+    channel: _Channel | None = None  # proc and conn as the callers share them
     state: str = "starting"  # starting | ready | restarting | failed | closed
     restart_thread: threading.Thread | None = None
 
@@ -51,14 +88,17 @@ class WorkerPool:
     """``instances`` worker processes started from ``spec``; ``call`` runs one request on one of them."""
 
     def __init__(self, spec: WorkerSpec, instances: int, start_timeout_s: float, batch_time_limit_s: float = 0.0,
-                 gpus: tuple[int, ...] = (), on_event: WorkerEvent | None = None):
+                 gpus: tuple[int, ...] = (), on_event: WorkerEvent | None = None, slots: int = 2):
         """``batch_time_limit_s`` > 0: fixed; 0: derived from the warm-up timings by ``start``. ``gpus`` (device
         gpu only): instance i runs on gpus[i % len(gpus)]. ``on_event`` is called from pool threads (watcher,
-        restart, or a caller's) and never raises into them."""
+        restart, or a caller's) and never raises into them. ``slots``: batches each instance may hold (1 or 2)."""
         if instances < 1:
             raise ValueError(f"instances must be >= 1, got {instances}")
+        if slots not in (1, 2):
+            raise ValueError(f"slots must be 1 or 2, got {slots}")
         self.spec = spec
         self.instances = instances
+        self.slots = slots
         self.start_timeout_s = start_timeout_s
         self.gpus = gpus if spec.settings.device == "gpu" else ()
         self.on_event = on_event
@@ -88,9 +128,13 @@ class WorkerPool:
             raise RuntimeError("WorkerPool.start() called twice")
         try:
             for i in range(self.instances):
-                self._instances.append(_Instance(index=i, shared=SharedBatch(self.spec.layout)))
+                inst = _Instance(index=i, slots=[])
+                self._instances.append(inst)
+                for s in range(self.slots):  # appended one by one: close() unlinks whatever was created
+                    inst.slots.append(SharedBatch(self.spec.layout))
+                    inst.free.append(s)
             for inst in self._instances:  # spawn all first: they load in parallel
-                inst.proc, inst.conn = self._spawn(inst)
+                self._spawn(inst)
             deadline = time.monotonic() + self.start_timeout_s
             for inst in self._instances:
                 self._record_ready(self._await_ready(inst.proc, inst.conn, deadline))
@@ -121,20 +165,21 @@ class WorkerPool:
             self._cond.notify_all()
         self._wake()
         for inst in self._instances:
-            self._send_stop(inst.conn)
+            self._send_stop(inst.channel)  # queued behind any batch the worker holds: those are answered first
         for inst in self._instances:
-            self._stop_process(inst.proc, inst.conn, grace_s)
+            self._stop_process(inst.channel, grace_s)
         for inst in self._instances:
             t = inst.restart_thread
             if t is not None and t is not threading.current_thread():
                 t.join(STOP_TIMEOUT_S)
             # A restart that raced with close may have spawned another process: stop it too.
-            self._stop_process(inst.proc, inst.conn, grace_s)
+            self._stop_process(inst.channel, grace_s)
         if self._watcher is not None:
             self._watcher.join(STOP_TIMEOUT_S)
         for inst in self._instances:
-            inst.shared.close()
-            inst.shared.unlink()
+            for shared in inst.slots:
+                shared.close()
+                shared.unlink()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -151,7 +196,8 @@ class WorkerPool:
             return [inst.proc.pid if inst.proc is not None else -1 for inst in self._instances]
 
     def shm_names(self) -> list[str]:
-        return [inst.shared.name for inst in self._instances]
+        """Every slot's shared memory block, instance by instance."""
+        return [shared.name for inst in self._instances for shared in inst.slots]
 
     def visible_gpu(self, index: int) -> int | None:
         """Instance ``index``'s GPU, round-robin over ``gpus``; None on CPU or when no GPUs are named."""
@@ -159,20 +205,36 @@ class WorkerPool:
 
     # ---------------------------------------------------------------- requests
 
-    def call(self, index: int, prepare: Callable[[SharedBatch], Request]) -> Reply:
-        """Run one request on instance ``index`` and return the worker's reply.
+    def call(self, index: int, prepare: Callable[[SharedBatch], RunBatch]) -> Reply:
+        """Run one batch on instance ``index`` and return the worker's reply. Blocks while every slot of the
+        instance is held by other callers (``slots`` callers per instance never wait here).
 
-        Waits for the instance to be ready (restarting it if its process died while idle), then, holding it,
-        lets ``prepare`` write the batch into its shared memory and return the request to send. Raises
-        WorkerDied if the worker dies or exceeds the batch time limit while it holds the request.
+        Takes a free slot, waits for the instance to be ready (restarting it if its process died while idle), then
+        lets ``prepare`` write the batch into that slot's shared memory and return the request; the pool names the
+        slot in it, sends it, and waits for its turn to read the reply. Raises WorkerDied if the worker dies or
+        exceeds the batch time limit while it holds the batch (computing it or with it queued).
         """
         inst = self._instances[index]
-        with inst.lock:
-            self._await_instance(inst)
-            return self._exchange(inst, prepare(inst.shared))
+        slot = self._take_slot(inst)
+        try:
+            channel = self._await_instance(inst)
+            request = replace(prepare(inst.slots[slot]), slot=slot)
+            return self._exchange(inst, channel, request)
+        finally:
+            with inst.slot_cond:
+                inst.free.append(slot)
+                inst.slot_cond.notify()
 
-    def _await_instance(self, inst: _Instance) -> None:
-        """Block until the instance is ready, restarting it if its process has died while idle."""
+    @staticmethod
+    def _take_slot(inst: _Instance) -> int:
+        """A slot no other caller holds; it is this caller's until its reply (or failure) is in."""
+        with inst.slot_cond:
+            inst.slot_cond.wait_for(lambda: bool(inst.free))
+            return inst.free.pop(0)
+
+    def _await_instance(self, inst: _Instance) -> _Channel:
+        """Block until the instance is ready, restarting it if its process has died (or its pipe broke) while no
+        batch was there to notice; the channel to send on."""
         deadline = time.monotonic() + self.start_timeout_s
         retried = False
         with self._cond:
@@ -180,8 +242,11 @@ class WorkerPool:
                 if inst.state == "closed":
                     raise WorkerDied("engine is closed")
                 if inst.state == "ready":
-                    if inst.proc.is_alive():
-                        return
+                    channel = inst.channel
+                    assert channel is not None
+                    if inst.proc.is_alive() and not channel.broken:
+                        return channel
+                    # Dead, or being killed by _break: a new batch waits for the replacement instead of failing.
                     self._begin_restart_locked(inst, inst.proc)
                 elif inst.state == "failed":
                     if retried:
@@ -193,13 +258,61 @@ class WorkerPool:
                     raise WorkerDied(f"instance {inst.index} not ready after {self.start_timeout_s} s")
                 self._cond.wait(remaining)
 
-    def _exchange(self, inst: _Instance, request: Request) -> Reply:
-        """Send one request and wait for its reply, watching the process so a death never hangs us."""
-        proc, conn = inst.proc, inst.conn
-        limit = self.batch_time_limit_s
+    def _exchange(self, inst: _Instance, channel: _Channel, request: RunBatch) -> Reply:
+        """Send one request, wait for the replies to the requests sent before it, then read its own, watching the
+        process so a death never hangs us. Any way out but its own reply breaks the channel: the callers queued
+        behind fail at once with WorkerDied rather than read a reply that is not theirs."""
+        turn = object()
+        failure = ""
+        with channel.cond:
+            try:
+                if channel.broken:
+                    raise OSError("the worker's pipe is broken")
+                channel.conn.send(request)
+            except (OSError, ValueError):  # the worker is gone (broken pipe), or close() closed the pipe
+                self._break(channel)
+                failure = "died before it could take a batch"
+            else:
+                channel.waiting.append(turn)
+                try:
+                    channel.cond.wait_for(lambda: channel.broken or channel.waiting[0] is turn)
+                except BaseException:
+                    channel.waiting.remove(turn)
+                    self._break(channel)  # our reply will arrive with nobody to read it
+                    raise
+                if channel.broken:  # while this batch was queued behind another
+                    channel.waiting.remove(turn)
+                    failure = "died or was killed while this batch was queued in it"
+        if failure:
+            return self._died(inst, channel, failure)
+        ok = False
         try:
-            conn.send(request)
-            deadline = time.monotonic() + limit
+            reply = self._read_reply(inst, channel)
+            ok = True
+            return reply
+        finally:
+            with channel.cond:
+                channel.waiting.popleft()
+                if not ok:
+                    self._break(channel)
+                channel.cond.notify_all()
+
+    @staticmethod
+    def _break(channel: _Channel) -> None:
+        """The pipe is out of step (or its worker gone): fail every caller queued on it and kill the process, so
+        that the instance restarts (the watcher, or those callers, see it die). Caller holds channel.cond."""
+        channel.broken = True
+        with contextlib.suppress(Exception):
+            channel.proc.kill()
+        channel.cond.notify_all()
+
+    def _read_reply(self, inst: _Instance, channel: _Channel) -> Reply:
+        """The caller whose turn it is: the next reply on the pipe is its own. The batch time limit counts from
+        here: the worker starts this batch once it has answered the one before."""
+        proc, conn = channel.proc, channel.conn
+        limit = self.batch_time_limit_s
+        deadline = time.monotonic() + limit
+        try:
             while True:
                 remaining = deadline - time.monotonic()
                 ready = wait([conn, proc.sentinel], timeout=max(0.0, min(1.0, remaining)))
@@ -215,19 +328,27 @@ class WorkerPool:
                                      f"{limit:g} s; it was killed and is being replaced")
         except (EOFError, OSError):
             pass
+        return self._died(inst, channel, "died while running a batch")
+
+    def _died(self, inst: _Instance, channel: _Channel, what: str) -> Reply:
+        """Raise WorkerDied for one batch the dead worker held, and make sure the instance restarts."""
+        proc = channel.proc
+        proc.join(1.0)  # killed by _break or the time limit, or seen dead: reaped, so its exit code is known
         self._on_death(inst, proc)
-        raise WorkerDied(f"worker {inst.index} (pid {proc.pid}) died while running a batch"
-                         f" (exit code {proc.exitcode})")
+        raise WorkerDied(f"worker {inst.index} (pid {proc.pid}) {what} (exit code {proc.exitcode})")
 
     # ---------------------------------------------------------------- processes
 
     def _spawn(self, inst: _Instance) -> tuple[Any, Connection]:
+        """Start the instance's next worker process and make it the instance's (caller holds _cond, or start())."""
         parent, child = self._ctx.Pipe()
-        spec = replace(self.spec, shm_name=inst.shared.name, visible_gpu=self.visible_gpu(inst.index))
+        spec = replace(self.spec, shm_names=tuple(shared.name for shared in inst.slots),
+                       visible_gpu=self.visible_gpu(inst.index))
         proc = self._ctx.Process(target=worker_main, name=f"resnet-serve-worker-{inst.index}", daemon=True,
                                  args=(child, spec))
         proc.start()
         child.close()  # only the worker holds its end: its death then reads as EOF here
+        inst.proc, inst.conn, inst.channel = proc, parent, _Channel(proc, parent)
         return proc, parent
 
     def _await_ready(self, proc: Any, conn: Connection, deadline: float) -> Ready:
@@ -258,22 +379,30 @@ class WorkerPool:
         self.input_name, self.output_name = msg.input_name, msg.output_name
 
     @staticmethod
-    def _send_stop(conn: Connection | None) -> None:
-        if conn is not None:
-            with contextlib.suppress(OSError, ValueError):
-                conn.send(Stop())
-
-    def _stop_process(self, proc: Any, conn: Connection | None, grace_s: float = STOP_GRACE_S) -> None:
-        """Stop, up to grace_s to exit, then SIGKILL (SIGTERM would wait for a SIGSTOPped worker)."""
-        if proc is None:
+    def _send_stop(channel: _Channel | None) -> None:
+        """Stop, after any request being sent (two sends must not interleave on the pipe); bounded even if a
+        caller were stuck sending."""
+        if channel is None:
             return
-        self._send_stop(conn)
+        locked = channel.cond.acquire(timeout=SEND_LOCK_TIMEOUT_S)
+        try:
+            with contextlib.suppress(OSError, ValueError):
+                channel.conn.send(Stop())
+        finally:
+            if locked:
+                channel.cond.release()
+
+    def _stop_process(self, channel: _Channel | None, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop, up to grace_s to exit, then SIGKILL (SIGTERM would wait for a SIGSTOPped worker)."""
+        if channel is None:
+            return
+        proc = channel.proc
+        self._send_stop(channel)
         proc.join(grace_s)
         if proc.is_alive():
             proc.kill()
             proc.join()
-        if conn is not None:
-            conn.close()
+        channel.conn.close()
 
     def _on_death(self, inst: _Instance, proc: Any) -> None:
         with self._cond:
@@ -303,7 +432,6 @@ class WorkerPool:
             if self._closed:
                 return
             proc, conn = self._spawn(inst)
-            inst.proc, inst.conn = proc, conn
         try:
             self._await_ready(proc, conn, time.monotonic() + self.start_timeout_s)
         except EngineError:

@@ -5,8 +5,11 @@ A batch travels through the worker's preallocated shared memory; only a small me
 
   front -> worker, at spawn:  WorkerSpec (model, manifest, settings and the plan computed once by the front)
   worker -> front, once:      Ready(...) after loading and warming every bucket, or LoadFailed(message) (it exits)
-  front -> worker:            RunBatch(n, float_rows) -> BatchDone(logits) | BatchFailed(message)
+  front -> worker:            RunBatch(n, float_rows, slot) -> BatchDone(logits) | BatchFailed(message)
                               Stop()   exit cleanly
+
+Each worker has ``batches in flight`` shared-memory slots (two by default): the front writes the next batch into
+one slot while the worker computes the other's. The worker answers requests in the order they arrive.
 
 Nothing here imports Paddle, gRPC or asyncio: both sides import it.
 """
@@ -42,10 +45,18 @@ class WorkerDied(RuntimeError):
 @dataclass(frozen=True)
 class BatchLayout:
     """One worker's shared memory: float32 [max_batch, 3, H, W] model input, then uint8 [max_batch, H, W, 3] pixels
-    (4x fewer bytes to write in the front; the worker normalises them into the float rows)."""
+    (4x fewer bytes to write in the front; the worker normalises them into the float rows, unless
+    ``pixels_in``: the model takes the pixel rows as they are, docs/architecture.md "Where normalisation
+    happens")."""
 
     max_batch: int
     input_shape: tuple[int, int, int]  # (3, H, W)
+    pixels_in: bool = False  # the manifest's input_format is uint8_nhwc
+
+    def warmup_batch(self, n: int) -> np.ndarray:
+        """Zeros of the model's own input for a batch of ``n`` (what an all-uint8 batch feeds it)."""
+        c, h, w = self.input_shape
+        return np.zeros((n, h, w, c), np.uint8) if self.pixels_in else np.zeros((n, c, h, w), np.float32)
 
     @property
     def nbytes(self) -> int:
@@ -107,9 +118,12 @@ class SharedBatch:
 
     def read(self, request: RunBatch, normalise: Normaliser) -> np.ndarray:
         """Worker side: normalise the batch's uint8 rows into the float rows; returns the float32 [n, 3, H, W]
-        model input (a view of the buffer). Raises ValueError for a request outside the layout."""
+        model input (a view of the buffer). With ``layout.pixels_in`` a batch without float rows is returned as
+        its uint8 [n, H, W, 3] pixels, untouched. Raises ValueError for a request outside the layout."""
         self.layout.check(request)
         n = request.n
+        if not request.float_rows and self.layout.pixels_in:
+            return self.pixels[:n]
         if not request.float_rows:
             normalise(self.pixels[:n], self.floats[:n])
         else:
@@ -142,7 +156,7 @@ class WorkerSpec:
     plan: Plan
     buckets: tuple[int, ...]  # warmed before Ready: every batch shape served
     layout: BatchLayout
-    shm_name: str = ""  # this instance's SharedBatch
+    shm_names: tuple[str, ...] = ()  # this instance's SharedBatch slots; RunBatch.slot indexes them
     visible_gpu: int | None = None  # GPU only: this instance's device (CUDA_VISIBLE_DEVICES)
 
 
@@ -151,11 +165,12 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class RunBatch:
-    """Front -> worker: the first ``n`` rows of the shared buffer are a batch. Rows listed in ``float_rows`` are
-    already float32 model input; the others are uint8 pixels the worker normalises."""
+    """Front -> worker: the first ``n`` rows of shared-memory slot ``slot`` are a batch. Rows listed in
+    ``float_rows`` are already float32 model input; the others are uint8 pixels the worker normalises."""
 
     n: int
     float_rows: tuple[int, ...] = ()
+    slot: int = 0
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ class Input:
             raise ValueError("When warm_data is None, min/max/optim shapes must be specified.")
         self.min_input_shape, self.optim_input_shape, self.max_input_shape = (min_input_shape, optim_input_shape,
                                                                               max_input_shape)
-        self.name = name
+        self.name, self.input_data_type = name, input_data_type
 
 
 class PrecisionMode(Enum):
@@ -61,7 +61,7 @@ def convert(model_path, config):
     _record({"event": "convert", "model_path": model_path, "save_model_dir": config.save_model_dir,
              "precision_mode": config.precision_mode.value, "workspace_size": config.workspace_size,
              "inputs": [{"name": i.name, "min": list(i.min_input_shape), "opt": list(i.optim_input_shape),
-                         "max": list(i.max_input_shape)} for i in config.inputs]})
+                         "max": list(i.max_input_shape), "dtype": i.input_data_type} for i in config.inputs]})
     if os.environ.get("STANDIN_LOAD") == "1":
         import paddle
 
