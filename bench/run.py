@@ -8,7 +8,16 @@
 5. fast_limits   the in-process limit of the CPU fast paths: fp32 legacy (oneDNN), INT8 (oneDNN VNNI; calibrated on
                  upscaled digits, random weights: speed only), fp32 legacy on the OpenVINO engine
 6. fast_servers  the batched server (stream, raw) serving the INT8 model and the OpenVINO engine
+7. front_cost    issue 17: CPU per image of the front process, of the workers and of the load generator, from
+                 /proc, with the null model under request-bounded stream load (bench/front_cost.py)
+8. simulated     issue 17: the server over the simulated engine (a + c*b ms per batch; default 5 + 0.1*b, max batch
+                 32): images/s at concurrency 256 over the engine's capacity, and p50 at concurrency 1 minus (a + c)
 Each fast path is reported as a ratio to fp32 (the PIR model of 1 and 2) taken within the round.
+--configs runs a subset (e.g. --configs front_cost,simulated). --baseline REV adds REV's server (bench/baseline.py)
+as config front_cost@base, alternated with the current one in every round, and reports the current figures over
+REV's from the same round (the simulated engine is new, so it has no baseline config).
+Smoke run (seconds, figures meaningless): python -m bench.run --configs front_cost,simulated --rounds 1 --size 32
+--requests 50 --no-docs --out /tmp/bench-smoke
 Timings here drift +-15% run to run, so the configurations alternate within each round, rounds repeat (3 by
 default), every ratio is taken within a round, and the table shows medians with min-max. Writes
 bench/results/<date>-<commit>.json and docs/BENCHMARKS.md.
@@ -33,12 +42,36 @@ from resnet_serve.client.tools.loadgen import LoadConfig
 from resnet_serve.client.tools.loadgen import run as run_load
 from resnet_serve.server.batcher import default_buckets
 
+from . import baseline, front_cost
 from .models import ensure_int8_model, ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("limit", "batched", "unbatched", "ceiling", "fast_limits", "fast_servers")
+CONFIGS = ("limit", "batched", "unbatched", "ceiling", "fast_limits", "fast_servers", "front_cost", "simulated")
+BASE = "@base"  # suffix of a config run on the --baseline server
+# the models each config needs (exported once)
+NEEDS = {"limit": ("resnet",), "batched": ("resnet",), "unbatched": ("resnet",), "ceiling": ("null",),
+         "fast_limits": ("legacy", "int8"), "fast_servers": ("legacy", "int8"), "front_cost": ("null",),
+         "simulated": ("null",)}
 # variant -> (model, --engine): the CPU fast paths beside fp32 (docs/precision.md)
 FAST = {"fp32_legacy": ("legacy", "onednn"), "int8": ("int8", "paddle"), "openvino": ("legacy", "openvino")}
+
+
+# What docs/BENCHMARKS.md says of the issue 17 configs; kept here so `make bench`, which rewrites that file, keeps it.
+DOC_NOTES = """## Issue 17: the front's cost and a simulated GPU
+
+- `front_cost`: the null-model server under request-bounded stream load (raw uint8): CPU (utime + stime from
+  /proc) per image answered of the front process, of its worker processes and of the load generator, and
+  images/s (bench/front_cost.py).
+- `simulated`: the server over `--engine simulated --simulated-cost-ms A,C` (benchmarks only: a batch of b takes
+  A + C*b ms, answers are a function of the pixels; server/resnet_serve/server/simulated_engine.py). By default
+  A,C = 5,0.1 and max batch 32: images/s at concurrency 256 over the engine's capacity (32 / (A + 32*C)), and the
+  p50 at concurrency 1 minus (A + C).
+- `--configs front_cost,simulated` runs only these; `--requests N` sets the measured requests per step;
+  `--baseline REV` also runs `front_cost` on REV's server (a cached git worktree and venv under bench/.baseline/),
+  alternated with the current one in every round, and adds `_over_base` ratios (REV has no simulated engine).
+- Smoke run (seconds; figures meaningless): `python -m bench.run --configs front_cost,simulated --rounds 1 --size 32
+  --requests 50 --no-docs --out /tmp/bench-smoke`.
+"""
 
 
 def log(msg: str) -> None:
@@ -64,8 +97,10 @@ def machine() -> dict:
 class ServerProcess:
     """resnet-serve as a subprocess on free loopback ports, ready (health SERVING) on entry."""
 
-    def __init__(self, model_dir: Path, *flags: str):
-        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "resnet-serve"), "--model-dir",
+    def __init__(self, model_dir: Path, *flags: str, exe: Path | None = None):
+        """``exe``: another build's `resnet-serve` (bench/baseline.py); this environment's by default."""
+        exe = exe if exe is not None else Path(sys.executable).parent / "resnet-serve"
+        self.proc = subprocess.Popen([str(exe), "--model-dir",
                                       str(model_dir), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
                                       "--health-port", "-1", *flags], stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True)
@@ -73,6 +108,7 @@ class ServerProcess:
         if not line:
             raise RuntimeError("server did not start")
         self.target = f"127.0.0.1:{json.loads(line)['port']}"
+        self.pid = self.proc.pid
         with ClassifierClient(self.target) as client:
             client.wait_until_ready(600)
 
@@ -94,6 +130,26 @@ def load(target: str, hw: tuple[int, int], mode: str, concurrency: list[int], ar
 def run_config(name: str, models: dict[str, Path], args) -> dict:
     hw = (args.size, args.size)
     threads = str(args.threads)
+    if name.split("@")[0] == "front_cost":
+        exe = args.baseline_exe if name.endswith(BASE) else None
+        server = ServerProcess(models["null"], "--max-batch-size", "32", "--max-queue-delay-us", "0",
+                               "--threads-per-instance", "1", "--max-queue-size", "4096",
+                               "--max-stream-in-flight", "1024", exe=exe)
+        try:
+            return front_cost.front_cost(server.target, server.pid, hw, args.front_concurrency, args.requests)
+        finally:
+            server.close()
+    if name == "simulated":
+        a, c = args.sim_cost_ms
+        server = ServerProcess(models["null"], "--engine", "simulated", "--simulated-cost-ms", f"{a},{c}",
+                               "--max-batch-size", str(args.sim_max_batch), "--max-queue-delay-us", "0",
+                               "--threads-per-instance", "1", "--max-queue-size", "4096",
+                               "--max-stream-in-flight", "1024")
+        try:
+            return front_cost.simulated(server.target, hw, args.sim_cost_ms, args.sim_max_batch,
+                                        args.sim_concurrency, args.requests)
+        finally:
+            server.close()
     if name == "limit":
         sizes = ",".join(str(b) for b in default_buckets(args.max_batch))
         r = subprocess.run([sys.executable, "-m", "bench.limit", str(models["resnet"] / "1"), threads, sizes,
@@ -144,7 +200,27 @@ def step(results: list[dict], concurrency: int) -> dict:
 
 
 def headline(r: dict, args) -> dict:
-    """The ratios of one round (each from that round's own numbers)."""
+    """The ratios of one round (each from that round's own numbers), for the configs that ran."""
+    out: dict = {}
+    if all(k in r for k in CONFIGS[:6]):
+        out.update(protocol_headline(r, args))
+    if "front_cost" in r:
+        cur = r["front_cost"]
+        for key in ("images_per_s", "front_cpu_us_per_image", "workers_cpu_us_per_image", "loadgen_cpu_us_per_image"):
+            out[f"front_cost_{key}"] = cur[key]
+            if "front_cost" + BASE in r:
+                base = r["front_cost" + BASE][key]
+                out[f"front_cost_{key}_over_base"] = cur[key] / base if base else float("nan")
+    if "simulated" in r:
+        out["sim_ratio_to_capacity"] = r["simulated"]["ratio_to_capacity"]
+        out["sim_images_per_s"] = r["simulated"]["images_per_s"]
+        if r["simulated"]["c1_added_ms"] is not None:
+            out["sim_c1_added_ms"] = r["simulated"]["c1_added_ms"]
+    return out
+
+
+def protocol_headline(r: dict, args) -> dict:
+    """The headline of the whole protocol (configs 1-6)."""
     limit, batched, unbatched = r["limit"], r["batched"], r["unbatched"]
     best_stream = max(s["images_per_s"] for s in batched["stream_raw"])
     best_any = max(s["images_per_s"] for k in ("unary_raw", "stream_raw") for s in batched[k])
@@ -191,7 +267,7 @@ def sweep_table(rounds: list[dict]) -> list[str]:
     rows: dict[tuple, list[dict]] = {}
     for r in rounds:
         for config in ("batched", "unbatched", "ceiling"):
-            for kind, steps in r[config].items():
+            for kind, steps in r.get(config, {}).items():
                 for s in steps:
                     rows.setdefault((config, kind, s["concurrency"]), []).append(s)
     lines = ["| server | mode / input | concurrency | images/s (median, min–max) | p50 ms | p99 ms | errors |",
@@ -234,7 +310,7 @@ def fast_table(report: dict) -> list[str]:
 
 def render(report: dict) -> str:
     m, s, a = report["machine"], report["summary"], report["args"]
-    fmt = {"ratio": "{:.3f}", "ms": "{:.2f}", "images": "{:.1f}", "over": "{:.2f}"}
+    fmt = {"ratio": "{:.3f}", "over": "{:.2f}", "ms": "{:.2f}", "_us_": "{:.1f}", "images": "{:.1f}"}
 
     def f(key: str, v: float) -> str:
         for tag, pattern in fmt.items():
@@ -242,16 +318,33 @@ def render(report: dict) -> str:
                 return pattern.format(v)
         return f"{v:.3f}"
 
+    ran = report["rounds"][0]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}, "
-             f"paddlepaddle {m['paddlepaddle']}; commit {m['commit']}; {m['date']}.",
-             f"Model: ResNet-50 {a['size']}x{a['size']}, random weights, fp32 PIR, oneDNN, {a['threads']} threads; "
-             f"server max batch {a['max_batch']}, max queue delay {a['delay_us']} µs, 1 worker. "
-             f"{a['rounds']} rounds of {a['warmup']} s warm-up + {a['duration']} s per step.", "",
-             "| headline | median | min–max |", "| --- | ---: | ---: |"]
+             f"paddlepaddle {m['paddlepaddle']}; commit {m['commit']}; {m['date']}."]
+    if "limit" in ran:
+        lines.append(f"Model: ResNet-50 {a['size']}x{a['size']}, random weights, fp32 PIR, oneDNN, {a['threads']} "
+                     f"threads; server max batch {a['max_batch']}, max queue delay {a['delay_us']} µs, 1 worker. "
+                     f"{a['rounds']} rounds of {a['warmup']} s warm-up + {a['duration']} s per step.")
+    if "front_cost" in ran:
+        base = f"; `_over_base`: over commit {a['baseline_sha']} in the same round" if a.get("baseline") else ""
+        lines.append(f"front_cost: null model {a['size']}x{a['size']}, stream, raw uint8, concurrency "
+                     f"{a['front_concurrency']}, {a['requests']} requests per step, max batch 32, 1 worker; CPU "
+                     f"from /proc per image answered{base}.")
+    if "simulated" in ran:
+        cost = a["sim_cost_ms"]
+        lines.append(f"simulated: engine of {cost[0]} + {cost[1]}*b ms per batch of b, max batch {a['sim_max_batch']}, "
+                     f"1 worker; images/s at concurrency {a['sim_concurrency']} over {a['sim_max_batch']} / "
+                     f"({cost[0]} + {a['sim_max_batch']}*{cost[1]}) ms; p50 at concurrency 1 minus ({cost[0]} + "
+                     f"{cost[1]}) ms; {a['requests']} requests per step.")
+    lines += [f"{a['rounds']} round(s).", "", "| headline | median | min–max |", "| --- | ---: | ---: |"]
     for key, v in s.items():
         lines.append(f"| {key} | {f(key, v['median'])} | {f(key, v['min'])}–{f(key, v['max'])} |")
-    lines += ["", *fast_table(report)]
-    lines += ["", *sweep_table(report["rounds"])]
+    if "limit_fp32_legacy_images_per_s" in s:
+        lines += ["", *fast_table(report)]
+    if any(c in report["rounds"][0] for c in ("batched", "unbatched", "ceiling")):
+        lines += ["", *sweep_table(report["rounds"])]
+    if "limit" not in report["rounds"][0]:
+        return "\n".join(lines)
     limit = [r["limit"]["batches"] for r in report["rounds"]]
     lines += ["", "| in-process limit: batch size | images/s (median) | batch ms (median) |", "| ---: | ---: | ---: |"]
     for n in limit[0]:
@@ -277,19 +370,53 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    p.add_argument("--requests", type=int, default=4000,
+                   help="front_cost and simulated: requests per measured step (request-bounded, not timed)")
+    p.add_argument("--front-concurrency", type=int, default=128, help="front_cost: stream items in flight")
+    p.add_argument("--sim-cost-ms", default="5,0.1", help="simulated: A,C, a batch of b takes A + C*b ms")
+    p.add_argument("--sim-max-batch", type=int, default=32)
+    p.add_argument("--sim-concurrency", type=int, default=256)
+    p.add_argument("--baseline", metavar="REV", help="also run front_cost on REV's server (bench/baseline.py), "
+                   "alternated within each round, and report ratios to it (e.g. HEAD~1)")
     args = p.parse_args(argv)
     args.unary_concurrency = [int(c) for c in args.unary_concurrency.split(",")]
     args.stream_concurrency = [int(c) for c in args.stream_concurrency.split(",")]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown or not configs:
+        p.error(f"--configs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONFIGS)}")
+    if set(configs) & set(CONFIGS[:6]) and not set(CONFIGS[:6]) <= set(configs):
+        p.error(f"--configs: {', '.join(CONFIGS[:6])} go together (their headline needs every one)")
+    if args.requests < 1:
+        p.error("--requests must be at least 1")
+    from resnet_serve.server.simulated_engine import parse_cost_ms
+
+    try:
+        args.sim_cost_ms = parse_cost_ms(args.sim_cost_ms)
+        args.baseline_exe = None
+        if args.baseline:
+            args.baseline_sha, args.baseline_exe = baseline.prepare(args.baseline, log)
+    except (ValueError, subprocess.CalledProcessError, RuntimeError) as e:
+        p.error(str(e))
+    if args.baseline and "front_cost" in configs:
+        configs.insert(configs.index("front_cost") + 1, "front_cost" + BASE)
 
     t0 = time.perf_counter()
     log(f"exporting models under {args.models} (once)")
-    models = {"resnet": ensure_model("resnet50", args.models, args.size),
-              "null": ensure_model("null", args.models, args.size),
-              "legacy": ensure_model("resnet50", args.models, args.size, legacy=True),
-              "int8": ensure_int8_model(args.models, args.size)}
+    needed = {m for c in configs for m in NEEDS[c.split("@")[0]]}
+    makers = {"resnet": lambda: ensure_model("resnet50", args.models, args.size),
+              "null": lambda: ensure_model("null", args.models, args.size),
+              "legacy": lambda: ensure_model("resnet50", args.models, args.size, legacy=True),
+              "int8": lambda: ensure_int8_model(args.models, args.size)}
+    models = {name: make() for name, make in makers.items() if name in needed}
     rounds = []
     for i in range(args.rounds):
-        order = CONFIGS[i % len(CONFIGS):] + CONFIGS[:i % len(CONFIGS)]  # alternate who goes first
+        order = configs[i % len(configs):] + configs[:i % len(configs)]  # alternate who goes first
+        if "front_cost" + BASE in order:  # and current and baseline swap places every round
+            a, b = order.index("front_cost"), order.index("front_cost" + BASE)
+            if (a < b) == bool(i % 2):
+                order[a], order[b] = order[b], order[a]
         result: dict = {"order": list(order)}
         for name in order:
             log(f"round {i + 1}/{args.rounds}: {name}")
@@ -307,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_docs:
         args.docs.write_text("# Benchmarks\n\nProduced by `make bench` (bench/run.py; protocol in its docstring). "
                              "Rerun it to reproduce; raw numbers: `" + str(path.relative_to(ROOT)) +
-                             "`.\n\n" + table + "\n")
+                             "`.\n\n" + DOC_NOTES + "\n" + table + "\n")
     log(f"done in {report['elapsed_s'] / 60:.1f} min; wrote {path}")
     return 0
 

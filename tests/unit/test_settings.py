@@ -114,8 +114,19 @@ def test_model_dir_is_required() -> None:
 @pytest.mark.parametrize(("flags", "message"), [
     (["--device", "tpu"], "device must be cpu or gpu, not 'tpu'"),
     (["--precision", "bf16"], "precision must be fp32, fp16 or int8, not 'bf16'"),
-    (["--engine", "onnx"], "engine must be onednn or openvino (CPU), tensorrt or cuda (GPU), or paddle (the default: "
-                           "oneDNN on CPU, TensorRT on GPU), not 'onnx'"),
+    (["--engine", "onnx"], "engine must be onednn or openvino (CPU), tensorrt or cuda (GPU), simulated (benchmarks), "
+                           "or paddle (the default: oneDNN on CPU, TensorRT on GPU), not 'onnx'"),
+    (["--simulated-cost-ms", "5,0.1"], "simulated_cost_ms is for --engine simulated (benchmarks only)"),
+    (["--engine", "simulated", "--simulated-cost-ms", "5"], "simulated_cost_ms must be A,C in milliseconds (a batch "
+                                                           "of b takes A + C*b ms), e.g. 5,0.1; not '5'"),
+    (["--engine", "simulated", "--simulated-cost-ms", "5,x"], "simulated_cost_ms must be A,C in milliseconds (a "
+                                                             "batch of b takes A + C*b ms), e.g. 5,0.1; not '5,x'"),
+    (["--engine", "simulated", "--simulated-cost-ms=-1,0"], "simulated_cost_ms A,C must be finite and >= 0, "
+                                                           "not '-1,0'"),
+    (["--engine", "simulated", "--simulated-cost-ms", "inf,0"], "simulated_cost_ms A,C must be finite and >= 0, "
+                                                               "not 'inf,0'"),
+    (["--engine", "simulated", "--device", "gpu"], "engine simulated runs on --device cpu (it stands for any "
+                                                   "device)"),
     (["--precision", "int8", "--device", "gpu"], "int8 runs on CPU only: int8 exports are oneDNN programs that no "
                                                  "GPU engine runs; use --device cpu, or --precision fp16 on GPU"),
     (["--engine", "tensorrt"], "engine tensorrt runs on GPU only: add --device gpu"),
@@ -147,6 +158,13 @@ def test_bad_value_is_refused_with_a_clear_message(flags: list[str], message: st
 def test_buckets_default_to_powers_of_two_and_may_be_listed() -> None:
     assert settings("--max-batch-size", "6").bucket_sizes() == (1, 2, 4, 6)
     assert settings("--buckets", " 8, 1,4,4 ").bucket_sizes() == (1, 4, 8)
+
+
+def test_the_simulated_engine_takes_its_cost_as_a_and_c_milliseconds() -> None:
+    """--engine simulated (benchmarks only): A,C; unset means no wait at all."""
+    assert settings("--engine", "simulated", "--simulated-cost-ms", " 5, 0.1").simulated_cost() == (5.0, 0.1)
+    assert settings("--engine", "simulated").simulated_cost() == (0.0, 0.0)
+    assert "for benchmarks only" in parser().format_help()
 
 
 def test_gpu_ids() -> None:

@@ -48,6 +48,7 @@ class EngineConfig:
     gpus: tuple[int, ...] = ()  # GPU device: instance i runs on gpus[i % len(gpus)] (CUDA_VISIBLE_DEVICES)
     batch_time_limit_s: float = 0.0  # > 0: fixed; 0: derived from the warm-up timings once started
     batches_in_flight: int = 2  # per instance: one computing, the next written and queued behind it (1 or 2)
+    simulated_cost_ms: tuple[float, float] = (0.0, 0.0)  # engine "simulated" (benchmarks): a + c*b ms per batch
 
 
 class Engine:
@@ -73,7 +74,7 @@ class Engine:
         self.buckets: tuple[int, ...] = tuple(sorted(set(cfg.buckets)))
         settings = PredictorSettings(device=cfg.device, precision=cfg.precision, threads=cfg.threads_per_instance,
                                      max_batch_size=cfg.max_batch_size, trt_cache_dir=cfg.trt_cache_dir,
-                                     engine=cfg.engine)
+                                     engine=cfg.engine, simulated_cost_ms=cfg.simulated_cost_ms)
         # Planned here, in the front, before any worker is spawned: a bad setting raises ValueError now, and every
         # worker gets this plan instead of making its own.
         plan = settings.plan(self.version_dir, self.manifest)

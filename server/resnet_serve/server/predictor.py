@@ -99,6 +99,10 @@ def build_predictor(version_dir: Path | str, manifest: Manifest | None = None,
     version_dir = Path(version_dir)
     manifest = manifest if manifest is not None else load_manifest(version_dir)
     settings = settings if settings is not None else PredictorSettings()
+    if settings.engine == "simulated":  # benchmarks only: no Paddle, a + c*b ms per batch
+        from .simulated_engine import SimulatedPredictor
+
+        return SimulatedPredictor(manifest, settings.simulated_cost_ms)  # type: ignore[return-value]
     plan = plan if plan is not None else settings.plan(version_dir, manifest)
     if settings.device == "gpu":
         from .trt_cache import build_gpu_predictor  # the TensorRT conversion and its cache live there

@@ -34,8 +34,10 @@ from resnet_serve.common.modeldir import Manifest
 DEVICES = ("cpu", "gpu")
 PRECISIONS = ("fp32", "fp16", "int8")
 # paddle: the default (CPU: as the manifest says, oneDNN unless it names OpenVINO; GPU: TensorRT); onednn and
-# openvino: CPU; tensorrt: GPU with TensorRT; cuda: GPU with Paddle's own kernels (no TensorRT).
-ENGINES = ("paddle", "onednn", "openvino", "tensorrt", "cuda")
+# openvino: CPU; tensorrt: GPU with TensorRT; cuda: GPU with Paddle's own kernels (no TensorRT); simulated: no
+# Paddle at all, a + c*b ms per batch of b (benchmarks only: server/resnet_serve/server/simulated_engine.py).
+ENGINES = ("paddle", "onednn", "openvino", "tensorrt", "cuda", "simulated")
+SIMULATED = "simulated"
 CPU_ENGINES = ("onednn", "openvino")
 GPU_ENGINES = ("tensorrt", "cuda")
 
@@ -116,6 +118,7 @@ def plan_config(
     gpu_id: int = 0,
     engine: str = "paddle",
     gpu_memory_mb: int = 256,
+    simulated_cost_ms: tuple[float, float] = (0.0, 0.0),
 ) -> Plan:
     """The ordered Config calls for this model and device; raises ValueError for unsupported combinations.
 
@@ -132,6 +135,12 @@ def plan_config(
         raise ValueError(f"threads must be >= 1, got {threads}")
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if engine == SIMULATED:  # no Config at all: the worker sleeps instead (simulated_engine.py)
+        if device != "cpu":
+            raise ValueError("the simulated engine runs on --device cpu (it stands for any device)")
+        if min(simulated_cost_ms) < 0:
+            raise ValueError(f"simulated_cost_ms must be >= 0, got {simulated_cost_ms}")
+        return []
     pir = is_pir(manifest)
     if device == "gpu" and (precision == "int8" or manifest.precision == "int8"):
         raise ValueError("int8 runs on CPU only: int8 exports are oneDNN programs that no GPU engine runs; "
@@ -177,6 +186,7 @@ class PredictorSettings:
     engine: str = "paddle"
     gpu_id: int = 0
     gpu_memory_mb: int = 256
+    simulated_cost_ms: tuple[float, float] = (0.0, 0.0)  # engine "simulated" only: (a, c), a + c*b ms per batch
 
     def plan(self, version_dir: Path, manifest: Manifest) -> Plan:
         """``plan_config`` with these settings; raises ValueError for unsupported combinations."""

@@ -100,7 +100,8 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
                                  engine=engine_name, max_batch_size=s.max_batch_size, buckets=s.bucket_sizes(),
                                  trt_cache_dir=Path(s.trt_cache_dir) if s.trt_cache_dir else None,
                                  start_timeout_s=s.worker_start_timeout_s, gpus=s.gpu_ids(),
-                                 batch_time_limit_s=s.batch_time_limit_s, batches_in_flight=s.batches_in_flight),
+                                 batch_time_limit_s=s.batch_time_limit_s, batches_in_flight=s.batches_in_flight,
+                                 simulated_cost_ms=s.simulated_cost()),
                     manifest=manifest, on_worker_event=on_worker_event, on_dispatch=on_dispatch)
     try:
         await loop.run_in_executor(None, engine.start)
@@ -108,6 +109,9 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
         await loop.run_in_executor(None, engine.close)
         raise
     m = engine.manifest
+    if engine_name == "simulated":
+        log.warning("engine simulated (benchmarks only): no model runs; a batch of b takes %g + %g*b ms and its "
+                    "answers are a function of the pixels", *s.simulated_cost())
     precision = log_build(engine.build_info, precision)
     runners = engine.runners()
     if wrap_runner is not None:

@@ -41,6 +41,7 @@ class Settings:
     device: str = "cpu"
     precision: str = "fp32"
     engine: str = "paddle"
+    simulated_cost_ms: str = ""  # "A,C": engine simulated (benchmarks only) takes A + C*b ms per batch of b
     trt_cache_dir: str = ""
     gpus: str = ""  # comma-separated GPU ids for --device gpu: worker i runs on gpus[i % n]; empty = GPU 0
     # How long one worker may take to load, convert (TensorRT) and warm before the start fails. Keep it below the
@@ -90,6 +91,12 @@ class Settings:
             raise ValueError(f"gpus must be GPU ids >= 0, not {self.gpus!r}")
         return ids
 
+    def simulated_cost(self) -> tuple[float, float]:
+        """(a, c) ms of the simulated engine; (0, 0) when unset (server/resnet_serve/server/simulated_engine.py)."""
+        from .simulated_engine import parse_cost_ms
+
+        return parse_cost_ms(self.simulated_cost_ms) if self.simulated_cost_ms.strip() else (0.0, 0.0)
+
     def validate(self) -> None:
         if not self.model_dir:
             raise ValueError("--model-dir is required (or RESNET_SERVE_MODEL_DIR, or model_dir in the config file)")
@@ -97,9 +104,15 @@ class Settings:
             raise ValueError(f"device must be cpu or gpu, not {self.device!r}")
         if self.precision not in ("fp32", "fp16", "int8"):
             raise ValueError(f"precision must be fp32, fp16 or int8, not {self.precision!r}")
-        if self.engine not in ("paddle", "onednn", "openvino", "tensorrt", "cuda"):
-            raise ValueError(f"engine must be onednn or openvino (CPU), tensorrt or cuda (GPU), or paddle (the "
-                             f"default: oneDNN on CPU, TensorRT on GPU), not {self.engine!r}")
+        if self.engine not in ("paddle", "onednn", "openvino", "tensorrt", "cuda", "simulated"):
+            raise ValueError(f"engine must be onednn or openvino (CPU), tensorrt or cuda (GPU), simulated "
+                             f"(benchmarks), or paddle (the default: oneDNN on CPU, TensorRT on GPU), "
+                             f"not {self.engine!r}")
+        if self.simulated_cost_ms.strip() and self.engine != "simulated":
+            raise ValueError("simulated_cost_ms is for --engine simulated (benchmarks only)")
+        self.simulated_cost()
+        if self.engine == "simulated" and self.device != "cpu":
+            raise ValueError("engine simulated runs on --device cpu (it stands for any device)")
         if self.precision == "int8" and self.device == "gpu":
             raise ValueError("int8 runs on CPU only: int8 exports are oneDNN programs that no GPU engine runs; "
                              "use --device cpu, or --precision fp16 on GPU")
@@ -203,7 +216,10 @@ HELP = {
     "device": "cpu | gpu",
     "precision": "fp32 | int8 (int8 exports run int8 anyway) | fp16 (GPU)",
     "engine": "paddle (as the manifest says on CPU, tensorrt on GPU) | onednn | openvino (CPU, fp32 legacy "
-              "exports) | tensorrt | cuda (GPU, no TensorRT)",
+              "exports) | tensorrt | cuda (GPU, no TensorRT) | simulated (benchmarks only: no model runs, see "
+              "--simulated-cost-ms)",
+    "simulated_cost_ms": "A,C: with --engine simulated (for benchmarks only, never for serving), a batch of b "
+                         "images takes A + C*b ms and is answered from its pixels, e.g. 5,0.1",
     "trt_cache_dir": "where TensorRT engines are cached (GPU)",
     "gpus": "GPU ids for --device gpu, e.g. 0,1: worker i runs on gpus[i % n]",
     "worker_start_timeout_s": "seconds one worker may take to load, build TensorRT engines and warm",
@@ -233,7 +249,7 @@ HELP = {
 # What an empty or None default means, in --help.
 EMPTY_DEFAULT = {"version": "the highest", "metrics_host": "the --host", "health_host": "the --host",
                  "buckets": "powers of two up to --max-batch-size", "trt_cache_dir": "<version folder>/_opt_cache",
-                 "model_dir": "none, required", "gpus": "GPU 0"}
+                 "model_dir": "none, required", "gpus": "GPU 0", "simulated_cost_ms": "0,0"}
 
 
 def _help(name: str) -> str:

@@ -1,0 +1,121 @@
+"""Issue 17: what the server's front costs per image, by process, read from /proc; and the simulated-engine runs.
+
+front_cost  the server (bench/run.py ServerProcess) under request-bounded stream load (raw uint8 tensors): CPU
+            (utime + stime of /proc/<pid>/stat) of the front process and of every worker process (the front's
+            children, /proc/<pid>/task/*/children, less multiprocessing's resource tracker), taken before and after
+            exactly `requests` requests, as µs per image answered; the load generator's own CPU per image beside it
+            (this process and its waited-for children, os.times()), and images/s.
+simulated   the server over the simulated engine (--engine simulated, a + c*b ms per batch of b): throughput at a
+            high concurrency as a ratio of the engine's capacity at max batch (max_batch / (a + max_batch*c) per
+            second per instance), and the median latency at concurrency 1 minus (a + c).
+Nothing here imports Paddle.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from resnet_serve.client.tools.loadgen import LoadConfig
+from resnet_serve.client.tools.loadgen import run as run_load
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads, those that ended included), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # fields 14 and 15 of proc(5), after pid and (comm)
+
+
+def children(pid: int) -> list[int]:
+    """The process's direct children, from every one of its threads (a child belongs to the thread that made it)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+    return sorted(set(out))
+
+
+def worker_pids(front_pid: int) -> list[int]:
+    """The engine workers: the front's children but multiprocessing's resource tracker (it only unlinks memory)."""
+    pids = []
+    for pid in children(front_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"resource_tracker" not in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def own_cpu_seconds() -> float:
+    """This process's CPU and that of its children it waited for (the load generator's processes, if any)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def measure_cpu(front_pid: int, load: Callable[[], list[dict]]) -> dict:
+    """Run ``load`` (one request-bounded step) and charge the CPU each side spent on it to the images answered."""
+    workers = worker_pids(front_pid)
+    if not workers:
+        raise RuntimeError(f"server {front_pid} has no worker process")
+    before = (cpu_seconds(front_pid), sum(map(cpu_seconds, workers)), own_cpu_seconds())
+    steps = load()
+    after = (cpu_seconds(front_pid), sum(map(cpu_seconds, workers)), own_cpu_seconds())
+    if worker_pids(front_pid) != workers:
+        raise RuntimeError("a worker was replaced during the measurement; its CPU would be lost")
+    step = steps[0]
+    images = step["requests"] - sum(step["errors"].values())
+    if images <= 0:
+        raise RuntimeError(f"no image answered: {step['errors']}")
+    front, work, gen = (1e6 * (a - b) / images for a, b in zip(after, before, strict=True))
+    return {"images": images, "images_per_s": step["images_per_s"], "front_cpu_us_per_image": front,
+            "workers_cpu_us_per_image": work, "loadgen_cpu_us_per_image": gen, "workers": len(workers),
+            "errors": step["errors"], "latency_ms": step["latency_ms"]}
+
+
+def stream_load(target: str, hw: tuple[int, int], concurrency: int, requests: int, warmup_s: float = 0.0,
+                mode: str = "stream") -> list[dict]:
+    """One request-bounded step of the load generator, raw uint8 tensors."""
+    return run_load(LoadConfig(target=target, mode=mode, input="raw", concurrency=(concurrency,), warmup_s=warmup_s,
+                               requests=requests, input_hw=hw, streams=1, processes=1))
+
+
+def front_cost(target: str, front_pid: int, hw: tuple[int, int], concurrency: int, requests: int) -> dict:
+    """A short warm-up step (connections, first batches), then the measured one with no warm-up inside it."""
+    stream_load(target, hw, concurrency, max(concurrency, requests // 10))
+    return measure_cpu(front_pid, lambda: stream_load(target, hw, concurrency, requests))
+
+
+def capacity_images_per_s(cost_ms: tuple[float, float], max_batch: int, instances: int = 1) -> float:
+    """What the simulated engine can compute at most: full batches back to back on every instance."""
+    a, c = cost_ms
+    seconds = (a + max_batch * c) / 1000.0
+    return instances * max_batch / seconds if seconds > 0 else float("inf")
+
+
+def simulated(target: str, hw: tuple[int, int], cost_ms: tuple[float, float], max_batch: int, concurrency: int,
+              requests: int) -> dict:
+    """Throughput at ``concurrency`` over the capacity at max batch; latency at concurrency 1 over the batch cost."""
+    stream_load(target, hw, 1, max(1, requests // 10))  # warm-up
+    high = stream_load(target, hw, concurrency, requests)[0]
+    one = stream_load(target, hw, 1, max(1, requests // 4))[0]
+    a, c = cost_ms
+    p50 = one["latency_ms"]["p50"]
+    return {"cost_ms": list(cost_ms), "max_batch": max_batch, "concurrency": concurrency,
+            "capacity_images_per_s": capacity_images_per_s(cost_ms, max_batch),
+            "images_per_s": high["images_per_s"],
+            "ratio_to_capacity": high["images_per_s"] / capacity_images_per_s(cost_ms, max_batch),
+            "c1_p50_ms": p50, "c1_added_ms": None if p50 is None else p50 - (a + c),
+            "errors": {k: high["errors"].get(k, 0) + one["errors"].get(k, 0)
+                       for k in {*high["errors"], *one["errors"]}}}
+
+
+def median_min_max(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -1,0 +1,98 @@
+"""A simulated engine, for benchmarks only (issue 17): a batch of b images "computes" in a + c*b milliseconds.
+
+Why: to show on a CPU machine how well the front and the batcher would feed a GPU, the worker needs a GPU-like
+cost curve (a fixed launch cost plus a small cost per image) without a GPU. ``--engine simulated
+--simulated-cost-ms A,C`` selects it (server/resnet_serve/server/settings.py); it is never a serving default, and
+GetModelInfo and the info metric report engine "simulated" so no figure is mistaken for a model's.
+
+The logits are a deterministic function of the pixels, so tests can check each answer belongs to its request: an
+image whose mean pixel value (0-255, over the whole image) rounds to p gets top-1 class ``p % num_classes``. Only a
+strided sample of the pixels is read, and the wait is counted from when ``run`` began, so the batch takes
+a + c*b ms in all as long as that sampling is cheaper.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from resnet_serve.common.imaging import Normaliser
+from resnet_serve.common.modeldir import Manifest
+
+STRIDE = 8  # every 8th row and column: enough for a deterministic answer, 1/64 of the reading
+
+
+def parse_cost_ms(text: str) -> tuple[float, float]:
+    """"A,C" -> (a, c) milliseconds: a per batch, c per image; both finite and >= 0. ValueError otherwise."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        a, c = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"simulated_cost_ms must be A,C in milliseconds (a batch of b takes A + C*b ms), e.g. "
+                         f"5,0.1; not {text!r}") from None
+    if not (np.isfinite(a) and np.isfinite(c) and a >= 0 and c >= 0):
+        raise ValueError(f"simulated_cost_ms A,C must be finite and >= 0, not {text!r}")
+    return a, c
+
+
+def simulated_top1(pixel_mean: float, num_classes: int) -> int:
+    """The class the simulated engine ranks first for an image of this mean pixel value (0-255)."""
+    return int(round(pixel_mean)) % num_classes
+
+
+@dataclass
+class SimulatedPredictor:
+    """The Predictor interface the worker uses (server/resnet_serve/server/worker.py): ``input_name``,
+    ``output_name``, ``build_info`` and ``run``; built by ``predictor.build_predictor`` for engine "simulated".
+
+    ``run`` sleeps for the simulated compute. ``time.sleep`` releases the GIL, unlike a real predictor, whose
+    ``run()`` holds the GIL for the whole batch (docs/architecture.md, "Process model"): the worker is a process of
+    its own either way, so the front sees the same thing, but threads inside the worker would not.
+    ``sleep`` and ``clock`` are injectable so tests check the requested waits instead of timing them.
+    """
+
+    manifest: Manifest
+    cost_ms: tuple[float, float] = (0.0, 0.0)
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.perf_counter
+    build_info: dict[str, Any] = field(default_factory=dict)  # empty: what log_build reads is for GPU builds
+
+    def __post_init__(self) -> None:
+        self.input_name: str = self.manifest.input_name
+        self.output_name: str = "simulated_logits"
+        self.num_classes = int(self.manifest.num_classes)
+        self._mean = np.asarray(self.manifest.mean, np.float64)
+        self._std = np.asarray(self.manifest.std, np.float64)
+        self._normalise = Normaliser(self.manifest.mean, self.manifest.std)
+
+    def batch_seconds(self, n: int) -> float:
+        """The simulated compute time of a batch of n: (a + c*n) ms."""
+        a, c = self.cost_ms
+        return (a + c * n) / 1000.0
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 model input [n, 3, H, W], or uint8 pixels [n, H, W, 3] (normalised as Predictor.run does) ->
+        float32 logits [n, num_classes], after (a + c*n) ms in all."""
+        start = self.clock()
+        batch = np.asarray(batch)
+        if batch.dtype == np.uint8:
+            n, h, w, c = batch.shape
+            batch = self._normalise(batch, np.empty((n, c, h, w), np.float32))
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected [n, 3, H, W] float32 or [n, H, W, 3] uint8, got {batch.shape}")
+        logits = self.logits(batch)
+        left = self.batch_seconds(len(batch)) - (self.clock() - start)
+        if left > 0:
+            self.sleep(left)
+        return logits
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Peaked at each image's ``simulated_top1``: the mean pixel value recovered from the normalised input."""
+        sample = np.asarray(batch[:, :, ::STRIDE, ::STRIDE], np.float64).mean(axis=(2, 3))  # [n, 3]
+        pixel_mean = ((sample * self._std + self._mean) * 255.0).mean(axis=1)  # [n]
+        top = np.array([simulated_top1(p, self.num_classes) for p in pixel_mean], np.float64)
+        return (-np.abs(np.arange(self.num_classes)[None, :] - top[:, None])).astype(np.float32)

@@ -1,0 +1,105 @@
+"""Issue 17's benchmark pieces end to end at tiny size: the simulated engine in a real server
+(server/resnet_serve/server/simulated_engine.py), the front-cost measurement from /proc (bench/front_cost.py) and
+`bench.run --configs simulated`. Structure and counts only, never speed: the machine may be loaded."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import front_cost
+from bench.run import ServerProcess
+from bench.run import main as bench_main
+from resnet_serve.client.sync import ClassifierClient
+from resnet_serve.common.modeldir import Manifest, sha256_file
+from tests.harness import one_error_line, run_cli, scrape, start_subprocess_server
+
+CLASSES = 10
+
+
+def stand_in_model_dir(root: Path, size: int = 32) -> Path:
+    """A model folder the simulated engine can serve: a manifest, labels and placeholder model files (never read:
+    the simulated engine imports no Paddle), so no export is needed."""
+    d = root / "1"
+    d.mkdir(parents=True)
+    (d / "inference.json").write_text("{}")
+    (d / "inference.pdiparams").write_bytes(b"")
+    (d / "labels.txt").write_text("".join(f"class_{i}\n" for i in range(CLASSES)))
+    m = Manifest(name="stand-in", version=1, architecture="none", num_classes=CLASSES, input_size=[size, size],
+                 mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], format="pir", model_file="inference.json")
+    m.files = {p.name: sha256_file(p) for p in d.iterdir()}
+    (d / "manifest.json").write_text(m.to_json())
+    return root
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return stand_in_model_dir(tmp_path_factory.mktemp("models") / "null")
+
+
+def test_a_simulated_server_answers_from_the_pixels_and_says_it_is_simulated(stand_in: Path) -> None:
+    """GetModelInfo and the info metric both name the engine, so no simulated figure passes for a model's."""
+    proc, ports = start_subprocess_server("--model-dir", str(stand_in), "--engine", "simulated",
+                                          "--simulated-cost-ms", "0,0", "--max-batch-size", "4")
+    try:
+        with ClassifierClient(f"127.0.0.1:{ports['port']}") as client:
+            client.wait_until_ready(120)
+            assert client.model_info().engine == "simulated"
+            for value in (3, 57, 200):  # solid images: the top-1 class is the pixel value mod the class count
+                result = client.classify(np.full((32, 32, 3), value, np.uint8), top_k=1)
+                assert (result.top1.class_id, result.top1.label) == (value % CLASSES, f"class_{value % CLASSES}")
+        info = [dict(labels) for (name, labels) in scrape(ports["metrics_port"]) if name == "resnet_serve_model_info"]
+        assert [i["engine"] for i in info] == ["simulated"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "engine simulated (benchmarks only)" in err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--engine", "simulated", "--simulated-cost-ms", "5"], "simulated_cost_ms must be A,C"),
+    (["--simulated-cost-ms", "5,0.1"], "simulated_cost_ms is for --engine simulated"),
+])
+def test_bad_simulated_flags_are_one_line_and_exit_2(stand_in: Path, flags: list[str], message: str) -> None:
+    assert message in one_error_line(run_cli("resnet-serve", "--model-dir", str(stand_in), *flags, timeout=120))
+
+
+def test_front_cost_reports_cpu_per_image_of_each_process(tiny_model_dir: Path) -> None:
+    """The tiny ResNet (real worker compute), 32x32 raw tensors over a stream, 200 requests: enough CPU ticks for
+    every process to register (/proc counts in 10 ms ticks)."""
+    server = ServerProcess(tiny_model_dir, "--max-batch-size", "4", "--max-queue-delay-us", "0",
+                           "--threads-per-instance", "1")
+    try:
+        r = front_cost.front_cost(server.target, server.pid, (32, 32), 4, 200)
+    finally:
+        server.close()
+    assert r["images"] == 200 and r["errors"] == {} and r["workers"] == 1
+    assert r["front_cpu_us_per_image"] > 0 and r["workers_cpu_us_per_image"] > 0
+    assert r["loadgen_cpu_us_per_image"] > 0 and r["images_per_s"] > 0
+
+
+def test_bench_run_simulated_writes_its_headline(stand_in: Path, tmp_path: Path) -> None:
+    """`python -m bench.run --configs simulated` at tiny size: the stand-in folder is the bench's null model."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "null").symlink_to(stand_in)
+    out = tmp_path / "out"
+    assert bench_main(["--configs", "simulated", "--rounds", "1", "--size", "32", "--requests", "20",
+                       "--sim-concurrency", "8", "--sim-max-batch", "4", "--sim-cost-ms", "1,0.5", "--models",
+                       str(models), "--out", str(out), "--no-docs"]) == 0
+    report = json.loads(next(out.glob("*.json")).read_text())
+    sim = report["rounds"][0]["simulated"]
+    assert sim["capacity_images_per_s"] == pytest.approx(4 / 0.003) and sim["errors"] == {}
+    assert set(report["summary"]) == {"sim_ratio_to_capacity", "sim_images_per_s", "sim_c1_added_ms"}
+
+
+def test_bench_refuses_an_unknown_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        bench_main(["--configs", "simulated,nope"])
+    assert e.value.code == 2 and "unknown nope" in capsys.readouterr().err
+

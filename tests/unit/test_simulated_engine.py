@@ -1,0 +1,93 @@
+"""server/resnet_serve/server/simulated_engine.py: the benchmark's stand-in for a GPU (issue 17). A batch of b
+waits a + c*b ms (checked through an injected sleep and clock, never by timing) and its logits are a fixed
+function of its pixels, the same for uint8 NHWC pixels and for the float32 NCHW input the worker normalises."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from resnet_serve.common.imaging import Normaliser
+from resnet_serve.common.modeldir import Manifest
+from resnet_serve.server.predictor import build_predictor
+from resnet_serve.server.predictor_config import PredictorSettings
+from resnet_serve.server.simulated_engine import SimulatedPredictor, parse_cost_ms, simulated_top1
+
+MANIFEST = Manifest(name="stand-in", version=1, architecture="none", num_classes=10, input_size=[16, 16],
+                    mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+
+
+class FakeTime:
+    """A clock that advances only by what the predictor sleeps, and the sleeps it was asked for."""
+
+    def __init__(self, compute_s: float = 0.0) -> None:
+        self.now, self.sleeps, self.compute_s = 100.0, [], compute_s
+
+    def clock(self) -> float:
+        t = self.now
+        self.now += self.compute_s  # read before and after the logits: they cost compute_s
+        return t
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.now += s
+
+
+def solid(*values: int) -> np.ndarray:
+    return np.stack([np.full((16, 16, 3), v, np.uint8) for v in values])
+
+
+def test_a_batch_of_b_waits_a_plus_c_times_b_ms_in_all() -> None:
+    t = FakeTime()
+    p = SimulatedPredictor(MANIFEST, (5.0, 0.1), sleep=t.sleep, clock=t.clock)
+    for n in (1, 4, 32):
+        p.run(np.zeros((n, 3, 16, 16), np.float32))
+    assert t.sleeps == pytest.approx([0.0051, 0.0054, 0.0082])
+
+
+def test_the_time_spent_on_the_logits_counts_toward_the_wait() -> None:
+    t = FakeTime(compute_s=0.002)
+    SimulatedPredictor(MANIFEST, (5.0, 0.0), sleep=t.sleep, clock=t.clock).run(solid(3))
+    assert t.sleeps == pytest.approx([0.003])
+    t = FakeTime(compute_s=0.002)  # costlier than the simulated batch: no sleep at all
+    SimulatedPredictor(MANIFEST, (1.0, 0.0), sleep=t.sleep, clock=t.clock).run(solid(3))
+    assert t.sleeps == []
+
+
+def test_zero_cost_never_sleeps() -> None:
+    t = FakeTime()
+    SimulatedPredictor(MANIFEST, (0.0, 0.0), sleep=t.sleep, clock=t.clock).run(solid(1, 2))
+    assert t.sleeps == []
+
+
+def test_logits_follow_each_images_pixels_for_both_input_types() -> None:
+    p = SimulatedPredictor(MANIFEST, sleep=lambda s: None)
+    pixels = solid(37, 200, 0, 9)
+    by_pixels = p.run(pixels)
+    n, h, w, c = pixels.shape
+    by_input = p.run(Normaliser(MANIFEST.mean, MANIFEST.std)(pixels, np.empty((n, c, h, w), np.float32)))
+    assert by_pixels.dtype == np.float32 and by_pixels.shape == (4, 10)
+    assert by_pixels.argmax(axis=1).tolist() == [7, 0, 0, 9] == [simulated_top1(v, 10) for v in (37, 200, 0, 9)]
+    np.testing.assert_array_equal(by_pixels, by_input)
+    np.testing.assert_array_equal(p.run(pixels), by_pixels)  # deterministic
+
+
+def test_it_has_the_interface_the_worker_uses_and_build_predictor_makes_it(tmp_path) -> None:
+    """engine "simulated" dispatches before anything of Paddle: no model file is read, no plan has Config calls."""
+    settings = PredictorSettings(engine="simulated", simulated_cost_ms=(2.0, 0.5))
+    assert settings.plan(tmp_path, MANIFEST) == []
+    p = build_predictor(tmp_path, MANIFEST, settings)
+    assert isinstance(p, SimulatedPredictor) and p.cost_ms == (2.0, 0.5)
+    assert (p.input_name, p.output_name, p.build_info) == ("image", "simulated_logits", {})
+
+
+def test_a_bad_batch_is_refused() -> None:
+    with pytest.raises(ValueError, match="expected"):
+        SimulatedPredictor(MANIFEST).run(np.zeros((1, 16, 16), np.float32))
+
+
+@pytest.mark.parametrize("text", ["5", "5,0.1,2", "a,b", "", "nan,1", "-1,0", "1,-0.5"])
+def test_cost_must_be_two_finite_non_negative_numbers(text: str) -> None:
+    with pytest.raises(ValueError, match="simulated_cost_ms"):
+        parse_cost_ms(text)
+    assert parse_cost_ms("5, 0.1") == (5.0, 0.1)
