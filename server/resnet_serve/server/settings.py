@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .batcher import default_buckets
+from .predictor_config import ENGINES, SIMULATED
 
 ENV_PREFIX = "RESNET_SERVE_"
 
@@ -104,14 +105,14 @@ class Settings:
             raise ValueError(f"device must be cpu or gpu, not {self.device!r}")
         if self.precision not in ("fp32", "fp16", "int8"):
             raise ValueError(f"precision must be fp32, fp16 or int8, not {self.precision!r}")
-        if self.engine not in ("paddle", "onednn", "openvino", "tensorrt", "cuda", "simulated"):
+        if self.engine not in ENGINES:
             raise ValueError(f"engine must be onednn or openvino (CPU), tensorrt or cuda (GPU), simulated "
                              f"(benchmarks), or paddle (the default: oneDNN on CPU, TensorRT on GPU), "
                              f"not {self.engine!r}")
-        if self.simulated_cost_ms.strip() and self.engine != "simulated":
+        if self.simulated_cost_ms.strip() and self.engine != SIMULATED:
             raise ValueError("simulated_cost_ms is for --engine simulated (benchmarks only)")
         self.simulated_cost()
-        if self.engine == "simulated" and self.device != "cpu":
+        if self.engine == SIMULATED and self.device != "cpu":
             raise ValueError("engine simulated runs on --device cpu (it stands for any device)")
         if self.precision == "int8" and self.device == "gpu":
             raise ValueError("int8 runs on CPU only: int8 exports are oneDNN programs that no GPU engine runs; "
