@@ -540,6 +540,32 @@ def test_stop_answers_pending_and_leaves_no_tasks() -> None:
     run(body())
 
 
+def test_stop_right_after_a_wakeup_still_stops_the_consumer() -> None:
+    """A consumer waiting out the queue delay is woken and cancelled in the same loop step (a drain and a stop
+    together). asyncio.wait_for on Python 3.11 returns the wakeup and drops the cancellation; the consumer
+    then waited for work forever and stop() never returned."""
+
+    async def body() -> None:
+        runner = FakeRunner(held=True)
+        b, rec = await make([runner], max_batch_size=8, max_queue_delay_us=BIG_DELAY_US)
+        try:
+            first = await start_held(b, rec, runner)
+            queued = submit(b, 1)
+            await rec.until(lambda: b.queue_depth == 1)
+            runner.gate.set()
+            await first
+            await rec.until(lambda: len(rec.done) == 1)
+            for _ in range(5):
+                await asyncio.sleep(0)  # the consumer is now waiting out the 10 s delay
+            # drain() wakes the consumer and stop() cancels it, both before it runs again.
+            await asyncio.gather(b.drain(), b.stop())
+            assert isinstance((await asyncio.gather(queued, return_exceptions=True))[0], (ShuttingDown, np.ndarray))
+        finally:
+            await b.stop()
+
+    run(body())
+
+
 def test_every_request_gets_exactly_one_outcome_under_churn() -> None:
     """Mixed deadlines and cancellations on two runners: no future left pending, accounting consistent."""
 

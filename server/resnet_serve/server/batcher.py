@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -324,8 +323,13 @@ class Batcher:
                     self._computing += 1
                     self._batches += 1
                     return batch, reason
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), timeout=wait_left)
+                # Not asyncio.wait_for: on Python 3.11 it returns a wakeup that coincides with a cancellation and
+                # drops the cancellation, and stop() then waited for this consumer forever.
+                waiter = asyncio.ensure_future(changed.wait())
+                try:
+                    await asyncio.wait((waiter,), timeout=wait_left)
+                finally:
+                    waiter.cancel()
             else:
                 await changed.wait()
 
