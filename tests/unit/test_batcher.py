@@ -430,6 +430,100 @@ def test_cancel_after_dispatch_discards_result() -> None:
     run(body())
 
 
+# ---- the images of one message (submit_many) ------------------------------------------------------------
+
+
+def submit_many(b: Batcher, *values: float, deadline: float | None = None) -> asyncio.Task[list[np.ndarray]]:
+    return asyncio.create_task(b.submit_many([item(v) for v in values], deadline))
+
+
+def test_submit_many_at_an_idle_server_goes_out_at_once_in_order() -> None:
+    async def body() -> None:
+        runner = FakeRunner()
+        b, rec = await make([runner], max_batch_size=4, max_queue_delay_us=BIG_DELAY_US)
+        try:
+            rows = await b.submit_many([item(v) for v in range(6)])
+            assert [r[0, 0, 0] for r in rows] == [2.0 * v for v in range(6)]
+            assert rec.sizes == [4, 2] and rec.reasons == ["full", "idle"]  # none waited out the 10 s delay
+            assert b.in_flight == 0 and rec.in_flights[-1] == 0
+        finally:
+            await b.stop()
+
+    run(body())
+
+
+def test_submit_many_is_admitted_whole_or_not_at_all() -> None:
+    async def body() -> None:
+        runner = FakeRunner(held=True)
+        b, rec = await make([runner], max_batch_size=8, max_queue_delay_us=BIG_DELAY_US, max_queue_size=4)
+        try:
+            first = await start_held(b, rec, runner)
+            one = submit(b, 1)
+            await rec.until(lambda: b.queue_depth == 1)
+            with pytest.raises(QueueFull, match="no room for 4 images in the queue"):
+                await b.submit_many([item(v) for v in (2, 3, 4, 5)])
+            assert b.queue_depth == 1 and b.in_flight == 2
+            assert rec.dropped == ["queue_full"] * 4  # every refused image counted
+            three = submit_many(b, 2, 3, 4)  # exactly the room left
+            await rec.until(lambda: b.queue_depth == 4)
+            runner.gate.set()
+            await b.drain()
+            assert (await one)[0, 0, 0] == 2 and [r[0, 0, 0] for r in await three] == [4, 6, 8]
+            await first
+        finally:
+            await b.stop()
+
+    run(body())
+
+
+def test_a_cancelled_message_leaves_the_queue_whole() -> None:
+    async def body() -> None:
+        runner = FakeRunner(held=True)
+        b, rec = await make([runner], max_batch_size=8, max_queue_delay_us=BIG_DELAY_US)
+        try:
+            first = await start_held(b, rec, runner)
+            stays = submit(b, 1)
+            gone = submit_many(b, 2, 3, 4)
+            await rec.until(lambda: b.queue_depth == 4)
+            gone.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            assert b.queue_depth == 1 and b.in_flight == 2 and rec.dropped == ["cancelled"] * 3
+            runner.gate.set()
+            await b.drain()
+            assert (await stays)[0, 0, 0] == 2
+            await first
+            assert sorted(runner.rows) == [0, 1]
+        finally:
+            await b.stop()
+
+    run(body())
+
+
+def test_a_failed_batch_fails_its_message_and_the_rest_of_it_is_abandoned() -> None:
+    """Batch size 2, a message of 4: its first batch fails, so the message fails; its other two images leave the
+    queue (dropped as cancelled) or, if the free consumer took them first, their results are discarded. Either way
+    nothing of the message stays inside."""
+
+    async def body() -> None:
+        runner = FakeRunner(held=True, fail_on_call=0)
+        b, rec = await make([runner], max_batch_size=2, max_queue_delay_us=0)
+        try:
+            message = submit_many(b, 1, 2, 3, 4)
+            await runner.wait_entered()
+            await rec.until(lambda: b.queue_depth == 2)
+            runner.gate.set()
+            with pytest.raises(ValueError, match="boom"):
+                await message
+            assert b.queue_depth == 0 and b.in_flight == 0 and set(rec.dropped) <= {"cancelled"}
+            assert runner.rows[:2] == [1, 2]
+            assert (await b.submit(item(5)))[0, 0, 0] == 10
+        finally:
+            await b.stop()
+
+    run(body())
+
+
 # ---- failures and concurrency -------------------------------------------------------------------------
 
 

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from resnet_serve.server.admission import PreprocessQueueFull
-from resnet_serve.server.pipeline import ImageInput, Prediction, top_k
+from resnet_serve.server.batcher import QueueFull
+from resnet_serve.server.pipeline import ImageInput, Prediction, top_k, top_k_rows
 from resnet_serve.server.preprocess import InvalidInput
-from tests.unit.serving_parts import LABELS, SIZE, ClassPickingRunner, Parts, run, uint8_image
+from tests.unit.serving_parts import CLASSES, LABELS, SIZE, ClassPickingRunner, Parts, run, uint8_image
 
 
 # --- top_k ---------------------------------------------------------------------------------------------------
@@ -143,5 +144,59 @@ def test_a_failed_call_leaves_the_pipeline_idle() -> None:
                 await parts.pipeline.classify(ImageInput("encoded", b""), 0, None)
             await asyncio.wait_for(parts.pipeline.wait_idle(), 5)
             assert parts.pipeline.active == 0
+
+    run(body())
+
+
+# --- classify_all: the images of one message -----------------------------------------------------------------
+def test_top_k_rows_equals_top_k_of_each_row() -> None:
+    logits = np.random.default_rng(0).normal(size=(6, CLASSES)).astype(np.float32)
+    logits[2] = [5.0, 7.0, 5.0, 7.0]  # ties: by class id
+    for k in (1, 2, CLASSES):
+        assert top_k_rows(logits, k, LABELS) == [top_k(row, k, LABELS) for row in logits]
+
+
+def test_model_sized_images_of_one_message_go_to_the_batcher_together() -> None:
+    """Six model-sized tensors: one batch of four (the batch size) and one of two, each image its own answer."""
+
+    async def body() -> None:
+        async with Parts(runner=ClassPickingRunner(held=True), version="3") as parts:
+            call = asyncio.ensure_future(parts.pipeline.classify_all([uint8_image(v) for v in range(6)], 1, None))
+            assert await asyncio.to_thread(parts.runner.entered.wait, 30)
+            assert parts.batcher.queue_depth == 2 and parts.batcher.in_flight == 6  # admitted all at once
+            parts.runner.gate.set()
+            answers = await call
+            assert [a.predictions[0].class_id for a in answers] == [v % CLASSES for v in range(6)]
+            assert {a.model_version for a in answers} == {"3"} and parts.runner.calls == 2
+            assert parts.pipeline.active == 0
+
+    run(body())
+
+
+def test_a_message_that_needs_pixel_work_is_answered_image_by_image_in_order() -> None:
+    async def body() -> None:
+        async with Parts() as parts:
+            images = [uint8_image(1), ImageInput("encoded", _png(6, 16)), uint8_image(3, size=2 * SIZE)]
+            answers = await parts.pipeline.classify_all(images, 1, None)
+            assert [a.predictions[0].class_id for a in answers] == [1, 2, 3]
+
+    run(body())
+
+
+def test_a_message_the_queue_cannot_hold_is_refused_whole() -> None:
+    """Three places left, four images: none is queued (no partial message); the calls inside are unharmed."""
+
+    async def body() -> None:
+        async with Parts(runner=ClassPickingRunner(held=True), max_queue_size=4) as parts:
+            first = asyncio.ensure_future(parts.pipeline.classify(uint8_image(0), 1, None))
+            assert await asyncio.to_thread(parts.runner.entered.wait, 30)
+            queued = asyncio.ensure_future(parts.pipeline.classify(uint8_image(1), 1, None))
+            while parts.batcher.queue_depth < 1:
+                await asyncio.sleep(0)  # ordering only: let the call reach the queue
+            with pytest.raises(QueueFull, match="no room for 4 images"):
+                await parts.pipeline.classify_all([uint8_image(v) for v in range(4)], 1, None)
+            assert parts.batcher.queue_depth == 1 and parts.pipeline.active == 2
+            parts.runner.gate.set()
+            assert [(await c).predictions[0].class_id for c in (first, queued)] == [0, 1]
 
     run(body())

@@ -209,55 +209,78 @@ class Batcher:
 
     async def submit(self, item: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Queue one request and return its output row; see the module doc for the batching rules."""
+        return (await self.submit_many((item,), deadline))[0]
+
+    async def submit_many(self, items: Sequence[np.ndarray], deadline: float | None = None) -> list[np.ndarray]:
+        """Queue several requests at once (the images of one message) and return their output rows in order.
+
+        Admitted all or none (a message is answered whole), with one wake-up of the consumers and one wait, so
+        the N images of a message pay the per-call costs once. The first failure abandons the rest and is
+        raised; a cancellation or the deadline abandons every one still unanswered."""
+        n = len(items)
         if self._closing:
             raise ShuttingDown("server is shutting down")
-        if len(self._queue) >= self._policy.max_queue_size:
-            self._obs.on_dropped("queue_full")
-            raise QueueFull(f"queue full ({self._policy.max_queue_size} requests waiting)")
+        if len(self._queue) + n > self._policy.max_queue_size:
+            for _ in range(n):
+                self._obs.on_dropped("queue_full")
+            raise QueueFull(f"queue full ({self._policy.max_queue_size} requests waiting)" if n == 1 else
+                            f"no room for {n} images in the queue ({len(self._queue)} of "
+                            f"{self._policy.max_queue_size} places taken)")
         now = time.monotonic()
         if deadline is not None and deadline <= now:
-            self._obs.on_dropped("deadline")
+            for _ in range(n):
+                self._obs.on_dropped("deadline")
             raise DeadlineExpired("deadline passed before the request was queued")
 
-        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        idle = not self._queue and self._computing == 0
-        req = _Request(item, deadline, now, fut, idle)
-        self._queue.append(req)
-        self._in_flight += 1
+        loop = asyncio.get_running_loop()
+        idle = not self._queue and self._computing == 0  # all of them arrived at an idle server: none waits
+        reqs = [_Request(item, deadline, now, loop.create_future(), idle) for item in items]
+        self._queue.extend(reqs)
+        self._in_flight += n
         self._obs.on_queue_depth(len(self._queue))
         self._obs.on_in_flight(self._in_flight)
         self._notify()
+        futures = [req.future for req in reqs]
         try:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                # asyncio.wait neither cancels fut on timeout nor when this task is cancelled.
-                await asyncio.wait((fut,), timeout=timeout)
+                # asyncio.wait neither cancels the futures on timeout nor when this task is cancelled.
+                await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
             except asyncio.CancelledError:
                 # gRPC cancels the handler when the caller's deadline passes, sometimes just before our own
                 # timer fires: a request cancelled at or after its deadline is a deadline drop.
-                expired = req.deadline is not None and time.monotonic() >= req.deadline
-                self._abandon(req, "deadline" if expired else "cancelled")
+                expired = deadline is not None and time.monotonic() >= deadline
+                self._abandon(reqs, "deadline" if expired else "cancelled")
                 raise
-            if fut.done():
-                return fut.result()
-            self._abandon(req, "deadline")
+            failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception()), None)
+            if failed is not None:
+                self._abandon(reqs, "cancelled")  # its siblings: the message fails whole
+                raise failed.exception()
+            if all(f.done() for f in futures):
+                return [f.result() for f in futures]
+            self._abandon(reqs, "deadline")
             raise DeadlineExpired("deadline passed before the request was computed")
         finally:
-            self._in_flight -= 1
+            self._in_flight -= n
             self._obs.on_in_flight(self._in_flight)
             if self._closing and self._in_flight == 0:
                 self._notify()
 
-    def _abandon(self, req: _Request, reason: str) -> None:
-        """The submitter left: free its queue slot at once, or discard the result if already dispatched."""
-        if req.queued:
-            req.queued = False
-            self._queue.remove(req)
-            self._obs.on_dropped(reason)
+    def _abandon(self, reqs: list[_Request], reason: str) -> None:
+        """The submitter left: free the queue slots of its requests at once (one pass over the queue), or discard
+        the results of those already dispatched."""
+        leaving = [req for req in reqs if req.queued]
+        if leaving:
+            ids = {id(req) for req in leaving}
+            self._queue = collections.deque(req for req in self._queue if id(req) not in ids)
+            for req in leaving:
+                req.queued = False
+                self._obs.on_dropped(reason)
             self._obs.on_queue_depth(len(self._queue))
             self._notify()
         # Cancelled futures are skipped by the consumer and never log "exception was never retrieved".
-        req.future.cancel()
+        for req in reqs:
+            req.future.cancel()
 
     # ---- consumers ----------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +124,7 @@ class ServingHandle:
         if not images:
             return []
         try:
-            return await all_or_first_error([pipeline.classify(image, top_k, deadline) for image in images])
+            return await pipeline.classify_all(images, top_k, deadline)
         except (RequestError, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -169,20 +169,3 @@ def call_deadline(time_remaining: float | None) -> float | None:
 
 def _sample_values(metric) -> dict[tuple[str, tuple], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in metric.collect() for s in fam.samples}
-
-
-async def all_or_first_error(calls: list[Awaitable[Answer]]) -> list[Answer]:
-    """Every answer in order; on the first failure the other calls are cancelled and it is raised."""
-    if len(calls) == 1:
-        return [await calls[0]]
-    tasks = [asyncio.ensure_future(c) for c in calls]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
-        if failed is not None:
-            raise failed.exception()
-        return [t.result() for t in tasks]
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,12 +49,18 @@ class Prediction:
 
 def top_k(logits: np.ndarray, k: int, labels: list[str]) -> list[Prediction]:
     """Softmax probabilities of the k best classes, best first."""
+    return top_k_rows(logits[None], k, labels)[0]
+
+
+def top_k_rows(logits: np.ndarray, k: int, labels: list[str]) -> list[list[Prediction]]:
+    """top_k of every row of [n, classes] logits, in one pass of numpy; ties by class id (stable answers)."""
     z = logits.astype(np.float64)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    best = np.argpartition(-p, k - 1)[:k] if k < len(p) else np.arange(len(p))
-    best = best[np.lexsort((best, -p[best]))]  # by score, ties by class id: stable answers
-    return [Prediction(int(i), labels[i], float(p[i])) for i in best]
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    best = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(p, best, axis=1)
+    return [[Prediction(i, labels[i], s) for i, s in zip(ids, row, strict=True)]
+            for ids, row in zip(best.tolist(), scores.tolist(), strict=True)]
 
 
 @dataclass(frozen=True)
@@ -94,20 +101,62 @@ class Pipeline:
         self.metrics.preprocess.labels(image.kind).observe(time.perf_counter() - t0)
         return x
 
-    async def classify(self, image: ImageInput, k: int, deadline: float | None) -> Answer:
-        """Raises InvalidInput, or the batcher's/engine's exceptions; the transport maps them to status codes."""
+    def _inline(self, image: ImageInput) -> bool:
+        """A bounds check and a view, no pixel work: cheaper on the loop than a hop to a preprocess thread."""
+        return image.kind == "float32" or (image.kind == "uint8" and
+                                           tuple(image.shape[:2]) == self.preprocessor.input_size)
+
+    def _enter(self) -> None:
         self.active += 1
         self._idle.clear()
+
+    def _leave(self) -> None:
+        self.active -= 1
+        if not self.active:
+            self._idle.set()
+
+    async def classify(self, image: ImageInput, k: int, deadline: float | None) -> Answer:
+        """Raises InvalidInput, or the batcher's/engine's exceptions; the transport maps them to status codes."""
+        self._enter()
         try:
             k = self.resolve_top_k(k)
-            if image.kind == "float32" or (image.kind == "uint8" and
-                                           tuple(image.shape[:2]) == self.preprocessor.input_size):
-                x = self._prepare(image)  # a bounds check and a view, no pixel work: cheaper than a thread hop
-            else:
-                x = await self.pool.run(self._prepare, image, size=len(image.data))
+            x = self._prepare(image) if self._inline(image) else \
+                await self.pool.run(self._prepare, image, size=len(image.data))
             logits = await self.batcher.submit(x, deadline)
             return Answer(top_k(logits, k, self.labels), self.model.version)
         finally:
-            self.active -= 1
-            if not self.active:
-                self._idle.set()
+            self._leave()
+
+    async def classify_all(self, images: Sequence[ImageInput], k: int, deadline: float | None) -> list[Answer]:
+        """Every image's answer, in order; on the first failure the others are abandoned and it is raised.
+
+        Images that need no pixel work (tensors at the model's size: what a GPU is fed) go to the batcher
+        together and are answered in one pass (Batcher.submit_many, top_k_rows): a message of N images pays the
+        per-call costs once. Others are prepared on the preprocess threads, each its own call."""
+        if len(images) == 1 or not all(self._inline(image) for image in images):
+            return await all_or_first_error([self.classify(image, k, deadline) for image in images])
+        self._enter()
+        try:
+            k = self.resolve_top_k(k)
+            rows = await self.batcher.submit_many([self._prepare(image) for image in images], deadline)
+            version = self.model.version
+            return [Answer(p, version) for p in top_k_rows(np.stack(rows), k, self.labels)]
+        finally:
+            self._leave()
+
+
+async def all_or_first_error(calls: list[Awaitable[Answer]]) -> list[Answer]:
+    """Every answer in order; on the first failure the other calls are cancelled and it is raised."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+        if failed is not None:
+            raise failed.exception()
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
