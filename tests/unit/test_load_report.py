@@ -22,15 +22,29 @@ def test_a_rate_step_reports_its_rate_and_no_concurrency_nor_streams() -> None:
     step = summarize(LoadConfig(target="x:1", rates=(12.5,), streams=8), "rate", 12.5, s)
     assert (step["concurrency"], step["rate"], step["streams"], step["images_per_s"]) == (None, 12.5, None, 10.0)
     assert (step["warmup_requests"], step["requests"], step["protocol"], step["input"]) == (3, 41, "classifier", "raw")
-    assert format_row(step).split() == ["unary", "raw", "r=12.5/s", "10.0", "2.00", "2.00", "2.00", "2.00", "41",
-                                        "UNAVAILABLE=1"]
+    assert format_row(step).split() == ["unary", "raw", "1", "r=12.5/s", "10.0", "2.00", "2.00", "2.00", "2.00",
+                                        "41", "UNAVAILABLE=1"]
 
 
 def test_a_step_without_window_or_answers_reports_zero_and_dashes() -> None:
     step = summarize(LoadConfig(target="x:1", mode="stream", streams=2), "concurrency", 3, Samples())
     assert (step["images_per_s"], step["streams"], step["errors"]) == (0.0, 2, {})
     assert step["latency_ms"] == {"p50": None, "p90": None, "p99": None, "max": None}
-    assert format_row(step).split() == ["stream", "raw", "c=3", "0.0", "-", "-", "-", "-", "0", "0"]
+    assert format_row(step).split() == ["stream", "raw", "1", "c=3", "0.0", "-", "-", "-", "-", "0", "0"]
+
+
+def test_a_request_of_n_images_is_one_request_and_n_images_per_answer() -> None:
+    """Counts and latencies stay per request (they match the server's request counters); images/s counts N."""
+    s = Samples(window_s=2.0, warmup_requests=2, requests=9, ok_in_window=8, errors=Counter({"UNAVAILABLE": 1}))
+    s.latencies_s.extend([0.004] * 8)
+    config = LoadConfig(target="x:1", protocol="oip", model="m", batch=3)
+    step = summarize(config, "concurrency", 4, s)
+    assert (step["batch"], step["requests"], step["warmup_requests"], step["errors"]) == (3, 9, 2, {"UNAVAILABLE": 1})
+    assert step["images_per_s"] == 12.0 and step["latency_ms"]["p50"] == 4.0  # 8 answers * 3 images / 2 s
+    assert format_row(step).split()[:5] == ["unary", "raw", "3", "c=4", "12.0"]
+    assert format_header().split()[:4] == ["mode", "input", "batch", "load"]
+    rate = summarize(config, "rate", 30.0, s)
+    assert (rate["rate"], rate["images_per_s"]) == (30.0, 12.0)  # the rate is stated in images/s too
 
 
 def test_errors_are_listed_by_code_in_name_order() -> None:

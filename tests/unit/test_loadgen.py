@@ -6,13 +6,14 @@ and test_oip.py.)"""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
 
 from resnet_serve.client.tools import load_report, loadgen
-from resnet_serve.client.tools.load_steps import LoadConfig, Recorder, Samples, StepRunner, StreamFailed
+from resnet_serve.client.tools.load_steps import MAX_BATCH, LoadConfig, Recorder, Samples, StepRunner, StreamFailed
 
 
 def test_recorder_sorts_requests_by_send_time_and_answers_by_window() -> None:
@@ -73,9 +74,11 @@ def test_steps_and_validation() -> None:
     assert LoadConfig(target="x:1", concurrency=(1, 4)).steps() == [("concurrency", 1), ("concurrency", 4)]
     assert LoadConfig(target="x:1", rates=(50.0,)).steps() == [("rate", 50.0)]
     for bad in (dict(mode="bidi"), dict(input="png"), dict(concurrency=(0,)), dict(rates=(-1.0,)),
-                dict(duration_s=0), dict(processes=0), dict(requests=-1)):
+                dict(duration_s=0), dict(processes=0), dict(requests=-1), dict(batch=2),
+                dict(protocol="oip", model="m", batch=0), dict(protocol="oip", model="m", batch=MAX_BATCH + 1)):
         with pytest.raises(ValueError):
             LoadConfig(target="x:1", **bad).validate()
+    LoadConfig(target="x:1", protocol="oip", model="m", batch=MAX_BATCH).validate()
 
 
 
@@ -122,3 +125,26 @@ def test_an_open_loop_step_bounded_by_requests_sends_exactly_that_many_arrivals(
     transport.streams = 10  # past the script's failures: every item is answered OK
     s = asyncio.run(StepRunner(config, transport, requests=7).run("rate", 1000.0))
     assert (s.warmup_requests, s.requests, s.ok_in_window, len(s.latencies_s)) == (0, 7, 7, 7)
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+def test_an_open_loop_of_n_image_requests_arrives_n_times_less_often(mode: str) -> None:
+    """--rate is images/s: requests of 4 images are drawn at a quarter of it (the arrival clock is scripted)."""
+
+    class Clock(random.Random):
+        def __init__(self) -> None:
+            super().__init__(0)
+            self.rates: list[float] = []
+
+        def expovariate(self, lambd: float) -> float:
+            self.rates.append(lambd)
+            return 0.0  # every arrival due at once: nothing waits
+
+    config = LoadConfig(target="x:1", mode=mode, rates=(100.0,), warmup_s=0, requests=5, protocol="oip",
+                        model="m", batch=4)
+    transport = ScriptedTransport()
+    transport.streams = 10  # past the script's failures
+    runner = StepRunner(config, transport, requests=5)
+    runner.rng = clock = Clock()
+    s = asyncio.run(runner.run("rate", 100.0))
+    assert s.requests == 5 and set(clock.rates) == {25.0}

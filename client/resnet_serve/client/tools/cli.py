@@ -28,6 +28,8 @@ from resnet_serve.common.cli import DefaultsFormatter, fail
 from resnet_serve.common.imaging import SUFFIXES
 from resnet_serve.protos import classifier_pb2 as pb
 
+from .load_steps import MAX_BATCH
+
 TOKEN_ENV = "RESNET_CLIENT_TOKEN"
 MAX_INPUT_FILES = 64  # bench --input-data: the images are held in memory, serialised once
 
@@ -104,8 +106,8 @@ def build_parser() -> Parser:
     load = b.add_mutually_exclusive_group()
     load.add_argument("--concurrency", default="1",
                       help="closed loop: comma list of in-flight requests, one step each, e.g. 1,4,16")
-    load.add_argument("--rate", default=None, help="open loop: comma list of images/s (Poisson arrivals), "
-                      "one step each, e.g. 50,100")
+    load.add_argument("--rate", default=None, help="open loop: comma list of images/s (Poisson arrivals of "
+                      "requests at rate/--batch per second), one step each, e.g. 50,100")
     b.add_argument("--warmup", type=float, default=1.0, metavar="S", help="seconds of warm-up per step")
     b.add_argument("--duration", type=float, default=5.0, metavar="S", help="measured seconds per step")
     b.add_argument("--requests", type=int, default=0, metavar="N",
@@ -116,6 +118,12 @@ def build_parser() -> Parser:
                    help="classifier.v1, or the Open Inference Protocol (KServe v2) through tritonclient.grpc.aio: "
                         "the same load against us or a Triton server (needs --model)")
     b.add_argument("--model", default="", help="model name for --protocol oip")
+    b.add_argument("--batch", type=int, default=1, metavar="N",
+                   help=f"images per request, 1 to {MAX_BATCH}, N > 1 with --protocol oip only (UINT8 [N,H,W,3] "
+                        "or BYTES [N,1] of N distinct pictures). A request of N images is one request in the counts "
+                        "and latencies; images/s counts N per answer; --concurrency C keeps C requests (C*N images) "
+                        "in flight; --rate R stays images/s (R/N requests/s). The server refuses N above its "
+                        "max_batch_size")
     b.set_defaults(func=cmd_bench)
     return p
 
@@ -458,6 +466,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise BadInput("--streams and --processes must be at least 1")
     if args.requests < 0:
         raise BadInput("--requests must be positive")
+    if not 1 <= args.batch <= MAX_BATCH:
+        raise BadInput(f"--batch must be between 1 and {MAX_BATCH}, not {args.batch}")
+    if args.batch > 1 and args.protocol == "classifier":
+        raise BadInput("--batch above 1 needs --protocol oip: classifier.v1 carries one image per message")
     if args.protocol == "oip" and not args.model:
         raise BadInput("--protocol oip needs --model NAME")
     data = read_input_data(args.input_data) if args.input_data is not None else []
@@ -480,13 +492,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         processes=args.processes,
         top_k=args.top_k, timeout_s=30.0 if args.timeout is None else args.timeout,
         input_hw=input_hw, options=options_from(args), protocol=args.protocol, model=args.model,
-        input_data=tuple(data))
+        input_data=tuple(data), batch=args.batch)
     if data and kind == "raw":
         try:  # decoded here once, so a bad file is one line now rather than a failure in every client process
             payloads(kind, input_hw, data=data)
         except (OSError, ValueError) as e:
             raise BadInput(f"--input-data {args.input_data}: an image cannot be decoded ({type(e).__name__})") from None
     source = f"{len(data)} image(s) from {args.input_data}" if data else "generated pictures"
+    if args.batch > 1:
+        source += f", {args.batch} per request"
     if args.requests:
         length = f"{args.requests} requests"
     else:
@@ -499,7 +513,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     steps = loadgen.run(config, on_step=lambda step: print(load_report.format_row(step), file=rows, flush=True))
     if args.json:
         print(json.dumps({"target": target, "model": model, "protocol": args.protocol, "mode": args.mode,
-                          "input": kind, "input_data": str(args.input_data) if data else None,
+                          "input": kind, "batch": args.batch, "input_data": str(args.input_data) if data else None,
                           "processes": args.processes, "steps": steps}, indent=2))
     return 0
 

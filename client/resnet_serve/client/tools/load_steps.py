@@ -20,6 +20,7 @@ from resnet_serve.client.channel import ChannelOptions
 MODES = ("unary", "stream")
 PROTOCOLS = ("classifier", "oip")  # classifier.v1, or the Open Inference Protocol via tritonclient
 INPUTS = ("raw", "jpeg")
+MAX_BATCH = 1024  # images per request at most: a sanity cap (the server refuses N above its max_batch_size anyway)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class LoadConfig:
     protocol: str = "classifier"
     model: str = ""  # the model name OIP requests carry (protocol "oip")
     input_data: Sequence[bytes] = ()  # the user's image files (--input-data) instead of generated pictures
+    batch: int = 1  # images per request (protocol "oip" only: classifier.v1 carries one image per message)
 
     def steps(self) -> list[tuple[str, float]]:
         """(kind, load) per step: ("concurrency", N) or ("rate", R)."""
@@ -68,6 +70,10 @@ class LoadConfig:
             raise ValueError("requests must be positive")
         if self.streams < 1 or self.processes < 1:
             raise ValueError("streams and processes must be at least 1")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise ValueError(f"batch must be between 1 and {MAX_BATCH}")
+        if self.batch > 1 and self.protocol != "oip":
+            raise ValueError("batch > 1 needs protocol oip: classifier.v1 carries one image per message")
 
 
 @dataclass
@@ -177,8 +183,8 @@ class StepRunner:
         now = time.perf_counter()
         rec = Recorder(now + self.config.warmup_s, now + self.config.warmup_s + self.config.duration_s,
                        self.requests)
-        if kind == "rate":
-            await self._open_loop(rec, load)
+        if kind == "rate":  # `load` is images/s: requests of `batch` images arrive batch times less often
+            await self._open_loop(rec, load / self.config.batch)
         elif self.config.mode == "unary":
             await asyncio.gather(*(self._unary_worker(rec) for _ in range(int(load))))
         else:

@@ -3,11 +3,13 @@
 Closed loop: N workers, each with one request outstanding (unary), or N items in flight over streams.
 Open loop: Poisson arrivals at R images/s, each latency measured from its *scheduled* send time (so a slow server
 cannot hide its queueing by slowing the generator down: no coordinated omission).
+A request carries `batch` images (protocol "oip" only): the closed loop keeps N requests (N * batch images) in
+flight, the open loop's requests arrive at R / batch per second.
 
 Each step warms up, then measures a window [start, end). Accounting, so totals match the server's counters:
 - every request sent is counted once: `warmup_requests` if sent before `start`, `requests` if sent in the
   window (nothing is sent at or after `end`; the step then waits for every outstanding answer);
-- `images_per_s`: successful answers *received* inside the window / the window's length;
+- `images_per_s`: successful answers *received* inside the window, times `batch`, / the window's length;
 - latency percentiles and `errors` (by gRPC code): over the requests sent inside the window.
 With `requests` set, a step measures exactly that many requests instead of a duration (open loop: that many
 Poisson arrivals after the warm-up, each counted by its scheduled time): the window runs from `start` to the last

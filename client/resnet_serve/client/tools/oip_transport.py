@@ -11,19 +11,17 @@ from typing import Any
 
 import grpc
 import grpc.aio
-import numpy as np
 from tritonclient.grpc import InferInput, InferResult
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from resnet_serve.client.channel import ChannelOptions
 from resnet_serve.client.errors import ClassifierError
-from resnet_serve.protos import classifier_pb2 as pb
 
 from .load_steps import LoadConfig, StreamFailed
-from .payloads import payloads
+from .payloads import batches
 
-# The tensors a request carries, by --input (docs/oip.md): one image per request, batch dimension 1.
+# The tensor a request carries, by --input (docs/oip.md): UINT8 [N, H, W, 3] or BYTES [N, 1], N = --batch.
 INPUTS = {"raw": ("uint8_hwc", "UINT8"), "jpeg": ("encoded", "BYTES")}
 # resnet-serve's in-stream errors: "[request id: <id>] <CODE>: <message>" (Triton's own only name the id).
 _STREAM_ERROR = re.compile(r"^\[request id: (?P<id>[^\]]*)\] (?:(?P<code>[A-Z_]+): )?")
@@ -39,17 +37,13 @@ def code_of(error: InferenceServerException) -> str:
     return (error.status() or "").rpartition(".")[2] or "UNKNOWN"
 
 
-def infer_inputs(kind: str, hw: tuple[int, int], seed: int = 0, data: Sequence[bytes] = ()) -> list[InferInput]:
-    """The classifier.v1 benchmark's pictures (same generator, same seed, or the same files) as OIP inputs of one
-    image each."""
+def infer_inputs(kind: str, hw: tuple[int, int], seed: int = 0, data: Sequence[bytes] = (),
+                 batch: int = 1) -> list[InferInput]:
+    """The classifier.v1 benchmark's pictures (same generator, same seed, or the same files) as OIP inputs of
+    `batch` images each (payloads.batches)."""
     name, datatype = INPUTS[kind]
     out = []
-    for blob in payloads(kind, hw, seed=seed, data=data):
-        req = pb.ClassifyRequest.FromString(blob)
-        if kind == "raw":
-            arr = np.frombuffer(req.tensor.data, dtype=np.uint8).reshape(1, *req.tensor.shape)
-        else:
-            arr = np.array([[req.encoded]], dtype=np.object_)
+    for arr in batches(kind, hw, batch=batch, seed=seed, data=data):
         tensor = InferInput(name, list(arr.shape), datatype)
         tensor.set_data_from_numpy(arr)
         out.append(tensor)
@@ -79,7 +73,8 @@ class OIPTransport:
     def __init__(self, config: LoadConfig, seed: int = 0):
         self.model = config.model
         self.timeout_s = config.timeout_s
-        self.inputs = infer_inputs(config.input, config.input_hw, seed=seed, data=config.input_data)
+        self.inputs = infer_inputs(config.input, config.input_hw, seed=seed, data=config.input_data,
+                                   batch=config.batch)
         self.client = new_client(config.target, config.options)
         self.headers = dict(config.options.metadata) or None
         self.parameters = {"top_k": config.top_k} if config.top_k else None

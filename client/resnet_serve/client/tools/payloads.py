@@ -1,9 +1,11 @@
 """The load generator's pictures as serialised ClassifyRequests, made once up front so sending one costs no
-encoding: generated pictures (raw uint8 tensors or JPEG files) or the user's own image files."""
+encoding: generated pictures (raw uint8 tensors or JPEG files) or the user's own image files; and the same
+pictures stacked N to a request (batches) for the Open Inference Protocol's batch dimension."""
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -50,6 +52,32 @@ def _file_payload(kind: str, blob: bytes, hw: tuple[int, int], top_k: int) -> by
         arr = resize_crop(img, *hw)
     return pb.ClassifyRequest(top_k=top_k, tensor=pb.Tensor(dtype=pb.Tensor.UINT8, shape=list(arr.shape),
                                                             data=arr.tobytes())).SerializeToString()
+
+
+def batches(kind: str, hw: tuple[int, int], batch: int = 1, seed: int = 0,
+            data: Sequence[bytes] = ()) -> list[np.ndarray]:
+    """The pictures of payloads() (same generator and seed, or the same files), `batch` to a request: raw as uint8
+    [N, H, W, 3], jpeg as object [N, 1] of file bytes. The pictures are taken in turn, so a request's N are distinct
+    when there are at least N (generated: max(8, N) of them; files: as many as given) and consecutive requests
+    differ; one array per request until the cycle repeats."""
+    pics = [_picture(kind, pb.ClassifyRequest.FromString(b))
+            for b in payloads(kind, hw, seed=seed, data=data, count=max(8, batch))]
+    out = []
+    for k in range(len(pics) // math.gcd(len(pics), batch)):
+        chosen = [pics[(k * batch + j) % len(pics)] for j in range(batch)]
+        if kind == "raw":
+            out.append(np.stack(chosen))
+        else:
+            arr = np.empty((batch, 1), dtype=np.object_)
+            arr[:, 0] = chosen
+            out.append(arr)
+    return out
+
+
+def _picture(kind: str, req: pb.ClassifyRequest) -> np.ndarray | bytes:
+    if kind == "raw":
+        return np.frombuffer(req.tensor.data, dtype=np.uint8).reshape(tuple(req.tensor.shape))
+    return req.encoded
 
 
 def with_id(payload: bytes, request_id: str) -> bytes:
