@@ -4,7 +4,9 @@ front_cost  the server (bench/run.py ServerProcess) under request-bounded stream
             (utime + stime of /proc/<pid>/stat) of the front process and of every worker process (the front's
             children, /proc/<pid>/task/*/children, less multiprocessing's resource tracker), taken before and after
             exactly `requests` requests, as µs per image answered; the load generator's own CPU per image beside it
-            (this process and its waited-for children, os.times()), and images/s.
+            (this process and its waited-for children, os.times()), and images/s. With a batch N > 1 the same is
+            measured once more over the Open Inference Protocol, N images per stream message (the same images in
+            flight: concurrency / N messages), where the per-message costs are paid once per N images.
 simulated   the server over the simulated engine (--engine simulated, a + c*b ms per batch of b): throughput at a
             high concurrency as a ratio of the engine's capacity at max batch (max_batch / (a + max_batch*c) per
             second per instance), and the median latency at concurrency 1 minus (a + c).
@@ -71,7 +73,7 @@ def measure_cpu(front_pid: int, load: Callable[[], list[dict]]) -> dict:
     if worker_pids(front_pid) != workers:
         raise RuntimeError("a worker was replaced during the measurement; its CPU would be lost")
     step = steps[0]
-    images = step["requests"] - sum(step["errors"].values())
+    images = (step["requests"] - sum(step["errors"].values())) * step.get("batch", 1)
     if images <= 0:
         raise RuntimeError(f"no image answered: {step['errors']}")
     front, work, gen = (1e6 * (a - b) / images for a, b in zip(after, before, strict=True))
@@ -81,16 +83,26 @@ def measure_cpu(front_pid: int, load: Callable[[], list[dict]]) -> dict:
 
 
 def stream_load(target: str, hw: tuple[int, int], concurrency: int, requests: int, warmup_s: float = 0.0,
-                mode: str = "stream") -> list[dict]:
-    """One request-bounded step of the load generator, raw uint8 tensors."""
+                mode: str = "stream", oip_model: str = "", batch: int = 1) -> list[dict]:
+    """One request-bounded step of the load generator, raw uint8 tensors: classifier.v1, or with `oip_model`
+    the Open Inference Protocol, `batch` images per request."""
     return run_load(LoadConfig(target=target, mode=mode, input="raw", concurrency=(concurrency,), warmup_s=warmup_s,
-                               requests=requests, input_hw=hw, streams=1, processes=1))
+                               requests=requests, input_hw=hw, streams=1, processes=1,
+                               protocol="oip" if oip_model else "classifier", model=oip_model, batch=batch))
 
 
-def front_cost(target: str, front_pid: int, hw: tuple[int, int], concurrency: int, requests: int) -> dict:
-    """A short warm-up step (connections, first batches), then the measured one with no warm-up inside it."""
+def front_cost(target: str, front_pid: int, hw: tuple[int, int], concurrency: int, requests: int,
+               oip_model: str = "", batch: int = 1) -> dict:
+    """A short warm-up step (connections, first batches), then the measured one with no warm-up inside it; with
+    batch > 1 the same again over OIP, `batch` images per message (under key `oip_batch`)."""
     stream_load(target, hw, concurrency, max(concurrency, requests // 10))
-    return measure_cpu(front_pid, lambda: stream_load(target, hw, concurrency, requests))
+    out = measure_cpu(front_pid, lambda: stream_load(target, hw, concurrency, requests))
+    if batch > 1:
+        messages, in_flight = max(1, requests // batch), max(1, concurrency // batch)
+        stream_load(target, hw, in_flight, max(in_flight, messages // 10), oip_model=oip_model, batch=batch)
+        out["oip_batch"] = {"batch": batch, **measure_cpu(front_pid, lambda: stream_load(
+            target, hw, in_flight, messages, oip_model=oip_model, batch=batch))}
+    return out
 
 
 def capacity_images_per_s(cost_ms: tuple[float, float], max_batch: int, instances: int = 1) -> float:

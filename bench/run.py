@@ -136,7 +136,8 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
                                "--threads-per-instance", "1", "--max-queue-size", "4096",
                                "--max-stream-in-flight", "1024", exe=exe)
         try:
-            return front_cost.front_cost(server.target, server.pid, hw, args.front_concurrency, args.requests)
+            return front_cost.front_cost(server.target, server.pid, hw, args.front_concurrency, args.requests,
+                                         oip_model=models["null"].name, batch=args.front_batch)
         finally:
             server.close()
     if name == "simulated":
@@ -206,11 +207,17 @@ def headline(r: dict, args) -> dict:
         out.update(protocol_headline(r, args))
     if "front_cost" in r:
         cur = r["front_cost"]
-        for key in ("images_per_s", "front_cpu_us_per_image", "workers_cpu_us_per_image", "loadgen_cpu_us_per_image"):
-            out[f"front_cost_{key}"] = cur[key]
-            if "front_cost" + BASE in r:
-                base = r["front_cost" + BASE][key]
-                out[f"front_cost_{key}_over_base"] = cur[key] / base if base else float("nan")
+        base_run = r.get("front_cost" + BASE)
+        parts = [("front_cost", cur, base_run)]
+        if "oip_batch" in cur:
+            parts.append((f"front_cost_oip_batch{cur['oip_batch']['batch']}", cur["oip_batch"],
+                          base_run.get("oip_batch") if base_run else None))
+        for prefix, now, then in parts:
+            for key in ("images_per_s", "front_cpu_us_per_image", "workers_cpu_us_per_image",
+                        "loadgen_cpu_us_per_image"):
+                out[f"{prefix}_{key}"] = now[key]
+                if then is not None:
+                    out[f"{prefix}_{key}_over_base"] = now[key] / then[key] if then[key] else float("nan")
     if "simulated" in r:
         out["sim_ratio_to_capacity"] = r["simulated"]["ratio_to_capacity"]
         out["sim_images_per_s"] = r["simulated"]["images_per_s"]
@@ -329,7 +336,9 @@ def render(report: dict) -> str:
         base = f"; `_over_base`: over commit {a['baseline_sha']} in the same round" if a.get("baseline") else ""
         lines.append(f"front_cost: null model {a['size']}x{a['size']}, stream, raw uint8, concurrency "
                      f"{a['front_concurrency']}, {a['requests']} requests per step, max batch 32, 1 worker; CPU "
-                     f"from /proc per image answered{base}.")
+                     f"from /proc per image answered{base}."
+                     + (f" `oip_batch{a['front_batch']}`: the same over the Open Inference Protocol, "
+                        f"{a['front_batch']} images per stream message." if a.get("front_batch", 1) > 1 else ""))
     if "simulated" in ran:
         cost = a["sim_cost_ms"]
         lines.append(f"simulated: engine of {cost[0]} + {cost[1]}*b ms per batch of b, max batch {a['sim_max_batch']}, "
@@ -374,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=4000,
                    help="front_cost and simulated: requests per measured step (request-bounded, not timed)")
     p.add_argument("--front-concurrency", type=int, default=128, help="front_cost: stream items in flight")
+    p.add_argument("--front-batch", type=int, default=8,
+                   help="front_cost: also measure OIP stream messages of this many images (1: skip)")
     p.add_argument("--sim-cost-ms", default="5,0.1", help="simulated: A,C, a batch of b takes A + C*b ms")
     p.add_argument("--sim-max-batch", type=int, default=32)
     p.add_argument("--sim-concurrency", type=int, default=256)
@@ -390,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--configs: {', '.join(CONFIGS[:6])} go together (their headline needs every one)")
     if args.requests < 1:
         p.error("--requests must be at least 1")
+    if not 1 <= args.front_batch <= 32:
+        p.error("--front-batch must be 1..32 (the front_cost server's max batch size)")
     from resnet_serve.server.simulated_engine import parse_cost_ms
 
     try:
