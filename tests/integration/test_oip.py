@@ -400,6 +400,41 @@ def test_requests_of_both_apis_form_one_batch(srv: InProcessServer, gate: Worker
     assert first == [250] and sorted(mixed) == v1_tags + oip_tags  # one batch holding both APIs' requests
 
 
+def test_a_message_of_model_sized_images_is_queued_whole_or_refused_whole(srv: InProcessServer, gate: WorkerGate,
+                                                                          client: tc.InferenceServerClient) -> None:
+    """Behind a held batch, seven messages of 8 and one single fill 57 of the 64 queue places: a message of 8 is
+    then refused whole (RESOURCE_EXHAUSTED, none of its images queued), and every admitted image is answered."""
+    wait_for(lambda: srv.server.batcher.in_flight == 0, what="an idle server")
+    gate.hold()
+    answers: queue.Queue = queue.Queue()
+
+    def send(tags: list[int]) -> None:
+        batch = np.stack([picture(t, tag=t) for t in tags])
+        client.async_infer(MODEL, [uint8_input(batch)], lambda result, error: answers.put((tags, result, error)),
+                           parameters={"top_k": 1}, headers=HEADERS, client_timeout=120)
+
+    try:
+        calls = len(srv.call_log)
+        blocker = srv.stub.Classify.future(v1_tensor(picture(0, tag=250)), metadata=AUTH, timeout=120)
+        wait_for(lambda: len(srv.call_log) == calls + 1, what="the first batch held in the worker")
+        messages = [list(range(10 * m + 1, 10 * m + 9)) for m in range(7)] + [[99]]
+        for tags in messages:
+            send(tags)
+        wait_for(lambda: srv.server.batcher.queue_depth == 57, what="57 images queued")
+        send(list(range(200, 208)))
+        refused = answers.get(timeout=60)  # the only answer possible while the worker is held
+        assert refused[0] == list(range(200, 208))
+        assert code_of(refused[2]) == "RESOURCE_EXHAUSTED" and "no room for 8 images" in refused[2].message()
+        assert srv.server.batcher.queue_depth == 57
+    finally:
+        gate.open()
+    assert blocker.result().predictions
+    done = [answers.get(timeout=60) for _ in messages]
+    assert all(error is None for _, _, error in done)
+    for tags, result, _ in done:  # each image its own answer, in the message's order
+        assert oip_rows(result) == v1_rows(srv, [v1_tensor(picture(t, tag=t), 1) for t in tags])
+
+
 def test_triton_timeout_parameter_expires_in_the_queue(srv: InProcessServer, gate: WorkerGate,
                                                        client: tc.InferenceServerClient) -> None:
     """Triton's `timeout` (µs) is a server-side deadline: expired while queued -> DEADLINE_EXCEEDED, like v1."""
@@ -445,6 +480,23 @@ def test_bench_over_oip_counts_match_the_server(srv: InProcessServer, mode: str,
     assert step["protocol"] == "oip" and step["errors"] == {} and (step["requests"], step["warmup_requests"]) == (10, 0)
     assert step["images_per_s"] > 0
     assert requests_total(srv, method) - before == step["requests"] + step["warmup_requests"]
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+def test_bench_batch_sends_n_images_per_request_and_counts_both(srv: InProcessServer,
+                                                                client: tc.InferenceServerClient, mode: str) -> None:
+    method = {"unary": "ModelInfer", "stream": "ModelStreamInfer"}[mode]
+    before = requests_total(srv, method)
+    images_before = client.get_inference_statistics(MODEL, headers=HEADERS).model_stats[0].inference_count
+    r = run_cli("resnet-client", "bench", "--protocol", "oip", "--model", MODEL, "--target", srv.address,
+                "--token", TOKEN, "--mode", mode, "--warmup", "0", "--requests", "6", "--batch", "3",
+                "--concurrency", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    (step,) = json.loads(r.stdout)["steps"]
+    assert step["errors"] == {} and (step["requests"], step["warmup_requests"], step["batch"]) == (6, 0, 3)
+    assert requests_total(srv, method) - before == 6
+    images = client.get_inference_statistics(MODEL, headers=HEADERS).model_stats[0].inference_count
+    assert images - images_before == 18
 
 
 def test_bench_over_oip_needs_a_model_and_reports_errors(srv: InProcessServer) -> None:
