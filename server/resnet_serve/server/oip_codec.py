@@ -168,7 +168,8 @@ def images_of(request: pb.ModelInferRequest, max_batch_size: int) -> list[ImageI
         raw = typed_pixels(t, kind, n * per_image)
     if len(raw) != n * per_image:
         raise _invalid(f"input {t.name!r} of shape {shape} needs {n * per_image} bytes, got {len(raw)}")
-    return [ImageInput(kind, raw[i * per_image:(i + 1) * per_image], tuple(shape[1:])) for i in range(n)]
+    view = memoryview(raw)  # slices of the request's bytes, not copies: each image is copied once, by the engine
+    return [ImageInput(kind, view[i * per_image:(i + 1) * per_image], tuple(shape[1:])) for i in range(n)]
 
 
 def typed_pixels(t: pb.ModelInferRequest.InferInputTensor, kind: str, nbytes: int) -> bytes:

@@ -36,7 +36,7 @@ class ModelDescription:
 @dataclass(frozen=True)
 class ImageInput:
     kind: str  # encoded | uint8 | float32
-    data: bytes
+    data: bytes | memoryview  # a memoryview: a slice of a larger request, not copied
     shape: tuple[int, ...] = ()
 
 
