@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 EXPORT = """
+import os
 import sys
 from pathlib import Path
 import paddle
@@ -24,15 +25,21 @@ else:
     model = paddle.nn.Sequential(paddle.nn.AdaptiveAvgPool2D(1), paddle.nn.Flatten(), paddle.nn.Linear(3, 1000))
     arch = "null (avgpool + linear)"
 model.eval()
-spec = [paddle.static.InputSpec([None, 3, size, size], "float32", "image")]
 d = out / "1"
 d.mkdir(parents=True, exist_ok=True)
-paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), str(d / "inference"))
+mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+if os.environ.get("FLAGS_enable_pir_api", "1").lower() not in ("0", "false"):
+    # as resnet-export writes it: uint8 NHWC in, normalised in the graph, plus the float program
+    from resnet_serve.export.exporter import save_programs
+    model_file, float_model_file = save_programs(model, d, size, mean, std, "pir")
+    fmt, extra = "pir", dict(input_format="uint8_nhwc", float_model_file=float_model_file)
+else:  # legacy (OpenVINO, INT8): float32 NCHW in, normalised by the worker
+    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", "image")]
+    paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), str(d / "inference"))
+    model_file, fmt, extra = "inference.pdmodel", "legacy", dict(input_format="float32_nchw")
 (d / "labels.txt").write_text("\\n".join(f"class_{i}" for i in range(1000)) + "\\n")
-fmt = "pir" if (d / "inference.json").exists() else "legacy"
-m = Manifest(name=kind, version=1, architecture=arch, num_classes=1000, input_size=[size, size],
-             mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], format=fmt,
-             model_file="inference.json" if fmt == "pir" else "inference.pdmodel")
+m = Manifest(name=kind, version=1, architecture=arch, num_classes=1000, input_size=[size, size], mean=mean, std=std,
+             format=fmt, model_file=model_file, **extra)
 m.files = {p.name: sha256_file(p) for p in d.iterdir()}
 (d / "manifest.json").write_text(m.to_json())
 """
@@ -69,8 +76,10 @@ def ensure_int8_model(root: Path, size: int = 224) -> Path:
 
 
 def ensure_model(kind: str, root: Path, size: int = 224, legacy: bool = False) -> Path:
-    """models/<kind>[-legacy]/1 under root, exported once and reused."""
-    out = root / (kind + ("-legacy" if legacy else ""))
+    """models/<kind>-pixels/1 (uint8 NHWC input, normalised in the graph, as resnet-export writes it) or
+    models/<kind>-legacy/1 (float32 input) under root, exported once and reused. The folder is the model's
+    repository; the model's name (manifest) is <kind>."""
+    out = root / (kind + ("-legacy" if legacy else "-pixels"))
     if not (out / "1" / "manifest.json").is_file():
         env = {**os.environ, **({"FLAGS_enable_pir_api": "0"} if legacy else {})}
         subprocess.run([sys.executable, "-c", EXPORT, kind, str(out), str(size)], check=True, env=env,

@@ -137,7 +137,7 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
                                "--max-stream-in-flight", "1024", exe=exe)
         try:
             return front_cost.front_cost(server.target, server.pid, hw, args.front_concurrency, args.requests,
-                                         oip_model=models["null"].name, batch=args.front_batch)
+                                         oip_model="null", batch=args.front_batch)
         finally:
             server.close()
     if name == "simulated":

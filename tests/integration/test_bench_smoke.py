@@ -70,24 +70,26 @@ def test_bad_simulated_flags_are_one_line_and_exit_2(stand_in: Path, flags: list
 
 
 def test_front_cost_reports_cpu_per_image_of_each_process(tiny_model_dir: Path) -> None:
-    """The tiny ResNet (real worker compute), 32x32 raw tensors over a stream, 200 requests: enough CPU ticks for
-    every process to register (/proc counts in 10 ms ticks)."""
+    """The tiny ResNet (real worker compute), 32x32 raw tensors over a stream, 200 images one per message, then 200
+    as 50 OIP messages of 4: enough CPU ticks for every process to register (/proc counts in 10 ms ticks)."""
     server = ServerProcess(tiny_model_dir, "--max-batch-size", "4", "--max-queue-delay-us", "0",
                            "--threads-per-instance", "1")
     try:
-        r = front_cost.front_cost(server.target, server.pid, (32, 32), 4, 200)
+        r = front_cost.front_cost(server.target, server.pid, (32, 32), 4, 200, oip_model="tiny", batch=4)
     finally:
         server.close()
-    assert r["images"] == 200 and r["errors"] == {} and r["workers"] == 1
-    assert r["front_cpu_us_per_image"] > 0 and r["workers_cpu_us_per_image"] > 0
-    assert r["loadgen_cpu_us_per_image"] > 0 and r["images_per_s"] > 0
+    for part in (r, r["oip_batch"]):  # one image per classifier.v1 message; then 50 OIP messages of 4 images
+        assert part["images"] == 200 and part["errors"] == {} and part["workers"] == 1
+        assert part["front_cpu_us_per_image"] > 0 and part["workers_cpu_us_per_image"] > 0
+        assert part["loadgen_cpu_us_per_image"] > 0 and part["images_per_s"] > 0
+    assert r["oip_batch"]["batch"] == 4
 
 
 def test_bench_run_simulated_writes_its_headline(stand_in: Path, tmp_path: Path) -> None:
     """`python -m bench.run --configs simulated` at tiny size: the stand-in folder is the bench's null model."""
     models = tmp_path / "models"
     models.mkdir()
-    (models / "null").symlink_to(stand_in)
+    (models / "null-pixels").symlink_to(stand_in)
     out = tmp_path / "out"
     assert bench_main(["--configs", "simulated", "--rounds", "1", "--size", "32", "--requests", "20",
                        "--sim-concurrency", "8", "--sim-max-batch", "4", "--sim-cost-ms", "1,0.5", "--models",
