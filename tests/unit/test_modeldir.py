@@ -146,7 +146,12 @@ def test_a_listed_file_that_is_gone_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("content", "message"), [
     ("{not json", "is not valid JSON"),
     (b"\xff\xfe", "is not valid JSON"),
-    ("5", "is not a manifest object"),
+    ("5", "is not a manifest: a JSON int, not an object"),
+    ("[1, 2]", "is not a manifest: a JSON list, not an object"),
+    ('"name"', "is not a manifest: a JSON str, not an object"),
+    ('{"name": "x"}', "manifest lacks required field(s): version, architecture"),
+    ('{"name": "x", "version": 1, "architecture": "r", "num_classes": 2, "input_size": [8, 8], "mean": [0], '
+     '"std": [1], "bogus_kind": 1, "files": [1]}', "files must map file names"),
 ])
 def test_a_broken_manifest_is_named(tmp_path: Path, content: str | bytes, message: str) -> None:
     d = version(tmp_path, 1)
@@ -154,7 +159,8 @@ def test_a_broken_manifest_is_named(tmp_path: Path, content: str | bytes, messag
         (d / MANIFEST).write_bytes(content)
     else:
         (d / MANIFEST).write_text(content)
-    assert error(load_manifest, d).startswith(f"{d / MANIFEST} {message}")
+    msg = error(load_manifest, d)
+    assert msg.startswith(str(d / MANIFEST)) and message in msg, msg  # the file is named, then what is wrong
     assert error(load_manifest, tmp_path / "9") == f"{tmp_path / '9' / MANIFEST} does not exist"
 
 

@@ -144,12 +144,18 @@ def load_manifest(version_dir: Path, verify_checksums: bool = False) -> Manifest
     version_dir = Path(version_dir)
     path = version_dir / MANIFEST
     try:
-        manifest = Manifest.from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
     except FileNotFoundError as e:
         raise ModelDirError(f"{path} does not exist") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelDirError(f"{path} is not valid JSON: {e}") from e
-    except TypeError as e:  # a JSON value that is not an object
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path} is not a manifest: a JSON {type(data).__name__}, not an object")
+    try:
+        manifest = Manifest.from_dict(data)
+    except ModelDirError as e:
+        raise ModelDirError(f"{path}: {e}") from None
+    except TypeError as e:  # a field of the wrong kind
         raise ModelDirError(f"{path} is not a manifest object: {e}") from e
     if not isinstance(manifest.schema_version, int) or manifest.schema_version > SCHEMA_VERSION:
         raise ModelDirError(f"{path}: schema_version {manifest.schema_version!r} is newer than this server reads "
