@@ -64,6 +64,8 @@ def test_ctrl_c_mid_export_leaves_no_version_folder(trained_checkpoint: Path, tm
     _, err = p.communicate(timeout=300)
     if p.returncode == 0:  # it had already finished: then the version is complete
         assert list_versions(model_dir) == [1]
-    else:
+    else:  # one line, the shell's Ctrl-C status, no traceback
         assert not [q for q in model_dir.iterdir() if q.name[:1].isdigit()], err
+        assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+        assert err.strip().splitlines()[-1] == "error: interrupted: no version was published", err[-2000:]
     assert not list(model_dir.glob(".tmp-*")) and not list(model_dir.glob(".old-*"))

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 QUIET_FLAG = "RESNET_SERVE_QUIET"  # set by quiet_frameworks(); inherited by worker processes
 
 # Framework chatter hidden by default, back with --verbose (README: "Quiet by default"). Environment variables

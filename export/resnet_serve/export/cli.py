@@ -7,7 +7,14 @@ import os
 import sys
 from pathlib import Path
 
-from resnet_serve.common.cli import DefaultsFormatter, add_verbose_flag, fail, quiet_frameworks, setup_logging
+from resnet_serve.common.cli import (
+    EXIT_INTERRUPTED,
+    DefaultsFormatter,
+    add_verbose_flag,
+    fail,
+    quiet_frameworks,
+    setup_logging,
+)
 from resnet_serve.common.modeldir import version_of
 
 
@@ -93,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         out = export(opts)
     except (ExportError, CheckpointError, CheckpointReadError, UnknownArchitecture) as e:
         return fail(str(e))
+    except KeyboardInterrupt:  # the exporter removes its hidden work folder on the way out
+        return fail("interrupted: no version was published", EXIT_INTERRUPTED)
     print(out)
     return 0
 
