@@ -46,6 +46,7 @@ from . import baseline, front_cost
 from .models import ensure_int8_model, ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DOCS = ROOT / "docs" / "BENCHMARKS.md"
 CONFIGS = ("limit", "batched", "unbatched", "ceiling", "fast_limits", "fast_servers", "front_cost", "simulated")
 BASE = "@base"  # suffix of a config run on the --baseline server
 # the models each config needs (exported once)
@@ -315,6 +316,26 @@ def fast_table(report: dict) -> list[str]:
     return lines
 
 
+def gpu_feeding_table(report: dict) -> list[str]:
+    """Feeding a GPU, on paper: the cores of this machine that the server's CPU per image (front + workers, medians
+    of front_cost) would take at 5,000 and 20,000 images/s. The GPU's compute is not CPU; what the workers spend
+    here around the null model (copying pixels in, logits out, the pipe) is what a GPU worker spends around its
+    engine."""
+    s, batch = report["summary"], report["args"].get("front_batch", 1)
+    paths = [("classifier.v1 stream, 1 image per message", "front_cost")]
+    if f"front_cost_oip_batch{batch}_front_cpu_us_per_image" in s:
+        paths.append((f"OIP stream, {batch} images per message", f"front_cost_oip_batch{batch}"))
+    lines = ["Feeding a GPU, on paper (cores = images/s x CPU µs per image / 10^6):", "",
+             "| path | front µs/image | workers µs/image | total µs/image | cores at 5,000/s | cores at 20,000/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for label, prefix in paths:
+        front, workers = (s[f"{prefix}_{k}_cpu_us_per_image"]["median"] for k in ("front", "workers"))
+        total = front + workers
+        lines.append(f"| {label} | {front:.0f} | {workers:.0f} | {total:.0f} | {5000 * total / 1e6:.1f} | "
+                     f"{20000 * total / 1e6:.1f} |")
+    return lines
+
+
 def render(report: dict) -> str:
     m, s, a = report["machine"], report["summary"], report["args"]
     fmt = {"ratio": "{:.3f}", "over": "{:.2f}", "ms": "{:.2f}", "_us_": "{:.1f}", "images": "{:.1f}"}
@@ -348,6 +369,8 @@ def render(report: dict) -> str:
     lines += [f"{a['rounds']} round(s).", "", "| headline | median | min–max |", "| --- | ---: | ---: |"]
     for key, v in s.items():
         lines.append(f"| {key} | {f(key, v['median'])} | {f(key, v['min'])}–{f(key, v['max'])} |")
+    if "front_cost" in ran:
+        lines += ["", *gpu_feeding_table(report)]
     if "limit_fp32_legacy_images_per_s" in s:
         lines += ["", *fast_table(report)]
     if any(c in report["rounds"][0] for c in ("batched", "unbatched", "ceiling")):
@@ -377,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ceiling-processes", type=int, default=1)
     p.add_argument("--models", type=Path, default=ROOT / "bench" / "models")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    p.add_argument("--docs", type=Path, default=DEFAULT_DOCS)
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     p.add_argument("--requests", type=int, default=4000,
@@ -444,7 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(report, indent=1))
     table = render(report)
     print(table)
-    if not args.no_docs:
+    partial = not set(CONFIGS) <= {c.split("@")[0] for c in configs}
+    if partial and not args.no_docs and args.docs == DEFAULT_DOCS:
+        log(f"not rewriting {DEFAULT_DOCS.relative_to(ROOT)}: only {', '.join(configs)} ran (its tables need every "
+            "config; --docs PATH writes this run elsewhere)")
+    elif not args.no_docs:
         args.docs.write_text("# Benchmarks\n\nProduced by `make bench` (bench/run.py; protocol in its docstring). "
                              "Rerun it to reproduce; raw numbers: `" + str(path.relative_to(ROOT)) +
                              "`.\n\n" + DOC_NOTES + "\n" + table + "\n")
