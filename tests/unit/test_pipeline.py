@@ -154,6 +154,11 @@ def test_top_k_rows_equals_top_k_of_each_row() -> None:
     logits[2] = [5.0, 7.0, 5.0, 7.0]  # ties: by class id
     for k in (1, 2, CLASSES):
         assert top_k_rows(logits, k, LABELS) == [top_k(row, k, LABELS) for row in logits]
+    wide = np.random.default_rng(1).normal(size=(5, 1000)).astype(np.float32)
+    wide[1, [3, 500, 999]] = 9.0  # a three-way tie at the top
+    labels = [f"c{i}" for i in range(1000)]
+    assert top_k_rows(wide, 5, labels) == [top_k(row, 5, labels) for row in wide]
+    assert [p.class_id for p in top_k_rows(wide, 5, labels)[1][:3]] == [3, 500, 999]
 
 
 def test_model_sized_images_of_one_message_go_to_the_batcher_together() -> None:
