@@ -62,7 +62,11 @@ DOC_NOTES = """## Issue 17: the front's cost and a simulated GPU
 
 - `front_cost`: the null-model server under request-bounded stream load (raw uint8): CPU (utime + stime from
   /proc) per image answered of the front process, of its worker processes and of the load generator, and
-  images/s (bench/front_cost.py).
+  images/s (bench/front_cost.py). The null model is exported as resnet-export writes models now: uint8 NHWC in,
+  normalised in the graph, so the workers copy pixels and never convert them. With `--front-batch N` (default 8)
+  the same is measured over the Open Inference Protocol with N images per stream message (`oip_batchN`), where
+  the front's per-message costs are paid once per N images. From the medians, the "feeding a GPU" table gives the
+  cores this CPU per image would take at 5,000 and 20,000 images/s.
 - `simulated`: the server over `--engine simulated --simulated-cost-ms A,C` (benchmarks only: a batch of b takes
   A + C*b ms, answers are a function of the pixels; server/resnet_serve/server/simulated_engine.py). By default
   A,C = 5,0.1 and max batch 32: images/s at concurrency 256 over the engine's capacity (32 / (A + 32*C)), and the
@@ -71,7 +75,7 @@ DOC_NOTES = """## Issue 17: the front's cost and a simulated GPU
   `--baseline REV` also runs `front_cost` on REV's server (a cached git worktree and venv under bench/.baseline/),
   alternated with the current one in every round, and adds `_over_base` ratios (REV has no simulated engine).
 - Smoke run (seconds; figures meaningless): `python -m bench.run --configs front_cost,simulated --rounds 1 --size 32
-  --requests 50 --no-docs --out /tmp/bench-smoke`.
+  --requests 50 --no-docs --out /tmp/bench-smoke`. A subset run rewrites this file only if `--docs` names it.
 """
 
 
