@@ -77,11 +77,14 @@ def split_load(total: float, index: int, parts: int, kind: str) -> float:
     return int(total) // parts + (index < int(total) % parts)
 
 
-def _child(config: LoadConfig, index: int, barrier: Any, results: Any) -> None:
-    """One client process: its share of every step, starting each step together with the others; each step's
-    samples are sent as soon as it ends, then (index, None, None) says this process is done."""
+def _child(config: LoadConfig, index: int, barrier: Any, results: Any, go: Any) -> None:
+    """One client process: its share of every step, each started once the parent has handed over the previous
+    step (a token on `go`) and then together with the others (the barrier); each step's samples are sent as soon
+    as it ends, then (index, None, None) says this process is done."""
     async def sync_start() -> None:
-        await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, go.get)
+        await loop.run_in_executor(None, barrier.wait)
 
     def share(kind: str, load: float) -> float:
         return split_load(load, index, config.processes, kind)
@@ -120,10 +123,19 @@ def _run_processes(config: LoadConfig, on_step: Callable[[Samples], None]) -> No
     ctx = mp.get_context("spawn")  # no forked grpc state
     barrier = ctx.Barrier(config.processes)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(config, i, barrier, results), daemon=True)
+    # One token per process per step: a step starts only after the previous one was handed to on_step, so what
+    # on_step reads (e.g. the server's counters) holds that step and nothing of the next.
+    gos = [ctx.Queue() for _ in range(config.processes)]
+    procs = [ctx.Process(target=_child, args=(config, i, barrier, results, gos[i]), daemon=True)
              for i in range(config.processes)]
     for p in procs:
         p.start()
+
+    def release() -> None:
+        for go in gos:
+            go.put(None)
+
+    release()  # the first step
     per_step: list[list[Samples]] = []  # step -> the processes' samples so far
     received: Counter = Counter()  # process -> steps reported
     failures: list[str] = []
@@ -137,11 +149,13 @@ def _run_processes(config: LoadConfig, on_step: Callable[[Samples], None]) -> No
                 barrier.abort()
                 failures.append(f"process {dead[0]} exited with code {procs[dead[0]].exitcode}")
                 finished.update(dead)
+                release()  # the others then meet the broken barrier and end
             continue
         if part is None:
             finished.add(index)
             if error:
                 failures.append(error)
+                release()
             continue
         step = received[index]
         received[index] += 1
@@ -152,6 +166,7 @@ def _run_processes(config: LoadConfig, on_step: Callable[[Samples], None]) -> No
                                       latencies_s=array("d", part["latencies_s"]), errors=Counter(part["errors"])))
         if len(per_step[step]) == len(procs) and not failures:
             on_step(Samples.merge(per_step[step]))
+            release()  # the next step (after the last: unread, harmless)
     for p in procs:
         p.join()
     if failures:
