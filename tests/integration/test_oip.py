@@ -424,7 +424,7 @@ def test_a_message_of_model_sized_images_is_queued_whole_or_refused_whole(srv: I
         send(list(range(200, 208)))
         refused = answers.get(timeout=60)  # the only answer possible while the worker is held
         assert refused[0] == list(range(200, 208))
-        assert code_of(refused[2]) == "RESOURCE_EXHAUSTED" and "no room for 8 images" in refused[2].message()
+        assert code_of(refused[2]) == "RESOURCE_EXHAUSTED" and "queue is full" in refused[2].message()
         assert srv.server.batcher.queue_depth == 57
     finally:
         gate.open()
