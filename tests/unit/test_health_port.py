@@ -249,3 +249,45 @@ def test_answers_while_the_event_loop_of_a_grpc_aio_server_in_this_process_is_bl
         asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(WAIT_S)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(WAIT_S)
+
+
+WATCHES = 1000
+
+
+def test_watches_ending_while_statuses_are_published_never_stall_the_port() -> None:
+    """Watch streams opened and cancelled over and over while another thread publishes statuses: grpc_health's own
+    servicer sent updates under the lock its close callback needs, and once a close met a send the port answered
+    nothing more and stop() never finished. Counted: WATCHES watches, every one ended; then Check answers and stop()
+    completes."""
+    hp = HealthPort("127.0.0.1", 0, max_concurrent_rpcs=8, servicer=HealthService(max_watches=8))
+    hp.start()
+    publishing = threading.Event()
+    publishing.set()
+
+    def publish() -> None:
+        flip = 0
+        while publishing.is_set():
+            flip ^= 1
+            hp.servicer.set("", SERVING if flip else NOT_SERVING)  # directly: the sends happen on this thread
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{hp.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            open_calls: list = []
+            for _ in range(WATCHES):
+                call = stub.Watch(health_pb2.HealthCheckRequest(), timeout=WAIT_S)
+                next(call)  # its first status: the stream is open and registered
+                open_calls.append(call)
+                if len(open_calls) > 4:  # several open at once, the oldest ending while updates go out
+                    open_calls.pop(0).cancel()
+            for call in open_calls:
+                call.cancel()
+            assert check(stub) in (SERVING, NOT_SERVING)
+    finally:
+        publishing.clear()
+        publisher.join(WAIT_S)
+        stopped = hp.stop(grace=0)
+    assert not publisher.is_alive(), "a status publish never returned"
+    assert stopped.wait(WAIT_S), "the health port never stopped"
