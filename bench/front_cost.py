@@ -113,20 +113,30 @@ def capacity_images_per_s(cost_ms: tuple[float, float], max_batch: int, instance
 
 
 def simulated(target: str, hw: tuple[int, int], cost_ms: tuple[float, float], max_batch: int, concurrency: int,
-              requests: int) -> dict:
-    """Throughput at ``concurrency`` over the capacity at max batch; latency at concurrency 1 over the batch cost."""
+              requests: int, oip_model: str = "", batch: int = 1) -> dict:
+    """Throughput at ``concurrency`` over the capacity at max batch; latency at concurrency 1 over the batch cost.
+    With batch > 1 the throughput again over OIP, `batch` images per stream message and the same images in flight
+    (under key `oip_batch`)."""
     stream_load(target, hw, 1, max(1, requests // 10))  # warm-up
     high = stream_load(target, hw, concurrency, requests)[0]
     one = stream_load(target, hw, 1, max(1, requests // 4))[0]
     a, c = cost_ms
     p50 = one["latency_ms"]["p50"]
-    return {"cost_ms": list(cost_ms), "max_batch": max_batch, "concurrency": concurrency,
-            "capacity_images_per_s": capacity_images_per_s(cost_ms, max_batch),
-            "images_per_s": high["images_per_s"],
-            "ratio_to_capacity": high["images_per_s"] / capacity_images_per_s(cost_ms, max_batch),
-            "c1_p50_ms": p50, "c1_added_ms": None if p50 is None else p50 - (a + c),
-            "errors": {k: high["errors"].get(k, 0) + one["errors"].get(k, 0)
-                       for k in {*high["errors"], *one["errors"]}}}
+    capacity = capacity_images_per_s(cost_ms, max_batch)
+    errors = [high["errors"], one["errors"]]
+    out = {"cost_ms": list(cost_ms), "max_batch": max_batch, "concurrency": concurrency,
+           "capacity_images_per_s": capacity, "images_per_s": high["images_per_s"],
+           "ratio_to_capacity": high["images_per_s"] / capacity,
+           "c1_p50_ms": p50, "c1_added_ms": None if p50 is None else p50 - (a + c)}
+    if batch > 1:
+        messages, in_flight = max(1, requests // batch), max(1, concurrency // batch)
+        stream_load(target, hw, in_flight, max(in_flight, messages // 10), oip_model=oip_model, batch=batch)
+        many = stream_load(target, hw, in_flight, messages, oip_model=oip_model, batch=batch)[0]
+        errors.append(many["errors"])
+        out["oip_batch"] = {"batch": batch, "images_per_s": many["images_per_s"],
+                            "ratio_to_capacity": many["images_per_s"] / capacity}
+    out["errors"] = {k: sum(e.get(k, 0) for e in errors) for k in set().union(*errors)}
+    return out
 
 
 def median_min_max(values: list[float]) -> dict:

@@ -1,5 +1,6 @@
 """Models for `make bench`: ResNet-50 at 224x224 with random weights (speed does not depend on the weights)
-and a 'null' model whose compute is negligible, to measure what the serving front itself can carry; plus the
+and 'null-sampled', a model whose compute is negligible (it reads every 8th row and column of the pixels it is
+fed: no normalisation, which a GPU engine does on the GPU), to measure what the serving path itself costs; plus the
 legacy-format ResNet-50 (OpenVINO needs it) and its INT8 quantisation. The INT8 one is calibrated on digits images
 upscaled to 224: with random weights its accuracy means nothing, but its speed is that of any ResNet-50 INT8."""
 
@@ -28,7 +29,30 @@ model.eval()
 d = out / "1"
 d.mkdir(parents=True, exist_ok=True)
 mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-if os.environ.get("FLAGS_enable_pir_api", "1").lower() not in ("0", "false"):
+if kind == "null-sampled":
+    # compute negligible, the input stage included: the mean of every 8th row and column, then linear. What
+    # the server spends around it is what it spends around a GPU engine, which normalises on the GPU.
+    from resnet_serve.export.pixels import float_spec, pixel_spec
+    fc = paddle.nn.Linear(3, 1000)
+
+    class Sampled(paddle.nn.Layer):
+        def __init__(self, pixels):
+            super().__init__()
+            self.fc, self.pixels = fc, pixels
+
+        def forward(self, x):
+            x = paddle.cast(x, "float32")
+            x = x[:, ::8, ::8, :].mean(axis=[1, 2]) if self.pixels else x[:, :, ::8, ::8].mean(axis=[2, 3])
+            return self.fc(x)
+
+    arch = "null (every 8th row and column, mean, linear)"
+    for prefix, pixels, spec in (("inference", True, pixel_spec(size)), ("inference_float", False, float_spec(size))):
+        paddle.jit.save(paddle.jit.to_static(Sampled(pixels), input_spec=spec, full_graph=True), str(d / prefix))
+    for extra in ("inference_float.pdiparams", "inference_float.pdiparams.info"):
+        (d / extra).unlink(missing_ok=True)  # one Linear: the same parameters as the pixel program's
+    model_file, fmt = "inference.json", "pir"
+    extra = dict(input_format="uint8_nhwc", float_model_file="inference_float.json")
+elif os.environ.get("FLAGS_enable_pir_api", "1").lower() not in ("0", "false"):
     # as resnet-export writes it: uint8 NHWC in, normalised in the graph, plus the float program
     from resnet_serve.export.exporter import save_programs
     model_file, float_model_file = save_programs(model, d, size, mean, std, "pir")

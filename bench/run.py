@@ -62,15 +62,18 @@ DOC_NOTES = """## Issue 17: the front's cost and a simulated GPU
 
 - `front_cost`: the null-model server under request-bounded stream load (raw uint8): CPU (utime + stime from
   /proc) per image answered of the front process, of its worker processes and of the load generator, and
-  images/s (bench/front_cost.py). The null model is exported as resnet-export writes models now: uint8 NHWC in,
-  normalised in the graph, so the workers copy pixels and never convert them. With `--front-batch N` (default 8)
+  images/s (bench/front_cost.py). The null model ('null-sampled', bench/models.py) takes uint8 NHWC pixels as
+  resnet-export's models do, but reads only every 8th row and column of them: its compute, normalisation included
+  (which a GPU engine runs on the GPU), is negligible, so what the workers spend is the serving path around an
+  engine (pixels copied in, logits out, the pipe). With `--front-batch N` (default 8)
   the same is measured over the Open Inference Protocol with N images per stream message (`oip_batchN`), where
   the front's per-message costs are paid once per N images. From the medians, the "feeding a GPU" table gives the
   cores this CPU per image would take at 5,000 and 20,000 images/s.
 - `simulated`: the server over `--engine simulated --simulated-cost-ms A,C` (benchmarks only: a batch of b takes
   A + C*b ms, answers are a function of the pixels; server/resnet_serve/server/simulated_engine.py). By default
   A,C = 5,0.1 and max batch 32: images/s at concurrency 256 over the engine's capacity (32 / (A + 32*C)), and the
-  p50 at concurrency 1 minus (A + C).
+  p50 at concurrency 1 minus (A + C); with `--front-batch N` the throughput again with the same images in flight as
+  OIP stream messages of N images (`sim_oip_batchN`).
 - `--configs front_cost,simulated` runs only these; `--requests N` sets the measured requests per step;
   `--baseline REV` also runs `front_cost` on REV's server (a cached git worktree and venv under bench/.baseline/),
   alternated with the current one in every round, and adds `_over_base` ratios (REV has no simulated engine).
@@ -132,6 +135,11 @@ def load(target: str, hw: tuple[int, int], mode: str, concurrency: list[int], ar
     return run_load(cfg)
 
 
+def model_name(model_dir: Path) -> str:
+    """The name a model folder's version 1 serves under (what an OIP request names)."""
+    return json.loads((model_dir / "1" / "manifest.json").read_text())["name"]
+
+
 def run_config(name: str, models: dict[str, Path], args) -> dict:
     hw = (args.size, args.size)
     threads = str(args.threads)
@@ -142,7 +150,7 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
                                "--max-stream-in-flight", "1024", exe=exe)
         try:
             return front_cost.front_cost(server.target, server.pid, hw, args.front_concurrency, args.requests,
-                                         oip_model="null", batch=args.front_batch)
+                                         oip_model=model_name(models["null"]), batch=args.front_batch)
         finally:
             server.close()
     if name == "simulated":
@@ -153,7 +161,8 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
                                "--max-stream-in-flight", "1024")
         try:
             return front_cost.simulated(server.target, hw, args.sim_cost_ms, args.sim_max_batch,
-                                        args.sim_concurrency, args.requests)
+                                        args.sim_concurrency, args.requests,
+                                        oip_model=model_name(models["null"]), batch=args.front_batch)
         finally:
             server.close()
     if name == "limit":
@@ -226,6 +235,10 @@ def headline(r: dict, args) -> dict:
     if "simulated" in r:
         out["sim_ratio_to_capacity"] = r["simulated"]["ratio_to_capacity"]
         out["sim_images_per_s"] = r["simulated"]["images_per_s"]
+        if "oip_batch" in r["simulated"]:
+            many = r["simulated"]["oip_batch"]
+            out[f"sim_oip_batch{many['batch']}_ratio_to_capacity"] = many["ratio_to_capacity"]
+            out[f"sim_oip_batch{many['batch']}_images_per_s"] = many["images_per_s"]
         if r["simulated"]["c1_added_ms"] is not None:
             out["sim_c1_added_ms"] = r["simulated"]["c1_added_ms"]
     return out
@@ -369,7 +382,9 @@ def render(report: dict) -> str:
         lines.append(f"simulated: engine of {cost[0]} + {cost[1]}*b ms per batch of b, max batch {a['sim_max_batch']}, "
                      f"1 worker; images/s at concurrency {a['sim_concurrency']} over {a['sim_max_batch']} / "
                      f"({cost[0]} + {a['sim_max_batch']}*{cost[1]}) ms; p50 at concurrency 1 minus ({cost[0]} + "
-                     f"{cost[1]}) ms; {a['requests']} requests per step.")
+                     f"{cost[1]}) ms; {a['requests']} requests per step."
+                     + (f" `sim_oip_batch{a['front_batch']}`: the same images in flight as OIP stream messages of "
+                        f"{a['front_batch']} images." if a.get("front_batch", 1) > 1 else ""))
     lines += [f"{a['rounds']} round(s).", "", "| headline | median | min–max |", "| --- | ---: | ---: |"]
     for key, v in s.items():
         lines.append(f"| {key} | {f(key, v['median'])} | {f(key, v['min'])}–{f(key, v['max'])} |")
@@ -446,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"exporting models under {args.models} (once)")
     needed = {m for c in configs for m in NEEDS[c.split("@")[0]]}
     makers = {"resnet": lambda: ensure_model("resnet50", args.models, args.size),
-              "null": lambda: ensure_model("null", args.models, args.size),
+              "null": lambda: ensure_model("null-sampled", args.models, args.size),
               "legacy": lambda: ensure_model("resnet50", args.models, args.size, legacy=True),
               "int8": lambda: ensure_int8_model(args.models, args.size)}
     models = {name: make() for name, make in makers.items() if name in needed}

@@ -89,15 +89,17 @@ def test_bench_run_simulated_writes_its_headline(stand_in: Path, tmp_path: Path)
     """`python -m bench.run --configs simulated` at tiny size: the stand-in folder is the bench's null model."""
     models = tmp_path / "models"
     models.mkdir()
-    (models / "null-pixels").symlink_to(stand_in)
+    (models / "null-sampled-pixels").symlink_to(stand_in)
     out = tmp_path / "out"
     assert bench_main(["--configs", "simulated", "--rounds", "1", "--size", "32", "--requests", "20",
-                       "--sim-concurrency", "8", "--sim-max-batch", "4", "--sim-cost-ms", "1,0.5", "--models",
-                       str(models), "--out", str(out), "--no-docs"]) == 0
+                       "--sim-concurrency", "8", "--sim-max-batch", "4", "--sim-cost-ms", "1,0.5", "--front-batch",
+                       "4", "--models", str(models), "--out", str(out), "--no-docs"]) == 0
     report = json.loads(next(out.glob("*.json")).read_text())
     sim = report["rounds"][0]["simulated"]
     assert sim["capacity_images_per_s"] == pytest.approx(4 / 0.003) and sim["errors"] == {}
-    assert set(report["summary"]) == {"sim_ratio_to_capacity", "sim_images_per_s", "sim_c1_added_ms"}
+    assert sim["oip_batch"]["batch"] == 4 and sim["oip_batch"]["images_per_s"] > 0  # OIP, 4 images per message
+    assert set(report["summary"]) == {"sim_ratio_to_capacity", "sim_images_per_s", "sim_c1_added_ms",
+                                      "sim_oip_batch4_ratio_to_capacity", "sim_oip_batch4_images_per_s"}
 
 
 def test_bench_refuses_an_unknown_config(capsys: pytest.CaptureFixture[str]) -> None:

@@ -91,3 +91,17 @@ def test_cost_must_be_two_finite_non_negative_numbers(text: str) -> None:
     with pytest.raises(ValueError, match="simulated_cost_ms"):
         parse_cost_ms(text)
     assert parse_cost_ms("5, 0.1") == (5.0, 0.1)
+
+
+def test_pixels_are_read_as_a_strided_sample_never_normalised_whole() -> None:
+    """A batch of uint8 pixels costs the CPU only its sample (the whole batch normalised in numpy took longer than
+    a + c*b at batch 32, so the engine could not keep its own cost curve): pixels off the sample grid change
+    nothing, and pixels on it decide the class."""
+    p = SimulatedPredictor(MANIFEST, sleep=lambda s: None)
+    pixels = solid(40, 40)
+    off_grid = pixels.copy()
+    off_grid[1, 1::8, :, :] = 255  # rows 1, 9: never sampled
+    np.testing.assert_array_equal(p.run(off_grid), p.run(pixels))
+    on_grid = pixels.copy()
+    on_grid[1, ::8, ::8, :] = 47
+    assert p.run(on_grid).argmax(axis=1).tolist() == [0, 7]

@@ -6,9 +6,10 @@ cost curve (a fixed launch cost plus a small cost per image) without a GPU. ``--
 GetModelInfo and the info metric report engine "simulated" so no figure is mistaken for a model's.
 
 The logits are a deterministic function of the pixels, so tests can check each answer belongs to its request: an
-image whose mean pixel value (0-255, over the whole image) rounds to p gets top-1 class ``p % num_classes``. Only a
-strided sample of the pixels is read, and the wait is counted from when ``run`` began, so the batch takes
-a + c*b ms in all as long as that sampling is cheaper.
+image whose mean pixel value (0-255, over every STRIDE-th row and column) rounds to p gets top-1 class
+``p % num_classes``. Only that sample is read (uint8 pixels are never normalised: a GPU would do it in the graph),
+and the wait is counted from when ``run`` began, so the batch takes a + c*b ms in all as long as that sampling is
+cheaper.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from resnet_serve.common.imaging import Normaliser
 from resnet_serve.common.modeldir import Manifest
 
 STRIDE = 8  # every 8th row and column: enough for a deterministic answer, 1/64 of the reading
@@ -67,7 +67,6 @@ class SimulatedPredictor:
         self.num_classes = int(self.manifest.num_classes)
         self._mean = np.asarray(self.manifest.mean, np.float64)
         self._std = np.asarray(self.manifest.std, np.float64)
-        self._normalise = Normaliser(self.manifest.mean, self.manifest.std)
 
     def batch_seconds(self, n: int) -> float:
         """The simulated compute time of a batch of n: (a + c*n) ms."""
@@ -75,24 +74,28 @@ class SimulatedPredictor:
         return (a + c * n) / 1000.0
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """float32 model input [n, 3, H, W], or uint8 pixels [n, H, W, 3] (normalised as Predictor.run does) ->
-        float32 logits [n, num_classes], after (a + c*n) ms in all."""
+        """float32 model input [n, 3, H, W], or uint8 pixels [n, H, W, 3] -> float32 logits [n, num_classes], after
+        (a + c*n) ms in all. Pixels are never normalised here: a pixel-input model normalises them in its graph,
+        on the GPU this engine stands in for."""
         start = self.clock()
         batch = np.asarray(batch)
-        if batch.dtype == np.uint8:
-            n, h, w, c = batch.shape
-            batch = self._normalise(batch, np.empty((n, c, h, w), np.float32))
-        if batch.ndim != 4 or batch.shape[1] != 3:
+        if batch.ndim != 4 or batch.shape[3 if batch.dtype == np.uint8 else 1] != 3:
             raise ValueError(f"expected [n, 3, H, W] float32 or [n, H, W, 3] uint8, got {batch.shape}")
-        logits = self.logits(batch)
+        logits = self.logits(self.pixel_means(batch))
         left = self.batch_seconds(len(batch)) - (self.clock() - start)
         if left > 0:
             self.sleep(left)
         return logits
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Peaked at each image's ``simulated_top1``: the mean pixel value recovered from the normalised input."""
+    def pixel_means(self, batch: np.ndarray) -> np.ndarray:
+        """Each image's mean pixel value (0-255) over a strided sample: read from uint8 pixels as they are (a
+        GPU would normalise them, so no CPU is spent on it here), recovered from float32 model input."""
+        if batch.dtype == np.uint8:
+            return np.asarray(batch[:, ::STRIDE, ::STRIDE, :], np.float64).mean(axis=(1, 2, 3))
         sample = np.asarray(batch[:, :, ::STRIDE, ::STRIDE], np.float64).mean(axis=(2, 3))  # [n, 3]
-        pixel_mean = ((sample * self._std + self._mean) * 255.0).mean(axis=1)  # [n]
-        top = np.array([simulated_top1(p, self.num_classes) for p in pixel_mean], np.float64)
+        return ((sample * self._std + self._mean) * 255.0).mean(axis=1)
+
+    def logits(self, pixel_means: np.ndarray) -> np.ndarray:
+        """[n, num_classes], peaked at each image's ``simulated_top1``."""
+        top = np.array([simulated_top1(p, self.num_classes) for p in pixel_means], np.float64)
         return (-np.abs(np.arange(self.num_classes)[None, :] - top[:, None])).astype(np.float32)
