@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 EXPORT = """
 import os
 import sys
@@ -19,45 +20,30 @@ import paddle
 from resnet_serve.common.modeldir import Manifest, sha256_file
 kind, out, size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 paddle.seed(0)
-if kind == "resnet50":
-    from paddle.vision.models import resnet50
-    model, arch = resnet50(num_classes=1000), "resnet50"
-else:
-    model = paddle.nn.Sequential(paddle.nn.AdaptiveAvgPool2D(1), paddle.nn.Flatten(), paddle.nn.Linear(3, 1000))
-    arch = "null (avgpool + linear)"
-model.eval()
 d = out / "1"
 d.mkdir(parents=True, exist_ok=True)
 mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-if kind == "null-sampled":
-    # compute negligible, the input stage included: the mean of every 8th row and column, then linear. What
-    # the server spends around it is what it spends around a GPU engine, which normalises on the GPU.
+if kind == "null-sampled":  # bench/null_model.py: two programs over one Linear, so one parameters file
+    from bench.null_model import Sampled
     from resnet_serve.export.pixels import float_spec, pixel_spec
     fc = paddle.nn.Linear(3, 1000)
-
-    class Sampled(paddle.nn.Layer):
-        def __init__(self, pixels):
-            super().__init__()
-            self.fc, self.pixels = fc, pixels
-
-        def forward(self, x):
-            x = paddle.cast(x, "float32")
-            x = x[:, ::8, ::8, :].mean(axis=[1, 2]) if self.pixels else x[:, :, ::8, ::8].mean(axis=[2, 3])
-            return self.fc(x)
-
     arch = "null (every 8th row and column, mean, linear)"
     for prefix, pixels, spec in (("inference", True, pixel_spec(size)), ("inference_float", False, float_spec(size))):
-        paddle.jit.save(paddle.jit.to_static(Sampled(pixels), input_spec=spec, full_graph=True), str(d / prefix))
+        paddle.jit.save(paddle.jit.to_static(Sampled(fc, pixels), input_spec=spec, full_graph=True), str(d / prefix))
     for extra in ("inference_float.pdiparams", "inference_float.pdiparams.info"):
-        (d / extra).unlink(missing_ok=True)  # one Linear: the same parameters as the pixel program's
+        (d / extra).unlink(missing_ok=True)
     model_file, fmt = "inference.json", "pir"
     extra = dict(input_format="uint8_nhwc", float_model_file="inference_float.json")
 elif os.environ.get("FLAGS_enable_pir_api", "1").lower() not in ("0", "false"):
     # as resnet-export writes it: uint8 NHWC in, normalised in the graph, plus the float program
+    from paddle.vision.models import resnet50
     from resnet_serve.export.exporter import save_programs
+    model, arch = resnet50(num_classes=1000).eval(), kind
     model_file, float_model_file = save_programs(model, d, size, mean, std, "pir")
     fmt, extra = "pir", dict(input_format="uint8_nhwc", float_model_file=float_model_file)
 else:  # legacy (OpenVINO, INT8): float32 NCHW in, normalised by the worker
+    from paddle.vision.models import resnet50
+    model, arch = resnet50(num_classes=1000).eval(), kind
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", "image")]
     paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), str(d / "inference"))
     model_file, fmt, extra = "inference.pdmodel", "legacy", dict(input_format="float32_nchw")
@@ -107,5 +93,5 @@ def ensure_model(kind: str, root: Path, size: int = 224, legacy: bool = False) -
     if not (out / "1" / "manifest.json").is_file():
         env = {**os.environ, **({"FLAGS_enable_pir_api": "0"} if legacy else {})}
         subprocess.run([sys.executable, "-c", EXPORT, kind, str(out), str(size)], check=True, env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)  # cwd: imports bench
     return out

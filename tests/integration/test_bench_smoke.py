@@ -107,3 +107,23 @@ def test_bench_refuses_an_unknown_config(capsys: pytest.CaptureFixture[str]) -> 
         bench_main(["--configs", "simulated,nope"])
     assert e.value.code == 2 and "unknown nope" in capsys.readouterr().err
 
+
+
+def test_the_null_sampled_model_reads_only_its_sample_and_both_programs_agree(tmp_path: Path) -> None:
+    """bench/null_model.py as bench/models.py exports it (32x32): a pixel model whose manifest the server accepts,
+    whose float program gives the same logits, and whose answer ignores pixels off the sample grid."""
+    from bench.models import ensure_model
+    from resnet_serve.common.modeldir import load_manifest
+    from resnet_serve.server.predictor import build_predictor
+
+    d = ensure_model("null-sampled", tmp_path, 32) / "1"
+    assert load_manifest(d).takes_pixels
+    predictor = build_predictor(d)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    logits = predictor.run(pixels)
+    floats = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
+    np.testing.assert_allclose(predictor.run(floats), logits, rtol=1e-5, atol=1e-5)
+    off_grid = pixels.copy()
+    off_grid[:, 1::8] = 255 - off_grid[:, 1::8]
+    np.testing.assert_array_equal(predictor.run(off_grid), logits)
+    assert not np.array_equal(logits[0], logits[1])
