@@ -26,7 +26,7 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.server.errors import RequestError
-from resnet_serve.server.oip_codec import images_of
+from resnet_serve.server.oip_codec import images_of, parse_infer_request
 from resnet_serve.server.preprocess import InvalidInput, Preprocessor
 from resnet_serve.server.service import image_of
 from tests.harness import InProcessServer, wait_for
@@ -199,6 +199,10 @@ def test_oip_request_with_a_million_elements_is_refused_without_copying_them(mak
     # protobuf hands out raw contents as a copy: that one copy, and nothing per element
     payload = sum(len(b) for b in request.raw_input_contents)
     assert peak < payload + MiB, f"{peak} bytes allocated to refuse it"
+    call = parse_infer_request(make().SerializeToString())  # as the server parses it: raw contents not copied
+    peak, raised = traced_peak(lambda: images_of(call, max_batch_size=8))
+    assert isinstance(raised, RequestError) and raised.code == grpc.StatusCode.INVALID_ARGUMENT, raised
+    assert peak < MiB, f"{peak} bytes allocated to refuse it"
 
 
 def test_v1_tensor_with_a_million_dimensions_is_refused_without_copying_them() -> None:

@@ -23,6 +23,7 @@ from resnet_serve.server.oip_codec import (
     int_parameter,
     model_config_of,
     model_metadata_of,
+    parse_infer_request,
     requested_outputs,
     response_of,
     split_bytes,
@@ -144,6 +145,35 @@ def test_check_model_accepts_the_served_name_and_version_and_refuses_others_with
 
 
 # --- request -> images ---------------------------------------------------------------------------------------
+def test_the_server_parses_a_request_as_protobuf_does_with_the_pixels_left_in_the_received_bytes() -> None:
+    """parse_infer_request (what the server's ModelInfer and ModelStreamInfer receive): every field as protobuf
+    parses it, raw_input_contents as views of the received bytes (not copies), and the same images."""
+    pixels = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    r = request("uint8_hwc", "UINT8", [2, 4, 4, 3], pixels.tobytes())
+    r.parameters["top_k"].int64_param = 3
+    r.outputs.add(name="scores")
+    wire = r.SerializeToString()
+    call = parse_infer_request(wire)
+    assert [bytes(v) for v in call.raw_input_contents] == [pixels.tobytes()]
+    assert all(v.obj is wire for v in call.raw_input_contents)  # views of what gRPC handed over
+    expected = pb.ModelInferRequest.FromString(wire)
+    expected.ClearField("raw_input_contents")
+    assert call.message == expected and (call.id, call.model_name, call.model_version) == ("req-1", "tiny", "")
+    assert images_of(call, 4) == images_of(r, 4)
+    assert parse_infer_request(request("uint8_hwc", "UINT8", [1]).SerializeToString()).raw_input_contents == []
+
+
+def test_a_request_the_server_parses_is_refused_as_protobuf_parsed_it_would_be() -> None:
+    """Two raw contents for one input, and raw plus typed contents: the same refusals from either parse."""
+    two = request("uint8_hwc", "UINT8", [1, 1, 1, 3], b"abc")
+    two.raw_input_contents.append(b"def")
+    both = request("uint8_hwc", "UINT8", [1, 1, 1, 3], b"abc")
+    both.inputs[0].contents.uint_contents.extend([1, 2, 3])
+    for r in (two, both):
+        assert refused(images_of, parse_infer_request(r.SerializeToString()), 4).message == \
+            refused(images_of, r, 4).message
+
+
 def test_encoded_images_from_raw_contents_or_typed_contents_are_the_same() -> None:
     raw = request("encoded", "BYTES", [2, 1], bytes_tensor([b"one", b"two"]))
     typed = request("encoded", "BYTES", [2])

@@ -18,6 +18,7 @@ from resnet_serve.server.wire import (
     RequestGuard,
     check_classify_request,
     check_infer_request,
+    split_field,
 )
 from tests.unit.loopback import call, call_stream, echo, echo_each, handlers, serving
 from tests.unit.serving_parts import run
@@ -183,3 +184,25 @@ def test_every_request_size_is_reported_and_only_large_image_requests_ask_for_ro
     run(body())
     assert sizes.received == [EARLY_REFUSAL_BYTES - 1, EARLY_REFUSAL_BYTES, 0]
     assert sizes.asked == [EARLY_REFUSAL_BYTES]
+
+
+# --- split_field --------------------------------------------------------------------------------------------------
+def test_split_field_takes_out_one_field_as_views_and_keeps_the_rest_in_order() -> None:
+    r = oip.ModelInferRequest(model_name="m", id="x", raw_input_contents=[b"\x00" * 300, b"ab"])
+    r.inputs.add(name="image", datatype="UINT8", shape=[1, 10, 10, 3])
+    r.parameters["top_k"].int64_param = 2
+    raw = r.SerializeToString()
+    rest, payloads = split_field(raw, 7, 64)  # ModelInferRequest.raw_input_contents
+    assert [bytes(p) for p in payloads] == [b"\x00" * 300, b"ab"] and all(p.obj is raw for p in payloads)
+    r.ClearField("raw_input_contents")
+    assert oip.ModelInferRequest.FromString(rest) == r
+    assert split_field(rest, 7, 64) == (rest, []) and split_field(rest, 7, 64)[0] is rest  # none: no copy
+
+
+def test_split_field_refuses_malformed_bytes_and_too_many_fields() -> None:
+    with pytest.raises(ValueError, match="runs past the end"):
+        split_field(b"\x3a\x05ab", 7, 64)  # field 7 claims 5 bytes, 2 follow
+    field = oip.ModelInferRequest(raw_input_contents=[b"a"]).SerializeToString()
+    assert len(split_field(field * 64, 7, 64)[1]) == 64
+    with pytest.raises(Exception, match="more than 64 fields"):  # noqa: PT011 - wire's refusal type is private
+        split_field(field * 65, 7, 64)

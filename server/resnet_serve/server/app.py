@@ -32,7 +32,7 @@ from .handle import ServingConfig, ServingHandle
 from .health_port import HealthPort
 from .memory import MemorySweeper
 from .metrics import Metrics
-from .oip_service import OIPService, add_oip_service
+from .oip_service import OIP_PARSERS, OIPService, add_oip_service
 from .service import ClassifierService
 from .serving_model import LoadedModel, Runner
 from .settings import Settings
@@ -245,7 +245,7 @@ class Server:
         tokens = load_tokens(s.auth_token_file)
         # Auth first: a request without a valid token is refused before its bytes are even parsed.
         interceptors = [BearerTokenInterceptor(tokens, s.auth_exempt_health) if tokens else AdminGuard(),
-                        RequestGuard(self.sweeper.note, self.pool.admits)]
+                        RequestGuard(self.sweeper.note, self.pool.admits, OIP_PARSERS)]
         self.grpc_server = grpc.aio.server(options=options, interceptors=interceptors)
         classifier_pb2_grpc.add_ClassifierServicer_to_server(self.service, self.grpc_server)
         classifier_pb2_grpc.add_AdminServicer_to_server(AdminService(self), self.grpc_server)

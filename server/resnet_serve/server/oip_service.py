@@ -23,11 +23,13 @@ from .errors import RequestError, cancel_code, check_request_id
 from .handle import ServingHandle, call_deadline
 from .oip_codec import (
     EXTENSIONS,
+    InferRequest,
     check_model,
     deadline_of,
     images_of,
     model_config_of,
     model_metadata_of,
+    parse_infer_request,
     requested_outputs,
     response_of,
     stream_error_of,
@@ -40,6 +42,8 @@ from .wire import Malformed
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 add_oip_service = pb_grpc.add_GRPCInferenceServiceServicer_to_server  # tritonclient's registration function
+# The image methods' requests, parsed with their pixels left in the received bytes (wire.RequestGuard's parsers).
+OIP_PARSERS = {f"/{SERVICE_NAME}/{method}": parse_infer_request for method in ("ModelInfer", "ModelStreamInfer")}
 
 
 class OIPService(pb_grpc.GRPCInferenceServiceServicer):
@@ -62,24 +66,28 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(e.code, e.message)
         return model
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        """One ModelInferRequest: its N images go to the batcher as N items; raises RequestError."""
+    async def _infer(self, request: InferRequest | pb.ModelInferRequest | Malformed,
+                     deadline: float | None) -> pb.ModelInferResponse:
+        """One ModelInferRequest (as parse_infer_request gives it, behind wire.RequestGuard): its N images go to
+        the batcher as N items; raises RequestError."""
         if isinstance(request, Malformed):
             raise RequestError(request.code, request.reason)
-        check_request_id(request.id, self.handle.config.max_request_id_length)
+        call = InferRequest.of(request)
+        message = call.message
+        check_request_id(message.id, self.handle.config.max_request_id_length)
         # No await from here to submit(): the request is checked against the version that answers it.
         model = self.handle.require_model()
         try:
-            check_model(request.model_name, request.model_version, model)
-            images = images_of(request, model.max_batch_size)
-            k, outputs = top_k_of(request), requested_outputs(request)
-            deadline = deadline_of(request, deadline)
+            check_model(message.model_name, message.model_version, model)
+            images = images_of(call, model.max_batch_size)
+            k, outputs = top_k_of(message), requested_outputs(message)
+            deadline = deadline_of(message, deadline)
         except RequestError:
             raise
         except Exception as e:
             raise self.handle.to_error(e) from e
         answers = await self.handle.submit(images, k, deadline)
-        return response_of(request, model.name, answers, outputs)
+        return response_of(message, model.name, answers, outputs)
 
     # --- health and metadata -------------------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
@@ -131,8 +139,7 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStatisticsResponse(model_stats=[stats])
 
     # --- inference -----------------------------------------------------------------------------------------
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-                         ) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: InferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         t0 = time.perf_counter()
         try:
             response = await self._infer(request, call_deadline(context.time_remaining()))
@@ -145,13 +152,13 @@ class OIPService(pb_grpc.GRPCInferenceServiceServicer):
         self.handle.record("ModelInfer", grpc.StatusCode.OK, t0, response.model_version)
         return response
 
-    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[InferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Triton's streaming extension: one response per request (its `id` echoed), as soon as it is ready; a
         bad request gets `error_message` in-stream and the stream goes on."""
         deadline = call_deadline(context.time_remaining())
 
-        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        async def one(request: InferRequest) -> pb.ModelStreamInferResponse:
             t0 = time.perf_counter()
             try:
                 response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
