@@ -63,6 +63,11 @@ class Metrics:
         # (name, version) of the model serving now: the model/version labels of requests that name no version
         # (errors). Set from what is loaded, never from a request: clients cannot grow the label sets.
         self.serving = ("", "")
+        # Labelled children by label values, as record_request and preprocess_of use them (bounded like the
+        # labels: methods x codes x versions served; input kinds).
+        self._request_series: dict[tuple[str, str, str, str], Counter] = {}
+        self._latency_series: dict[tuple[str, str, str], Histogram] = {}
+        self._preprocess_series: dict[str, Histogram] = {}
         self.queue_wait = Histogram(f"{PREFIX}_queue_wait_seconds",
                                     "Time from entering the batch queue to being dispatched in a batch (requests "
                                     "dropped while queued are counted in dropped_requests_total instead)",
@@ -120,10 +125,24 @@ class Metrics:
         """One answered request; `version` is the one that computed it (a reload may have switched since),
         default the serving one. seconds None: counted, not timed (GetModelInfo)."""
         model, serving = self.serving
-        version = version or serving
-        self.requests.labels(method, code, model, version).inc()
+        key = (method, code, model, version or serving)
+        counter = self._request_series.get(key)
+        if counter is None:  # labels() locks and checks every value: once per series, not per request
+            counter = self._request_series[key] = self.requests.labels(*key)
+        counter.inc()
         if seconds is not None:
-            self.request_latency.labels(method, model, version).observe(seconds)
+            timed = key[0], key[2], key[3]
+            latency = self._latency_series.get(timed)
+            if latency is None:  # created by the first timed request only: an untimed method has no series
+                latency = self._latency_series[timed] = self.request_latency.labels(*timed)
+            latency.observe(seconds)
+
+    def preprocess_of(self, kind: str) -> Histogram:
+        """The preprocess histogram of one input kind (encoded, uint8, float32), looked up once."""
+        child = self._preprocess_series.get(kind)
+        if child is None:
+            child = self._preprocess_series[kind] = self.preprocess.labels(kind)
+        return child
 
     def watch_workers(self, workers: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
         """Export CPU seconds and resident memory of the engine worker processes: `workers` gives (model version,

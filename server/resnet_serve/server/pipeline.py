@@ -131,7 +131,7 @@ class Pipeline:
             x = self.preprocessor.float32_chw(image.shape, image.data)
         else:
             raise InvalidInput("request carries no image (set `encoded` or `tensor`)")
-        self.metrics.preprocess.labels(image.kind).observe(time.perf_counter() - t0)
+        self.metrics.preprocess_of(image.kind).observe(time.perf_counter() - t0)
         return x
 
     def _inline(self, image: ImageInput) -> bool:
