@@ -82,12 +82,25 @@ def test_float_input_runs_the_float_program_over_the_shared_params(predictors, t
     within_export_tolerance(old.run(x), new.run(x))
 
 
-@pytest.fixture(scope="module")
-def srv(tiny_pixel_model_dir: Path):
+@pytest.fixture(scope="module", params=["graph", "worker"])
+def srv(request: pytest.FixtureRequest, tiny_pixel_model_dir: Path):
+    """The pixel model served both ways (predictor_config.program_served): its pixel program normalising in the
+    graph (a GPU's default), and its float program behind the worker's numpy normalisation (the CPU default)."""
     s = InProcessServer(model_dir=str(tiny_pixel_model_dir), max_batch_size=4, buckets="1,4", max_queue_delay_us=20000,
-                        threads_per_instance=1)
+                        threads_per_instance=1, normalise=request.param)
+    assert s.engine.normalised_by == request.param
     yield s
     s.close()
+
+
+def test_a_pixel_model_on_cpu_is_normalised_by_the_worker_unless_asked(tiny_pixel_model_dir: Path) -> None:
+    """--normalise auto on CPU: the float program, fed by the worker's numpy pass (cheaper on CPU than the graph's
+    operators, bench `normalisation`)."""
+    s = InProcessServer(model_dir=str(tiny_pixel_model_dir), max_batch_size=1, threads_per_instance=1)
+    try:
+        assert s.engine.normalised_by == "worker"
+    finally:
+        s.close()
 
 
 def scores(response: pb.ClassifyResponse) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 
 from resnet_serve.common.modeldir import Manifest, load_manifest, read_labels
 
-from .predictor_config import PredictorSettings
+from .predictor_config import PredictorSettings, program_served
 from .worker_pool import STOP_GRACE_S, WorkerEvent, WorkerPool
 from .worker_protocol import BatchLayout, EngineError, RunBatch, SharedBatch, WorkerDied, WorkerSpec, batch_result
 
@@ -49,6 +49,7 @@ class EngineConfig:
     batch_time_limit_s: float = 0.0  # > 0: fixed; 0: derived from the warm-up timings once started
     batches_in_flight: int = 2  # per instance: one computing, the next written and queued behind it (1 or 2)
     simulated_cost_ms: tuple[float, float] = (0.0, 0.0)  # engine "simulated" (benchmarks): a + c*b ms per batch
+    normalise: str = "auto"  # auto | graph | worker: which program of the export runs (program_served)
 
 
 class Engine:
@@ -77,9 +78,11 @@ class Engine:
                                      engine=cfg.engine, simulated_cost_ms=cfg.simulated_cost_ms)
         # Planned here, in the front, before any worker is spawned: a bad setting raises ValueError now, and every
         # worker gets this plan instead of making its own.
-        plan = settings.plan(self.version_dir, self.manifest)
-        self.layout = BatchLayout(cfg.max_batch_size, self.input_shape, self.manifest.takes_pixels)
-        spec = WorkerSpec(self.version_dir, self.manifest, settings, plan, self.buckets, self.layout)
+        served = program_served(self.manifest, cfg.device, cfg.engine, cfg.normalise)
+        self.normalised_by = "graph" if served.takes_pixels else "worker"
+        plan = settings.plan(self.version_dir, served)
+        self.layout = BatchLayout(cfg.max_batch_size, self.input_shape, served.takes_pixels)
+        spec = WorkerSpec(self.version_dir, served, settings, plan, self.buckets, self.layout)
         self.on_worker_event = on_worker_event
         self.on_dispatch = on_dispatch
         self.workers = WorkerPool(spec, cfg.instances, cfg.start_timeout_s, cfg.batch_time_limit_s, cfg.gpus,

@@ -38,6 +38,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # Paddle at all, a + c*b ms per batch of b (benchmarks only: server/resnet_serve/server/simulated_engine.py).
 ENGINES = ("paddle", "onednn", "openvino", "tensorrt", "cuda", "simulated")
 SIMULATED = "simulated"
+NORMALISE = ("auto", "graph", "worker")  # where uint8 pixels become model input (program_served)
 CPU_ENGINES = ("onednn", "openvino")
 GPU_ENGINES = ("tensorrt", "cuda")
 
@@ -329,3 +330,26 @@ def apply_plan(config: Any, plan: Iterable[tuple[str, tuple]], precision_type: A
         precision_type = PrecisionType
     for name, args in steps:
         getattr(config, name)(*(_resolve(a, precision_type) for a in args))
+
+
+def program_served(manifest: Manifest, device: str, engine: str, normalise: str = "auto") -> Manifest:
+    """The program of the export the workers run, as a manifest (docs/architecture.md, "Where normalisation
+    happens"). ``graph``: the pixel program, which normalises uint8 pixels itself; ``worker``: the float program,
+    the worker normalising pixels in numpy (an older float export has nothing else). ``auto``: the worker on CPU,
+    where numpy's one pass costs a fraction of the graph's operators (bench `normalisation`); the graph on GPU,
+    which then receives a quarter of the bytes and does the work, and with the simulated engine, which stands for
+    a GPU. Raises ValueError when the export has no such program."""
+    if normalise not in NORMALISE:
+        raise ValueError(f"normalise must be {', '.join(NORMALISE)}, not {normalise!r}")
+    if normalise == "auto":
+        worker = device == "cpu" and engine != SIMULATED and bool(manifest.float_model_file)
+        normalise = "worker" if worker or not manifest.takes_pixels else "graph"
+    if normalise == "graph":
+        if not manifest.takes_pixels:
+            raise ValueError(f"--normalise graph: {manifest.name} v{manifest.version} takes float input (an "
+                             "export older than its input stage); serve it with --normalise auto or worker")
+        return manifest
+    if manifest.takes_pixels and not manifest.float_model_file:
+        raise ValueError(f"--normalise worker: {manifest.name} v{manifest.version} has no float program "
+                         "(float_model_file); serve it with --normalise auto or graph")
+    return manifest.float_program()

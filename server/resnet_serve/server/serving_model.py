@@ -101,7 +101,7 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
                                  trt_cache_dir=Path(s.trt_cache_dir) if s.trt_cache_dir else None,
                                  start_timeout_s=s.worker_start_timeout_s, gpus=s.gpu_ids(),
                                  batch_time_limit_s=s.batch_time_limit_s, batches_in_flight=s.batches_in_flight,
-                                 simulated_cost_ms=s.simulated_cost()),
+                                 simulated_cost_ms=s.simulated_cost(), normalise=s.normalise),
                     manifest=manifest, on_worker_event=on_worker_event, on_dispatch=on_dispatch)
     try:
         await loop.run_in_executor(None, engine.start)
@@ -126,7 +126,8 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
         mean=tuple(m.mean), std=tuple(m.std))
     preprocessor = Preprocessor(tuple(m.input_size), s.max_pixels, s.max_aspect_ratio)
     pipeline = Pipeline(batcher, preprocessor, engine.labels, model, metrics, pool)
-    log.info("loaded %s v%s (%s) from %s: load %.2f s, warm-up %.2f s of buckets %s; batch time limit %.1f s",
-             m.name, m.version, m.architecture, version_dir, engine.load_seconds, engine.warmup_seconds,
-             list(s.bucket_sizes()), engine.batch_time_limit_s)
+    log.info("loaded %s v%s (%s) from %s: load %.2f s, warm-up %.2f s of buckets %s; batch time limit %.1f s; "
+             "pixels normalised by the %s", m.name, m.version, m.architecture, version_dir, engine.load_seconds,
+             engine.warmup_seconds, list(s.bucket_sizes()), engine.batch_time_limit_s,
+             "exported program" if engine.normalised_by == "graph" else "worker (numpy)")
     return LoadedModel(version_dir, engine, batcher, pipeline)

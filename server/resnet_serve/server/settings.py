@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .batcher import default_buckets
-from .predictor_config import ENGINES, SIMULATED
+from .predictor_config import ENGINES, NORMALISE, SIMULATED
 
 ENV_PREFIX = "RESNET_SERVE_"
 
@@ -43,6 +43,7 @@ class Settings:
     precision: str = "fp32"
     engine: str = "paddle"
     simulated_cost_ms: str = ""  # "A,C": engine simulated (benchmarks only) takes A + C*b ms per batch of b
+    normalise: str = "auto"  # where pixels are normalised: auto | graph | worker (predictor_config.program_served)
     trt_cache_dir: str = ""
     gpus: str = ""  # comma-separated GPU ids for --device gpu: worker i runs on gpus[i % n]; empty = GPU 0
     # How long one worker may take to load, convert (TensorRT) and warm before the start fails. Keep it below the
@@ -109,6 +110,8 @@ class Settings:
             raise ValueError(f"engine must be onednn or openvino (CPU), tensorrt or cuda (GPU), simulated "
                              f"(benchmarks), or paddle (the default: oneDNN on CPU, TensorRT on GPU), "
                              f"not {self.engine!r}")
+        if self.normalise not in NORMALISE:
+            raise ValueError(f"normalise must be {', '.join(NORMALISE)}, not {self.normalise!r}")
         if self.simulated_cost_ms.strip() and self.engine != SIMULATED:
             raise ValueError("simulated_cost_ms is for --engine simulated (benchmarks only)")
         self.simulated_cost()
@@ -221,6 +224,8 @@ HELP = {
               "--simulated-cost-ms)",
     "simulated_cost_ms": "A,C: with --engine simulated (for benchmarks only, never for serving), a batch of b "
                          "images takes A + C*b ms and is answered from its pixels, e.g. 5,0.1",
+    "normalise": "where uint8 pixels are normalised: auto (the worker, in numpy, on CPU; the exported program on "
+                 "GPU) | graph (the exported program) | worker",
     "trt_cache_dir": "where TensorRT engines are cached (GPU)",
     "gpus": "GPU ids for --device gpu, e.g. 0,1: worker i runs on gpus[i % n]",
     "worker_start_timeout_s": "seconds one worker may take to load, build TensorRT engines and warm",
