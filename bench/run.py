@@ -12,6 +12,8 @@
                  /proc, with the null model under request-bounded stream load (bench/front_cost.py)
 8. simulated     issue 17: the server over the simulated engine (a + c*b ms per batch; default 5 + 0.1*b, max batch
                  32): images/s at concurrency 256 over the engine's capacity, and p50 at concurrency 1 minus (a + c)
+9. normalisation issue 17: ResNet-50 in-process, the pixel program (normalised in the graph) against the float
+                 program plus numpy normalisation (bench/limit.py)
 Each fast path is reported as a ratio to fp32 (the PIR model of 1 and 2) taken within the round.
 --configs runs a subset (e.g. --configs front_cost,simulated). --baseline REV adds REV's server (bench/baseline.py)
 as config front_cost@base, alternated with the current one in every round, and reports the current figures over
@@ -47,12 +49,13 @@ from .models import ensure_int8_model, ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DOCS = ROOT / "docs" / "BENCHMARKS.md"
-CONFIGS = ("limit", "batched", "unbatched", "ceiling", "fast_limits", "fast_servers", "front_cost", "simulated")
+CONFIGS = ("limit", "batched", "unbatched", "ceiling", "fast_limits", "fast_servers", "front_cost", "simulated",
+           "normalisation")
 BASE = "@base"  # suffix of a config run on the --baseline server
 # the models each config needs (exported once)
 NEEDS = {"limit": ("resnet",), "batched": ("resnet",), "unbatched": ("resnet",), "ceiling": ("null",),
          "fast_limits": ("legacy", "int8"), "fast_servers": ("legacy", "int8"), "front_cost": ("null",),
-         "simulated": ("null",)}
+         "simulated": ("null",), "normalisation": ("resnet",)}
 # variant -> (model, --engine): the CPU fast paths beside fp32 (docs/precision.md)
 FAST = {"fp32_legacy": ("legacy", "onednn"), "int8": ("int8", "paddle"), "openvino": ("legacy", "openvino")}
 
@@ -65,7 +68,8 @@ DOC_NOTES = """## Issue 17: the front's cost and a simulated GPU
   images/s (bench/front_cost.py). The null model ('null-sampled', bench/models.py) takes uint8 NHWC pixels as
   resnet-export's models do, but reads only every 8th row and column of them: its compute, normalisation included
   (which a GPU engine runs on the GPU), is negligible, so what the workers spend is the serving path around an
-  engine (pixels copied in, logits out, the pipe). With `--front-batch N` (default 8)
+  engine (pixels copied in, logits out, the pipe); the server runs it with `--normalise graph`, as a GPU worker
+  runs its pixel program. With `--front-batch N` (default 8)
   the same is measured over the Open Inference Protocol with N images per stream message (`oip_batchN`), where
   the front's per-message costs are paid once per N images. From the medians, the "feeding a GPU" table gives the
   cores this CPU per image would take at 5,000 and 20,000 images/s.
@@ -74,6 +78,10 @@ DOC_NOTES = """## Issue 17: the front's cost and a simulated GPU
   A,C = 5,0.1 and max batch 32: images/s at concurrency 256 over the engine's capacity (32 / (A + 32*C)), and the
   p50 at concurrency 1 minus (A + C); with `--front-batch N` the throughput again with the same images in flight as
   OIP stream messages of N images (`sim_oip_batchN`).
+- `normalisation`: ResNet-50 in-process at batch `--max-batch`, `--threads` threads: the exported pixel program
+  (uint8 in, normalised in the graph) against the same network's float program plus the numpy normalisation the
+  worker did before, timed in turn (bench/limit.py `normalisation`); `norm_now_over_before` < 1 means the
+  in-graph normalisation costs the CPU path nothing.
 - `--configs front_cost,simulated` runs only these; `--requests N` sets the measured requests per step;
   `--baseline REV` also runs `front_cost` on REV's server (a cached git worktree and venv under bench/.baseline/),
   alternated with the current one in every round, and adds `_over_base` ratios (REV has no simulated engine).
@@ -145,9 +153,11 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
     threads = str(args.threads)
     if name.split("@")[0] == "front_cost":
         exe = args.baseline_exe if name.endswith(BASE) else None
+        # The pixel program, as a GPU worker runs it (older servers know no --normalise and always ran it).
+        graph = () if name.endswith(BASE) else ("--normalise", "graph")
         server = ServerProcess(models["null"], "--max-batch-size", "32", "--max-queue-delay-us", "0",
                                "--threads-per-instance", "1", "--max-queue-size", "4096",
-                               "--max-stream-in-flight", "1024", exe=exe)
+                               "--max-stream-in-flight", "1024", *graph, exe=exe)
         try:
             return front_cost.front_cost(server.target, server.pid, hw, args.front_concurrency, args.requests,
                                          oip_model=model_name(models["null"]), batch=args.front_batch)
@@ -165,6 +175,11 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
                                         oip_model=model_name(models["null"]), batch=args.front_batch)
         finally:
             server.close()
+    if name == "normalisation":
+        r = subprocess.run([sys.executable, "-m", "bench.limit", "normalisation", str(models["resnet"] / "1"), threads,
+                            str(args.max_batch), str(args.duration)], capture_output=True, text=True, cwd=ROOT,
+                           check=True)
+        return json.loads(r.stdout.strip().splitlines()[-1])
     if name == "limit":
         sizes = ",".join(str(b) for b in default_buckets(args.max_batch))
         r = subprocess.run([sys.executable, "-m", "bench.limit", str(models["resnet"] / "1"), threads, sizes,
@@ -191,7 +206,7 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
     if name == "ceiling":
         server = ServerProcess(models["null"], "--max-batch-size", "32", "--max-queue-delay-us", "0",
                                "--threads-per-instance", "1", "--max-queue-size", "4096",
-                               "--max-stream-in-flight", "1024")
+                               "--max-stream-in-flight", "1024", "--normalise", "graph")
         try:
             return {"stream_raw": load(server.target, hw, "stream", [args.ceiling_concurrency], args,
                                        processes=args.ceiling_processes)}
@@ -232,6 +247,13 @@ def headline(r: dict, args) -> dict:
                 out[f"{prefix}_{key}"] = now[key]
                 if then is not None:
                     out[f"{prefix}_{key}_over_base"] = now[key] / then[key] if then[key] else float("nan")
+    if "normalisation" in r:
+        norm = r["normalisation"]
+        out["norm_pixel_program_ms_per_image"] = norm["ms_per_image"]["pixel_program"]
+        out["norm_float_program_plus_numpy_ms_per_image"] = norm["before_ms_per_image"]
+        out["norm_in_graph_ms_per_image"] = norm["in_graph_ms_per_image"]
+        out["norm_numpy_ms_per_image"] = norm["ms_per_image"]["numpy_normalise"]
+        out["norm_now_over_before"] = norm["now_over_before"]
     if "simulated" in r:
         out["sim_ratio_to_capacity"] = r["simulated"]["ratio_to_capacity"]
         out["sim_images_per_s"] = r["simulated"]["images_per_s"]
@@ -385,6 +407,9 @@ def render(report: dict) -> str:
                      f"{cost[1]}) ms; {a['requests']} requests per step."
                      + (f" `sim_oip_batch{a['front_batch']}`: the same images in flight as OIP stream messages of "
                         f"{a['front_batch']} images." if a.get("front_batch", 1) > 1 else ""))
+    if "normalisation" in ran:
+        lines.append(f"normalisation: ResNet-50 {a['size']}x{a['size']} in-process, batch {a['max_batch']}, "
+                     f"{a['threads']} threads; ms per image (medians of runs timed in turn).")
     lines += [f"{a['rounds']} round(s).", "", "| headline | median | min–max |", "| --- | ---: | ---: |"]
     for key, v in s.items():
         lines.append(f"| {key} | {f(key, v['median'])} | {f(key, v['min'])}–{f(key, v['max'])} |")
