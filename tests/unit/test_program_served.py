@@ -24,6 +24,7 @@ FLOAT = Manifest(**BASE)
     ("gpu", "tensorrt", "auto", "inference.json"),
     ("gpu", "cuda", "worker", "inference_float.json"),
     ("cpu", "simulated", "auto", "inference.json"),
+    ("cpu", "openvino", "auto", "inference.json"),  # its frontend cannot load the float program's shared params
 ])
 def test_a_pixel_export_runs_the_program_that_normalises_where_it_is_cheapest(
         device: str, engine: str, normalise: str, program: str) -> None:
@@ -48,3 +49,5 @@ def test_what_an_export_cannot_serve_is_refused_with_the_way_out(manifest: Manif
                                                                   message: str) -> None:
     with pytest.raises(ValueError, match=message):
         program_served(manifest, "cpu", "onednn", normalise)
+    with pytest.raises(ValueError, match="OpenVINO engine cannot load an export's float program"):
+        program_served(PIXELS, "cpu", "openvino", "worker")

@@ -337,12 +337,13 @@ def program_served(manifest: Manifest, device: str, engine: str, normalise: str 
     happens"). ``graph``: the pixel program, which normalises uint8 pixels itself; ``worker``: the float program,
     the worker normalising pixels in numpy (an older float export has nothing else). ``auto``: the worker on CPU,
     where numpy's one pass costs a fraction of the graph's operators (bench `normalisation`); the graph on GPU,
-    which then receives a quarter of the bytes and does the work, and with the simulated engine, which stands for
-    a GPU. Raises ValueError when the export has no such program."""
+    which then receives a quarter of the bytes and does the work, with the simulated engine, which stands for
+    a GPU, and with OpenVINO, which cannot load a float program. Raises ValueError when the export has no such
+    program or the engine cannot run it."""
     if normalise not in NORMALISE:
         raise ValueError(f"normalise must be {', '.join(NORMALISE)}, not {normalise!r}")
     if normalise == "auto":
-        worker = device == "cpu" and engine != SIMULATED and bool(manifest.float_model_file)
+        worker = device == "cpu" and engine not in (SIMULATED, "openvino") and bool(manifest.float_model_file)
         normalise = "worker" if worker or not manifest.takes_pixels else "graph"
     if normalise == "graph":
         if not manifest.takes_pixels:
@@ -352,4 +353,7 @@ def program_served(manifest: Manifest, device: str, engine: str, normalise: str 
     if manifest.takes_pixels and not manifest.float_model_file:
         raise ValueError(f"--normalise worker: {manifest.name} v{manifest.version} has no float program "
                          "(float_model_file); serve it with --normalise auto or graph")
+    if manifest.takes_pixels and engine == "openvino":  # its Paddle frontend wants <program>.pdiparams
+        raise ValueError("--normalise worker: the OpenVINO engine cannot load an export's float program (it shares "
+                         "the pixel program's parameters file); serve it with --normalise auto or graph")
     return manifest.float_program()
