@@ -61,7 +61,8 @@ class AsyncClassifierClient(ClientBase):
         attempts = Attempts(self.retry, self.call_timeout(timeout))
         while True:
             try:
-                return await method(request, timeout=attempts.remaining(), metadata=self.call_metadata(metadata))
+                return await method(request, timeout=attempts.next_timeout(request_id),
+                                      metadata=self.call_metadata(metadata))
             except grpc.aio.AioRpcError as e:
                 delay = attempts.retry_after(e)
                 if delay is None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from .errors import ClassifierError
+
 # Unary Classify is a pure function, so a retry is always safe. CANCELLED reaches a client only when the server
 # (not the caller) ended the call, e.g. a connection closed while the server drains (grpc/grpc#41785).
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
@@ -41,6 +43,15 @@ class Attempts:
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def next_timeout(self, request_id: str = "") -> float | None:
+        """The timeout of the next attempt; DEADLINE_EXCEEDED, without a call, once the deadline has passed.
+        Why: a call started past its deadline races gRPC's own deadline timer, and on a loaded machine the
+        server's answer can win (a 1 us timeout returned OK once in a loaded test run)."""
+        left = self.remaining()
+        if left == 0.0:
+            raise ClassifierError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", request_id)
+        return left
 
     def retry_after(self, error: grpc.RpcError) -> float | None:
         """Seconds to wait before the next attempt, or None to give up with this error."""

@@ -49,7 +49,8 @@ class ClassifierClient(ClientBase):
         attempts = Attempts(self.retry, self.call_timeout(timeout))
         while True:
             try:
-                return method(request, timeout=attempts.remaining(), metadata=self.call_metadata(metadata))
+                return method(request, timeout=attempts.next_timeout(request_id),
+                                metadata=self.call_metadata(metadata))
             except grpc.RpcError as e:
                 delay = attempts.retry_after(e)
                 if delay is None:
