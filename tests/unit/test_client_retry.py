@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from resnet_serve.client.errors import ClassifierError
-from resnet_serve.client.retry import RETRYABLE, Attempts, RetryPolicy
+from resnet_serve.client.retry import MIN_ATTEMPT_S, RETRYABLE, Attempts, RetryPolicy
 
 
 def aio_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
@@ -71,8 +71,9 @@ def test_a_backoff_that_would_end_past_the_deadline_gives_up() -> None:
 def test_an_attempt_past_the_deadline_is_deadline_exceeded_without_a_call() -> None:
     """A call started past its deadline races gRPC's deadline timer, and a loaded machine once let the server's
     answer win (a 1 us timeout returned OK): past the deadline no attempt is made."""
-    with pytest.raises(ClassifierError) as raised:
-        Attempts(RetryPolicy(), 0.0).next_timeout("7")
-    assert raised.value == ClassifierError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "7")
+    for timeout in (0.0, 1e-6, MIN_ATTEMPT_S / 2):
+        with pytest.raises(ClassifierError) as raised:
+            Attempts(RetryPolicy(), timeout).next_timeout("7")
+        assert raised.value == ClassifierError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "7")
     assert 0.0 < Attempts(RetryPolicy(), 60.0).next_timeout() <= 60.0
     assert Attempts(RetryPolicy(), None).next_timeout() is None
