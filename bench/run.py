@@ -69,9 +69,9 @@ DOC_NOTES = """## Issue 17: the front's cost and a simulated GPU
   resnet-export's models do, but reads only every 8th row and column of them: its compute, normalisation included
   (which a GPU engine runs on the GPU), is negligible, so what the workers spend is the serving path around an
   engine (pixels copied in, logits out, the pipe); the server runs it with `--normalise graph`, as a GPU worker
-  runs its pixel program. With `--front-batch N` (default 8)
-  the same is measured over the Open Inference Protocol with N images per stream message (`oip_batchN`), where
-  the front's per-message costs are paid once per N images. From the medians, the "feeding a GPU" table gives the
+  runs its pixel program. With `--front-batch N` (default 8) the same is measured over the Open Inference
+  Protocol with N images per stream message (`oip_batchN`), where the front's per-message costs are paid once
+  per N images. From the medians, the "feeding a GPU" table gives the
   cores this CPU per image would take at 5,000 and 20,000 images/s.
 - `simulated`: the server over `--engine simulated --simulated-cost-ms A,C` (benchmarks only: a batch of b takes
   A + C*b ms, answers are a function of the pixels; server/resnet_serve/server/simulated_engine.py). By default
