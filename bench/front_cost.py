@@ -91,6 +91,15 @@ def stream_load(target: str, hw: tuple[int, int], concurrency: int, requests: in
                                protocol="oip" if oip_model else "classifier", model=oip_model, batch=batch))
 
 
+def warmed_oip_step(target: str, hw: tuple[int, int], concurrency: int, requests: int, oip_model: str,
+                    batch: int) -> Callable[[], list[dict]]:
+    """The same images in flight and answered as `concurrency` and `requests` one per message, as OIP stream
+    messages of `batch` images: a warm-up step of them now, and the measured step to run."""
+    messages, in_flight = max(1, requests // batch), max(1, concurrency // batch)
+    stream_load(target, hw, in_flight, max(in_flight, messages // 10), oip_model=oip_model, batch=batch)
+    return lambda: stream_load(target, hw, in_flight, messages, oip_model=oip_model, batch=batch)
+
+
 def front_cost(target: str, front_pid: int, hw: tuple[int, int], concurrency: int, requests: int,
                oip_model: str = "", batch: int = 1) -> dict:
     """A short warm-up step (connections, first batches), then the measured one with no warm-up inside it; with
@@ -98,10 +107,8 @@ def front_cost(target: str, front_pid: int, hw: tuple[int, int], concurrency: in
     stream_load(target, hw, concurrency, max(concurrency, requests // 10))
     out = measure_cpu(front_pid, lambda: stream_load(target, hw, concurrency, requests))
     if batch > 1:
-        messages, in_flight = max(1, requests // batch), max(1, concurrency // batch)
-        stream_load(target, hw, in_flight, max(in_flight, messages // 10), oip_model=oip_model, batch=batch)
-        out["oip_batch"] = {"batch": batch, **measure_cpu(front_pid, lambda: stream_load(
-            target, hw, in_flight, messages, oip_model=oip_model, batch=batch))}
+        step = warmed_oip_step(target, hw, concurrency, requests, oip_model, batch)
+        out["oip_batch"] = {"batch": batch, **measure_cpu(front_pid, step)}
     return out
 
 
@@ -129,9 +136,7 @@ def simulated(target: str, hw: tuple[int, int], cost_ms: tuple[float, float], ma
            "ratio_to_capacity": high["images_per_s"] / capacity,
            "c1_p50_ms": p50, "c1_added_ms": None if p50 is None else p50 - (a + c)}
     if batch > 1:
-        messages, in_flight = max(1, requests // batch), max(1, concurrency // batch)
-        stream_load(target, hw, in_flight, max(in_flight, messages // 10), oip_model=oip_model, batch=batch)
-        many = stream_load(target, hw, in_flight, messages, oip_model=oip_model, batch=batch)[0]
+        many = warmed_oip_step(target, hw, concurrency, requests, oip_model, batch)()[0]
         errors.append(many["errors"])
         out["oip_batch"] = {"batch": batch, "images_per_s": many["images_per_s"],
                             "ratio_to_capacity": many["images_per_s"] / capacity}

@@ -34,19 +34,18 @@ if kind == "null-sampled":  # bench/null_model.py: two programs over one Linear,
         (d / extra).unlink(missing_ok=True)
     model_file, fmt = "inference.json", "pir"
     extra = dict(input_format="uint8_nhwc", float_model_file="inference_float.json")
-elif os.environ.get("FLAGS_enable_pir_api", "1").lower() not in ("0", "false"):
-    # as resnet-export writes it: uint8 NHWC in, normalised in the graph, plus the float program
-    from paddle.vision.models import resnet50
-    from resnet_serve.export.exporter import save_programs
-    model, arch = resnet50(num_classes=1000).eval(), kind
-    model_file, float_model_file = save_programs(model, d, size, mean, std, "pir")
-    fmt, extra = "pir", dict(input_format="uint8_nhwc", float_model_file=float_model_file)
-else:  # legacy (OpenVINO, INT8): float32 NCHW in, normalised by the worker
+else:
     from paddle.vision.models import resnet50
     model, arch = resnet50(num_classes=1000).eval(), kind
-    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", "image")]
-    paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), str(d / "inference"))
-    model_file, fmt, extra = "inference.pdmodel", "legacy", dict(input_format="float32_nchw")
+    if os.environ.get("FLAGS_enable_pir_api", "1").lower() not in ("0", "false"):
+        # as resnet-export writes it: uint8 NHWC in, normalised in the graph, plus the float program
+        from resnet_serve.export.exporter import save_programs
+        model_file, float_model_file = save_programs(model, d, size, mean, std, "pir")
+        fmt, extra = "pir", dict(input_format="uint8_nhwc", float_model_file=float_model_file)
+    else:  # legacy (OpenVINO, INT8): float32 NCHW in, normalised by the worker
+        spec = [paddle.static.InputSpec([None, 3, size, size], "float32", "image")]
+        paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), str(d / "inference"))
+        model_file, fmt, extra = "inference.pdmodel", "legacy", dict(input_format="float32_nchw")
 (d / "labels.txt").write_text("\\n".join(f"class_{i}" for i in range(1000)) + "\\n")
 m = Manifest(name=kind, version=1, architecture=arch, num_classes=1000, input_size=[size, size], mean=mean, std=std,
              format=fmt, model_file=model_file, **extra)

@@ -332,6 +332,12 @@ def apply_plan(config: Any, plan: Iterable[tuple[str, tuple]], precision_type: A
         getattr(config, name)(*(_resolve(a, precision_type) for a in args))
 
 
+def check_normalise(normalise: str) -> None:
+    """ValueError unless ``normalise`` is one of NORMALISE (Settings checks it at start, program_served at load)."""
+    if normalise not in NORMALISE:
+        raise ValueError(f"normalise must be {', '.join(NORMALISE)}, not {normalise!r}")
+
+
 def program_served(manifest: Manifest, device: str, engine: str, normalise: str = "auto") -> Manifest:
     """The program of the export the workers run, as a manifest (docs/architecture.md, "Where normalisation
     happens"). ``graph``: the pixel program, which normalises uint8 pixels itself; ``worker``: the float program,
@@ -340,8 +346,7 @@ def program_served(manifest: Manifest, device: str, engine: str, normalise: str 
     which then receives a quarter of the bytes and does the work, with the simulated engine, which stands for
     a GPU, and with OpenVINO, which cannot load a float program. Raises ValueError when the export has no such
     program or the engine cannot run it."""
-    if normalise not in NORMALISE:
-        raise ValueError(f"normalise must be {', '.join(NORMALISE)}, not {normalise!r}")
+    check_normalise(normalise)
     if normalise == "auto":
         worker = device == "cpu" and engine not in (SIMULATED, "openvino") and bool(manifest.float_model_file)
         normalise = "worker" if worker or not manifest.takes_pixels else "graph"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .batcher import default_buckets
-from .predictor_config import ENGINES, NORMALISE, SIMULATED
+from .predictor_config import ENGINES, SIMULATED, check_normalise
 
 ENV_PREFIX = "RESNET_SERVE_"
 
@@ -110,8 +110,7 @@ class Settings:
             raise ValueError(f"engine must be onednn or openvino (CPU), tensorrt or cuda (GPU), simulated "
                              f"(benchmarks), or paddle (the default: oneDNN on CPU, TensorRT on GPU), "
                              f"not {self.engine!r}")
-        if self.normalise not in NORMALISE:
-            raise ValueError(f"normalise must be {', '.join(NORMALISE)}, not {self.normalise!r}")
+        check_normalise(self.normalise)
         if self.simulated_cost_ms.strip() and self.engine != SIMULATED:
             raise ValueError("simulated_cost_ms is for --engine simulated (benchmarks only)")
         self.simulated_cost()
