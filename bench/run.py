@@ -39,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+from resnet_serve.client.errors import ClassifierError
 from resnet_serve.client.sync import ClassifierClient
 from resnet_serve.client.tools.loadgen import LoadConfig
 from resnet_serve.client.tools.loadgen import run as run_load
@@ -50,12 +51,12 @@ from .models import ensure_int8_model, ensure_model
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DOCS = ROOT / "docs" / "BENCHMARKS.md"
 CONFIGS = ("limit", "batched", "unbatched", "ceiling", "fast_limits", "fast_servers", "front_cost", "simulated",
-           "normalisation")
+           "normalisation", "fronts")
 BASE = "@base"  # suffix of a config run on the --baseline server
 # the models each config needs (exported once)
 NEEDS = {"limit": ("resnet",), "batched": ("resnet",), "unbatched": ("resnet",), "ceiling": ("null",),
          "fast_limits": ("legacy", "int8"), "fast_servers": ("legacy", "int8"), "front_cost": ("null",),
-         "simulated": ("null",), "normalisation": ("resnet",)}
+         "simulated": ("null",), "normalisation": ("resnet",), "fronts": ("null",)}
 # variant -> (model, --engine): the CPU fast paths beside fp32 (docs/precision.md)
 FAST = {"fp32_legacy": ("legacy", "onednn"), "int8": ("int8", "paddle"), "openvino": ("legacy", "openvino")}
 
@@ -82,6 +83,10 @@ DOC_NOTES = """## Issue 17: the front's cost and a simulated GPU
   (uint8 in, normalised in the graph) against the same network's float program plus the numpy normalisation the
   worker did before, timed in turn (bench/limit.py `normalisation`); `norm_now_over_before` < 1 means the
   in-graph normalisation costs the CPU path nothing.
+- `fronts`: the simulated-engine server (as `simulated`) with `--front-processes 1` and then 2, under the same stream
+  load from `--fronts-processes` load generator processes (one connection each: the kernel spreads connections,
+  not requests, over the fronts); images/s of each, `fronts2_over_1`, and the largest share of the requests one
+  front answered with 2 (from the merged /metrics: 0.5 is an even spread, 1.0 all on one front).
 - `--configs front_cost,simulated` runs only these; `--requests N` sets the measured requests per step;
   `--baseline REV` also runs `front_cost` on REV's server (a cached git worktree and venv under bench/.baseline/),
   alternated with the current one in every round, and adds `_over_base` ratios (REV has no simulated engine).
@@ -123,10 +128,21 @@ class ServerProcess:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("server did not start")
-        self.target = f"127.0.0.1:{json.loads(line)['port']}"
+        event = json.loads(line)
+        self.target = f"127.0.0.1:{event['port']}"
+        self.metrics_port = int(event.get("metrics_port", -1))
         self.pid = self.proc.pid
+        deadline = time.monotonic() + 600
         with ClassifierClient(self.target) as client:
-            client.wait_until_ready(600)
+            while True:  # in short waits, so a server that exits (its model failed to load) is not waited for
+                try:
+                    client.wait_until_ready(5)
+                    break
+                except ClassifierError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        self.close()
+                        raise RuntimeError(f"server exited with code {self.proc.returncode} before it was "
+                                           f"ready: {' '.join(flags)}") from None
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -137,9 +153,10 @@ class ServerProcess:
 
 
 def load(target: str, hw: tuple[int, int], mode: str, concurrency: list[int], args, input_: str = "raw",
-         processes: int = 1) -> list[dict]:
+         processes: int = 1, requests: int = 0) -> list[dict]:
+    """One sweep; ``requests`` > 0 measures exactly that many requests per step instead of a duration."""
     cfg = LoadConfig(target=target, mode=mode, input=input_, concurrency=tuple(concurrency), warmup_s=args.warmup,
-                     duration_s=args.duration, input_hw=hw, processes=processes, streams=1)
+                     duration_s=args.duration, input_hw=hw, processes=processes, streams=1, requests=requests)
     return run_load(cfg)
 
 
@@ -203,6 +220,22 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
             finally:
                 server.close()
         return out
+    if name == "fronts":
+        a, c = args.sim_cost_ms  # the simulated engine (as `simulated`): the fronts, not a model, are measured
+        out = {}
+        for n in (1, 2):
+            server = ServerProcess(models["null"], "--engine", "simulated", "--simulated-cost-ms", f"{a},{c}",
+                                   "--max-batch-size", str(args.sim_max_batch), "--max-queue-delay-us", "0",
+                                   "--threads-per-instance", "1", "--max-queue-size", "4096",
+                                   "--max-stream-in-flight", "1024", "--front-processes", str(n),
+                                   "--metrics-port", "0")
+            try:
+                steps = load(server.target, hw, "stream", [args.ceiling_concurrency], args,
+                             processes=args.fronts_processes, requests=args.requests)
+                out[f"fronts{n}"] = {"stream_raw": steps, "answered_by_front": answered_by_front(server.metrics_port)}
+            finally:
+                server.close()
+        return out
     if name == "ceiling":
         server = ServerProcess(models["null"], "--max-batch-size", "32", "--max-queue-delay-us", "0",
                                "--threads-per-instance", "1", "--max-queue-size", "4096",
@@ -223,6 +256,22 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
         return out
     finally:
         server.close()
+
+
+def answered_by_front(metrics_port: int) -> dict[str, float]:
+    """Requests each front answered (OK, any method), from the server's /metrics (merged over its fronts)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "resnet_serve_requests_total" and sample.labels.get("code") == "OK":
+                front = sample.labels.get("front", "0")
+                out[front] = out.get(front, 0.0) + sample.value
+    return out
 
 
 def step(results: list[dict], concurrency: int) -> dict:
@@ -263,6 +312,13 @@ def headline(r: dict, args) -> dict:
             out[f"sim_oip_batch{many['batch']}_images_per_s"] = many["images_per_s"]
         if r["simulated"]["c1_added_ms"] is not None:
             out["sim_c1_added_ms"] = r["simulated"]["c1_added_ms"]
+    if "fronts" in r:
+        one, two = (r["fronts"][f"fronts{n}"]["stream_raw"][0]["images_per_s"] for n in (1, 2))
+        shares = r["fronts"]["fronts2"]["answered_by_front"]
+        out["fronts1_images_per_s"] = one
+        out["fronts2_images_per_s"] = two
+        out["fronts2_over_1"] = two / one if one else float("nan")
+        out["fronts2_largest_share_ratio"] = max(shares.values()) / sum(shares.values()) if shares else float("nan")
     return out
 
 
@@ -407,6 +463,12 @@ def render(report: dict) -> str:
                      f"{cost[1]}) ms; {a['requests']} requests per step."
                      + (f" `sim_oip_batch{a['front_batch']}`: the same images in flight as OIP stream messages of "
                         f"{a['front_batch']} images." if a.get("front_batch", 1) > 1 else ""))
+    if "fronts" in ran:
+        cost = a["sim_cost_ms"]
+        lines.append(f"fronts: simulated engine of {cost[0]} + {cost[1]}*b ms, {a['size']}x{a['size']}, stream, "
+                     f"raw uint8, concurrency {a['ceiling_concurrency']} over {a['fronts_processes']} load generator "
+                     f"processes (one connection each), max batch {a['sim_max_batch']}, 1 worker, {a['requests']} "
+                     f"requests per step; `--front-processes` 1, then 2.")
     if "normalisation" in ran:
         lines.append(f"normalisation: ResNet-50 {a['size']}x{a['size']} in-process, batch {a['max_batch']}, "
                      f"{a['threads']} threads; ms per image (medians of runs timed in turn).")
@@ -442,13 +504,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-concurrency", default="4,16")
     p.add_argument("--ceiling-concurrency", type=int, default=128)
     p.add_argument("--ceiling-processes", type=int, default=1)
+    p.add_argument("--fronts-processes", type=int, default=4,
+                   help="fronts: load generator processes (connections) spread over the fronts")
     p.add_argument("--models", type=Path, default=ROOT / "bench" / "models")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--docs", type=Path, default=DEFAULT_DOCS)
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     p.add_argument("--requests", type=int, default=4000,
-                   help="front_cost and simulated: requests per measured step (request-bounded, not timed)")
+                   help="front_cost, simulated and fronts: requests per measured step (request-bounded, not timed)")
     p.add_argument("--front-concurrency", type=int, default=128, help="front_cost: stream items in flight")
     p.add_argument("--front-batch", type=int, default=8,
                    help="front_cost: also measure OIP stream messages of this many images (1: skip)")

@@ -102,6 +102,28 @@ def test_bench_run_simulated_writes_its_headline(stand_in: Path, tmp_path: Path)
                                       "sim_oip_batch4_ratio_to_capacity", "sim_oip_batch4_images_per_s"}
 
 
+def test_bench_run_fronts_serves_with_one_then_two_front_processes(stand_in: Path, tmp_path: Path) -> None:
+    """`python -m bench.run --configs fronts` at tiny size: both servers answer every measured request, and the
+    second one's requests are counted per front (whatever the kernel's spread)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "null-sampled-pixels").symlink_to(stand_in)
+    out = tmp_path / "out"
+    assert bench_main(["--configs", "fronts", "--rounds", "1", "--size", "32", "--requests", "40", "--warmup", "0",
+                       "--ceiling-concurrency", "8", "--fronts-processes", "2", "--models", str(models), "--out",
+                       str(out), "--no-docs"]) == 0
+    report = json.loads(next(out.glob("*.json")).read_text())
+    fronts = report["rounds"][0]["fronts"]
+    for n in (1, 2):
+        (measured,) = fronts[f"fronts{n}"]["stream_raw"]
+        assert measured["errors"] == {}
+        assert sum(fronts[f"fronts{n}"]["answered_by_front"].values()) >= 40
+    assert set(fronts["fronts1"]["answered_by_front"]) == {"0"}
+    assert set(fronts["fronts2"]["answered_by_front"]) <= {"0", "1"}
+    assert set(report["summary"]) == {"fronts1_images_per_s", "fronts2_images_per_s", "fronts2_over_1",
+                                      "fronts2_largest_share_ratio"}
+
+
 def test_bench_refuses_an_unknown_config(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         bench_main(["--configs", "simulated,nope"])

@@ -149,6 +149,11 @@ def test_model_dir_is_required() -> None:
     (["--tls-cert", "c.pem"], "TLS needs both tls_cert and tls_key"),
     (["--tls-client-ca", "ca.pem"], "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),
     (["--buckets", "2,8"], "buckets [2, 8] must include 1 and max_batch_size 8"),
+    (["--front-processes", "0"], "front_processes must be 1..32, not 0"),
+    (["--front-processes", "33"], "front_processes must be 1..32, not 33"),
+    (["--front-processes", "2", "--poll-interval-s", "5"], "front_processes > 1 serves one version: hot reload "
+                                                           "(poll_interval_s) is not available with it; restart "
+                                                           "the server (roll the pods) to serve a new version"),
     (["--buckets", "1,4", "--max-batch-size", "8"], "buckets [1, 4] must include 1 and max_batch_size 8"),
 ])
 def test_bad_value_is_refused_with_a_clear_message(flags: list[str], message: str) -> None:

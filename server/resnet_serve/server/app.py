@@ -28,6 +28,7 @@ from .auth import AdminGuard, BearerTokenInterceptor, load_tokens, server_creden
 from .batcher import BatcherObserver
 from .engine import Engine, EngineError, WorkerDied
 from .errors import ErrorTable
+from .fronts import FrontMain, Fronts, FrontSpec, secondary_settings
 from .handle import ServingConfig, ServingHandle
 from .health_port import HealthPort
 from .memory import MemorySweeper
@@ -125,9 +126,15 @@ class ReloadRefused(Exception):
 
 class Server:
     def __init__(self, settings: Settings, wrap_runner: Callable[[Runner], Runner] | None = None,
-                 on_dispatch: Callable[[int, int], None] | None = None):
-        """``wrap_runner`` and ``on_dispatch`` (Engine's: a batch handed to a worker) let tests observe batches."""
+                 on_dispatch: Callable[[int, int], None] | None = None, front: FrontSpec | None = None,
+                 front_main: FrontMain | None = None):
+        """``wrap_runner`` and ``on_dispatch`` (Engine's: a batch handed to a worker) let tests observe batches.
+        ``front``: this is a secondary front process (front_process.py), attached to the first front's workers.
+        ``front_main``: the secondaries' process body, for front_processes > 1 (front_process.front_main)."""
         self.settings = settings
+        self.front = front
+        self.front_main = front_main
+        self.fronts: Fronts | None = None  # the first front's secondaries, once started
         self.model_dir = Path(settings.model_dir)
         self.version_dir = resolve_version_dir(self.model_dir, settings.version)
         self.metrics = Metrics(settings.max_batch_size)
@@ -169,8 +176,9 @@ class Server:
         # Computed at scrape time over every live batcher, so a reload's two batchers never overwrite each other.
         self.metrics.queue_depth.set_function(lambda: sum(m.batcher.queue_depth for m in self._live))
         self.metrics.in_flight.set_function(lambda: sum(m.batcher.in_flight for m in self._live))
-        self.metrics.watch_workers(lambda: [(m.version, i, pid) for m in self._live
-                                            for i, pid in enumerate(m.engine.worker_pids())])
+        if front is None:  # the workers' CPU and memory are the first front's to export, once
+            self.metrics.watch_workers(lambda: [(m.version, i, pid) for m in self._live
+                                                for i, pid in enumerate(m.engine.worker_pids())])
         self.sweeper = MemorySweeper()
         self.metrics.preprocess_queue.set_function(lambda: self.pool.images)
         self.metrics.preprocess_queue_bytes.set_function(lambda: self.pool.bytes)
@@ -226,10 +234,15 @@ class Server:
     async def start(self) -> None:
         """Listen at once (health NOT_SERVING), then load and warm the model in the background."""
         s = self.settings
+        if self.front is not None:  # a secondary front listens only once attached: the kernel sends it clients
+            await self._load_first()
+            if self.failed:
+                return
         if s.metrics_port >= 0:
             metrics_host = s.metrics_host or s.host
+            others = self._other_fronts_metrics if s.front_processes > 1 else None
             try:
-                self._metrics_http = self.metrics.serve_http(s.metrics_port, metrics_host, self.serving)
+                self._metrics_http = self.metrics.serve_http(s.metrics_port, metrics_host, self.serving, others)
             except OSError as e:
                 raise ListenError(f"cannot listen on {metrics_host}:{s.metrics_port} for /metrics "
                                   f"({e.strerror or e}): choose another metrics_port (--metrics-port; -1 turns "
@@ -238,7 +251,7 @@ class Server:
         options = [("grpc.max_receive_message_length", s.max_message_bytes),
                    ("grpc.max_send_message_length", s.max_message_bytes),
                    ("grpc.max_concurrent_streams", s.max_concurrent_streams),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", int(s.front_processes > 1))]
         if s.max_connection_age_s > 0:
             options += [("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(s.grace_period_s * 1000))]
@@ -254,7 +267,8 @@ class Server:
         reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME,
                                              OIPService.SERVICE_NAME), self.grpc_server)
         address = f"{s.host}:{s.port}"
-        why = _why_not_bindable(s.host, s.port)  # port 0 too: the host may be no address of this machine
+        # Port 0 too: the host may be no address of this machine. A secondary front shares the first's port.
+        why = _why_not_bindable(s.host, s.port) if self.front is None else None
         if why is None:
             try:
                 if s.tls_cert:
@@ -287,16 +301,19 @@ class Server:
                  f"{len(tokens)} bearer token(s)" if tokens else "no auth",
                  f"on {s.metrics_host or s.host}:{self.metrics_port}" if s.metrics_port >= 0 else "off",
                  f"on {self.health_host}:{self.health_port}" if self._health_port else "off", self.version_dir)
-        print(json.dumps({"event": "listening", "port": self.port, "metrics_port": self.metrics_port,
-                          "health_port": self.health_port}), flush=True)
-        self._loader = asyncio.create_task(self._load_first())
+        if self.front is None:
+            print(json.dumps({"event": "listening", "port": self.port, "metrics_port": self.metrics_port,
+                              "health_port": self.health_port}), flush=True)
+            self._loader = asyncio.create_task(self._load_first())
 
     async def _load(self, version_dir: Path) -> LoadedModel:
         loop = asyncio.get_running_loop()
         return await serving_model.load(
             self.settings, version_dir, self.observer, self.pool, self.metrics,
             on_worker_event=lambda event, i: loop.call_soon_threadsafe(self._worker_event, event, i),
-            wrap_runner=self.wrap_runner, on_dispatch=self.on_dispatch)
+            wrap_runner=self.wrap_runner, on_dispatch=self.on_dispatch,
+            worker_sockets=self.settings.front_processes > 1 and self.front is None,
+            attach_to=self.front.socket_dir if self.front is not None else None)
 
     def _publish(self, model: LoadedModel) -> None:
         """Switch traffic: one reference assignment on the event loop, so each request sees one version."""
@@ -312,6 +329,8 @@ class Server:
     async def _load_first(self) -> None:
         try:
             self._publish(await self._load(self.version_dir))
+            if self.settings.front_processes > 1 and self.front is None:
+                await self._start_fronts()
             self.ready.set()
             await self._update_health()
             if self.settings.poll_interval_s > 0 and self.settings.version is None:
@@ -320,6 +339,23 @@ class Server:
             self.failed = e
             log.error("model failed to load: %s", e)
             self.ready.set()
+
+    async def _start_fronts(self) -> None:
+        """--front-processes N: start the N - 1 secondary fronts on our port, attached to our workers; ready
+        (and SERVING) only once every one listens."""
+        s, model = self.settings, self.model
+        assert model is not None and model.engine.socket_dir is not None
+        if self.front_main is None:
+            raise RuntimeError("front_processes > 1 needs the secondary fronts' entry point (front_process.py)")
+        specs = [FrontSpec(i, secondary_settings(s, self.port, model.version, model.engine.batch_time_limit_s),
+                           model.engine.socket_dir)
+                 for i in range(1, s.front_processes)]
+        self.fronts = Fronts(specs, s.worker_start_timeout_s, self.front_main)
+        await asyncio.get_running_loop().run_in_executor(None, self.fronts.start)
+
+    def _other_fronts_metrics(self) -> list[tuple[int, bytes]]:
+        """The secondary fronts' expositions (metrics HTTP thread), merged into ours by metrics.FrontsView."""
+        return self.fronts.scrape() if self.fronts is not None else []
 
     # --- reload --------------------------------------------------------------------------------------------
     async def reload(self, version: int | None = None) -> tuple[bool, str]:
@@ -330,6 +366,9 @@ class Server:
         async with self._reload_lock:
             if self._draining or self.model is None:
                 raise ReloadRefused("the server is not serving a model")
+            if self.settings.front_processes > 1:
+                raise ReloadRefused("hot reload is not available with front_processes > 1: restart the server "
+                                    "(roll the pods) to serve another version")
             target = resolve_version_dir(self.model_dir, version)
             if target.resolve() == self.model.version_dir.resolve():
                 return False, f"already serving version {self.model.version}"
@@ -419,8 +458,10 @@ class Server:
         self._draining = True
         await self._update_health()
         t0 = time.perf_counter()
-        if self.grpc_server is not None:
-            await self.grpc_server.stop(grace)
+        # Every front drains at once; the workers stop only after the last has answered what it accepted.
+        fronts = self.fronts
+        await asyncio.gather(*([self.grpc_server.stop(grace)] if self.grpc_server is not None else []),
+                             *([asyncio.to_thread(fronts.drain, grace)] if fronts is not None else []))
         async with self._reload_lock:
             if self.model is not None:  # bounded: a hung worker is killed after the grace (plus a second)
                 await self.model.retire(timeout=max(0.0, t0 + grace - time.perf_counter()) + 1.0)
@@ -444,11 +485,11 @@ def fingerprint(version_dir: Path) -> tuple:
         return ()
 
 
-async def run(settings: Settings) -> int:
+async def run(settings: Settings, front_main: FrontMain | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then drain; SIGHUP loads a newer model version. 0 on a clean exit."""
     import signal
 
-    server = Server(settings)
+    server = Server(settings, front_main=front_main)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -467,10 +508,10 @@ async def run(settings: Settings) -> int:
     return 0
 
 
-def main_with(settings: Settings) -> int:
+def main_with(settings: Settings, front_main: FrontMain | None = None) -> int:
     log.info("effective configuration:\n%s", settings.describe())
     try:
-        return asyncio.run(run(settings))
+        return asyncio.run(run(settings, front_main))
     except KeyboardInterrupt:  # pragma: no cover
         return 130
     finally:

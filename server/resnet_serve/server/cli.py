@@ -28,9 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             return fail(problem)
     from .app import ListenError, main_with
+    from .front_process import front_main
 
     try:
-        return main_with(settings)
+        return main_with(settings, front_main)
     except (ModelDirError, ListenError) as e:
         return fail(str(e))
     except OSError as e:

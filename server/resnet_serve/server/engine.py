@@ -15,6 +15,8 @@ worker dies or hangs while holding a batch: ``WorkerDied`` (worker_pool.py says 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ import numpy as np
 from resnet_serve.common.modeldir import Manifest, load_manifest, read_labels
 
 from .predictor_config import PredictorSettings, program_served
-from .worker_pool import STOP_GRACE_S, WorkerEvent, WorkerPool
+from .worker_pool import STOP_GRACE_S, AttachedWorkerPool, WorkerEvent, WorkerPool
 from .worker_protocol import BatchLayout, EngineError, RunBatch, SharedBatch, WorkerDied, WorkerSpec, batch_result
 
 __all__ = ["Dispatch", "Engine", "EngineConfig", "EngineError", "WorkerDied"]
@@ -50,6 +52,10 @@ class EngineConfig:
     batches_in_flight: int = 2  # per instance: one computing, the next written and queued behind it (1 or 2)
     simulated_cost_ms: tuple[float, float] = (0.0, 0.0)  # engine "simulated" (benchmarks): a + c*b ms per batch
     normalise: str = "auto"  # auto | graph | worker: which program of the export runs (program_served)
+    # --front-processes > 1 (docs/architecture.md, "Front processes"): the first front's workers also listen on
+    # Unix sockets in a private folder (worker_sockets); every other front attaches to them there (attach_to).
+    worker_sockets: bool = False
+    attach_to: Path | None = None
 
 
 class Engine:
@@ -85,8 +91,16 @@ class Engine:
         spec = WorkerSpec(self.version_dir, served, settings, plan, self.buckets, self.layout)
         self.on_worker_event = on_worker_event
         self.on_dispatch = on_dispatch
-        self.workers = WorkerPool(spec, cfg.instances, cfg.start_timeout_s, cfg.batch_time_limit_s, cfg.gpus,
-                                  on_event=self._worker_event, slots=cfg.batches_in_flight)
+        # Owned by this engine (removed by close) when its workers listen for other fronts.
+        self.socket_dir: Path | None = Path(tempfile.mkdtemp(prefix="resnet-serve-")) if cfg.worker_sockets else None
+        if cfg.attach_to is not None:
+            self.workers: WorkerPool = AttachedWorkerPool(spec, cfg.instances, cfg.start_timeout_s,
+                                                          cfg.batch_time_limit_s, cfg.attach_to,
+                                                          on_event=self._worker_event, slots=cfg.batches_in_flight)
+        else:
+            self.workers = WorkerPool(spec, cfg.instances, cfg.start_timeout_s, cfg.batch_time_limit_s, cfg.gpus,
+                                      on_event=self._worker_event, slots=cfg.batches_in_flight,
+                                      socket_dir=self.socket_dir)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -95,8 +109,11 @@ class Engine:
         self.workers.start()
 
     def close(self, grace_s: float = STOP_GRACE_S) -> None:
-        """Stop every worker (``grace_s`` to exit on Stop, then SIGKILL) and free the shared memory. Idempotent."""
+        """Stop every worker (``grace_s`` to exit on Stop, then SIGKILL) and free the shared memory. Idempotent.
+        Attached to another front's workers: detach, and free this front's shared memory only."""
         self.workers.close(grace_s)
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def __enter__(self) -> Engine:
         self.start()

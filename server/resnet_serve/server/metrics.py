@@ -20,7 +20,8 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 PREFIX = "resnet_serve"
 # Latencies from 0.5 ms to 30 s: loopback unary calls on tiny models through ResNet-50 batches on 2 cores.
@@ -149,9 +150,36 @@ class Metrics:
         worker index, pid) of every live worker at scrape time."""
         self.registry.register(WorkerCollector(workers))
 
-    def serve_http(self, port: int, addr: str, ready: Callable[[], bool]) -> MetricsHTTPServer:
-        """Serve /metrics, /healthz and /readyz on addr:port from a daemon thread; OSError if it cannot bind."""
-        return serve_http(self.registry, port, addr, ready)
+    def serve_http(self, port: int, addr: str, ready: Callable[[], bool],
+                   others: Callable[[], Iterable[tuple[int, bytes]]] | None = None) -> MetricsHTTPServer:
+        """Serve /metrics, /healthz and /readyz on addr:port from a daemon thread; OSError if it cannot bind.
+        ``others`` (--front-processes > 1): the other fronts' expositions at scrape time, merged with ours."""
+        return serve_http(self.registry if others is None else FrontsView(self.registry, others), port, addr, ready)
+
+    def exposition(self) -> bytes:
+        """This registry in the Prometheus text format (what a secondary front hands the first one)."""
+        return generate_latest(self.registry)
+
+
+class FrontsView:
+    """/metrics of several front processes as one exposition: each front's samples with a label front="i" (the
+    first front is 0), in one family per name. Always the classic text format: every front's exposition is read
+    back through prometheus_client's parser, which speaks it."""
+
+    def __init__(self, own: CollectorRegistry, others: Callable[[], Iterable[tuple[int, bytes]]]):
+        self.own, self.others = own, others
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for index, text in [(0, generate_latest(self.own)), *self.others()]:
+            for family in text_string_to_metric_families(text.decode()):
+                into = merged.get(family.name)
+                if into is None:
+                    into = merged[family.name] = Metric(family.name, family.documentation, family.type,
+                                                        family.unit)
+                for s in family.samples:
+                    into.add_sample(s.name, {**s.labels, "front": str(index)}, s.value, s.timestamp, s.exemplar)
+        yield from merged.values()
 
 
 class WorkerCollector:
@@ -209,13 +237,14 @@ class _Handler(BaseHTTPRequestHandler):
     """GET /metrics (the exposition), /healthz (200 while the process answers), /readyz (200 when the gRPC health
     is SERVING, else 503); 404 for any other path, so a mistyped probe fails loudly instead of scraping."""
 
-    registry: CollectorRegistry
+    registry: CollectorRegistry | FrontsView
     ready: Callable[[], bool]
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            accept = "" if isinstance(self.registry, FrontsView) else self.headers.get("Accept", "")
+            encoder, content_type = choose_encoder(accept)
             self._reply(200, encoder(self.registry), content_type)
         elif path == "/healthz":
             self._reply(200, b"ok\n")
@@ -266,7 +295,8 @@ class MetricsHTTPServer(ThreadingHTTPServer):
             self.slots.release()
 
 
-def serve_http(registry: CollectorRegistry, port: int, addr: str, ready: Callable[[], bool]) -> MetricsHTTPServer:
+def serve_http(registry: CollectorRegistry | FrontsView, port: int, addr: str,
+               ready: Callable[[], bool]) -> MetricsHTTPServer:
     host = addr.strip("[]")
     handler = type("Handler", (_Handler,), {"registry": registry, "ready": staticmethod(ready),
                                             "timeout": HANDLER_TIMEOUT_S})

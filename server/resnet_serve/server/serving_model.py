@@ -84,7 +84,8 @@ def log_build(info: dict, asked: str) -> str:
 async def load(settings: Settings, version_dir: Path, observer: BatcherObserver, pool: PreprocessPool, metrics,
                on_worker_event: Callable[[str, int], None] | None = None,
                wrap_runner: Callable[[Runner], Runner] | None = None,
-               on_dispatch: Callable[[int, int], None] | None = None) -> LoadedModel:
+               on_dispatch: Callable[[int, int], None] | None = None, worker_sockets: bool = False,
+               attach_to: Path | None = None) -> LoadedModel:
     """Spawn and warm the workers (off the event loop), then build batcher and pipeline. Raises on failure,
     leaving no worker behind."""
     s = settings
@@ -101,7 +102,8 @@ async def load(settings: Settings, version_dir: Path, observer: BatcherObserver,
                                  trt_cache_dir=Path(s.trt_cache_dir) if s.trt_cache_dir else None,
                                  start_timeout_s=s.worker_start_timeout_s, gpus=s.gpu_ids(),
                                  batch_time_limit_s=s.batch_time_limit_s, batches_in_flight=s.batches_in_flight,
-                                 simulated_cost_ms=s.simulated_cost(), normalise=s.normalise),
+                                 simulated_cost_ms=s.simulated_cost(), normalise=s.normalise,
+                                 worker_sockets=worker_sockets, attach_to=attach_to),
                     manifest=manifest, on_worker_event=on_worker_event, on_dispatch=on_dispatch)
     try:
         await loop.run_in_executor(None, engine.start)

@@ -18,6 +18,7 @@ from .batcher import default_buckets
 from .predictor_config import ENGINES, SIMULATED, check_normalise
 
 ENV_PREFIX = "RESNET_SERVE_"
+MAX_FRONT_PROCESSES = 32  # each worker serves every front's connection (worker.MAX_ATTACHED)
 
 
 @dataclass
@@ -39,6 +40,9 @@ class Settings:
     buckets: str = ""  # comma-separated batch sizes to warm and run; empty = powers of two up to max_batch_size
     instances: int = 1
     threads_per_instance: int = 2
+    # asyncio gRPC fronts on the one port (SO_REUSEPORT) sharing the workers; > 1 serves one version (no hot
+    # reload). docs/architecture.md, "Front processes".
+    front_processes: int = 1
     device: str = "cpu"
     precision: str = "fp32"
     engine: str = "paddle"
@@ -139,6 +143,11 @@ class Settings:
             raise ValueError(f"metrics_port must be 0..65535 (0: a free one, -1: off), not {self.metrics_port}")
         if not -1 <= self.health_port <= 65535:
             raise ValueError(f"health_port must be 0..65535 (0: a free one, -1: off), not {self.health_port}")
+        if not 1 <= self.front_processes <= MAX_FRONT_PROCESSES:
+            raise ValueError(f"front_processes must be 1..{MAX_FRONT_PROCESSES}, not {self.front_processes}")
+        if self.front_processes > 1 and self.poll_interval_s > 0:
+            raise ValueError("front_processes > 1 serves one version: hot reload (poll_interval_s) is not "
+                             "available with it; restart the server (roll the pods) to serve a new version")
         if self.batches_in_flight not in (1, 2):
             raise ValueError(f"batches_in_flight must be 1 or 2, not {self.batches_in_flight}")
         if self.batch_time_limit_s < 0:
@@ -216,6 +225,8 @@ HELP = {
     "buckets": "batch sizes to warm and run, e.g. 1,2,4,8",
     "instances": "engine worker processes (one predictor each)",
     "threads_per_instance": "CPU math threads of each predictor",
+    "front_processes": "asyncio gRPC front processes sharing the port (SO_REUSEPORT) and the workers, e.g. one "
+                       "per core a GPU's traffic needs; > 1 turns hot reload off",
     "device": "cpu | gpu",
     "precision": "fp32 | int8 (int8 exports run int8 anyway) | fp16 (GPU)",
     "engine": "paddle (as the manifest says on CPU, tensorrt on GPU) | onednn | openvino (CPU, fp32 legacy "

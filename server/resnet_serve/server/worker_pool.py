@@ -17,22 +17,41 @@ Failure semantics (every batch an instance holds, computing or queued behind it,
   killed and replaced, and that batch and the one queued behind it fail with ``WorkerDied``: no request waits on a
   worker forever. A queued batch's clock starts when the batch ahead of it is answered (the earliest the worker
   can start it), so waiting behind a slow batch never counts against it.
+
+``AttachedWorkerPool`` (at the end) is the same pool as a secondary front sees it (``--front-processes`` > 1): the
+first front's workers, reached through each worker's Unix socket instead of a pipe of its own. Everything a caller
+relies on is the same (``call``, slots, turn-taking, time limit, failure semantics); what differs is how a worker is
+reached and watched:
+- attaching: connect to the worker's socket (retrying while it starts), name this front's own shared-memory slots
+  (``Attach``), learn its pid (``Attached``);
+- watching: a pidfd stands for the process sentinel (this process is not the worker's parent);
+- a worker that dies is replaced by the first front; the attached pool re-attaches to the replacement (its calls
+  wait, as they wait for a restart); a worker that exceeds the batch time limit on one of its batches is killed
+  from there, and the first front replaces it;
+- closing detaches; it never stops a worker.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
+import signal
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 from .worker import worker_main
 from .worker_protocol import (
+    Attach,
+    Attached,
+    BusyClock,
     EngineError,
     LoadFailed,
     Ready,
@@ -42,6 +61,7 @@ from .worker_protocol import (
     Stop,
     WorkerDied,
     WorkerSpec,
+    worker_socket,
 )
 
 STOP_TIMEOUT_S = 10.0
@@ -80,6 +100,7 @@ class _Instance:
     proc: Any = None  # multiprocessing SpawnProcess
     conn: Connection | None = None
     channel: _Channel | None = None  # proc and conn as the callers share them
+    clock: BusyClock | None = None  # --front-processes > 1: when the worker's current batch began
     state: str = "starting"  # starting | ready | restarting | failed | closed
     restart_thread: threading.Thread | None = None
 
@@ -88,10 +109,13 @@ class WorkerPool:
     """``instances`` worker processes started from ``spec``; ``call`` runs one request on one of them."""
 
     def __init__(self, spec: WorkerSpec, instances: int, start_timeout_s: float, batch_time_limit_s: float = 0.0,
-                 gpus: tuple[int, ...] = (), on_event: WorkerEvent | None = None, slots: int = 2):
+                 gpus: tuple[int, ...] = (), on_event: WorkerEvent | None = None, slots: int = 2,
+                 socket_dir: Path | None = None):
         """``batch_time_limit_s`` > 0: fixed; 0: derived from the warm-up timings by ``start``. ``gpus`` (device
         gpu only): instance i runs on gpus[i % len(gpus)]. ``on_event`` is called from pool threads (watcher,
-        restart, or a caller's) and never raises into them. ``slots``: batches each instance may hold (1 or 2)."""
+        restart, or a caller's) and never raises into them. ``slots``: batches each instance may hold (1 or 2).
+        ``socket_dir`` (--front-processes > 1): every worker also listens there for the other fronts
+        (``AttachedWorkerPool``)."""
         if instances < 1:
             raise ValueError(f"instances must be >= 1, got {instances}")
         if slots not in (1, 2):
@@ -103,6 +127,7 @@ class WorkerPool:
         self.gpus = gpus if spec.settings.device == "gpu" else ()
         self.on_event = on_event
         self._fixed_limit_s = batch_time_limit_s
+        self._socket_dir = socket_dir
         self._ctx = mp.get_context("spawn")
         self._cond = threading.Condition()  # guards instance states and process handles
         self._instances: list[_Instance] = []
@@ -133,6 +158,8 @@ class WorkerPool:
                 for s in range(self.slots):  # appended one by one: close() unlinks whatever was created
                     inst.slots.append(SharedBatch(self.spec.layout))
                     inst.free.append(s)
+                if self._socket_dir is not None:
+                    inst.clock = BusyClock()
             for inst in self._instances:  # spawn all first: they load in parallel
                 self._spawn(inst)
             deadline = time.monotonic() + self.start_timeout_s
@@ -146,6 +173,9 @@ class WorkerPool:
             raise
         self.batch_time_limit_s = self._fixed_limit_s or max(BATCH_LIMIT_FLOOR_S,
                                                               BATCH_LIMIT_WARMUPS * self.warmup_seconds)
+        self._start_watcher()
+
+    def _start_watcher(self) -> None:
         self._watcher = threading.Thread(target=self._watch, name="engine-watcher", daemon=True)
         self._watcher.start()
 
@@ -180,6 +210,9 @@ class WorkerPool:
             for shared in inst.slots:
                 shared.close()
                 shared.unlink()
+            if inst.clock is not None:
+                inst.clock.close()
+                self._unlink_clock(inst.clock)
         self._wake_r.close()
         self._wake_w.close()
 
@@ -314,7 +347,7 @@ class WorkerPool:
         deadline = time.monotonic() + limit
         try:
             while True:
-                remaining = deadline - time.monotonic()
+                remaining = self._time_left(inst, deadline)
                 ready = wait([conn, proc.sentinel], timeout=max(0.0, min(1.0, remaining)))
                 if conn in ready or conn.poll():
                     return conn.recv()
@@ -330,6 +363,10 @@ class WorkerPool:
             pass
         return self._died(inst, channel, "died while running a batch")
 
+    def _time_left(self, inst: _Instance, deadline: float) -> float:
+        """Before the worker counts as hung: the batch time limit, from when our batch could start (deadline)."""
+        return deadline - time.monotonic()
+
     def _died(self, inst: _Instance, channel: _Channel, what: str) -> Reply:
         """Raise WorkerDied for one batch the dead worker held, and make sure the instance restarts."""
         proc = channel.proc
@@ -343,7 +380,9 @@ class WorkerPool:
         """Start the instance's next worker process and make it the instance's (caller holds _cond, or start())."""
         parent, child = self._ctx.Pipe()
         spec = replace(self.spec, shm_names=tuple(shared.name for shared in inst.slots),
-                       visible_gpu=self.visible_gpu(inst.index))
+                       visible_gpu=self.visible_gpu(inst.index),
+                       listen_path=worker_socket(self._socket_dir, inst.index) if self._socket_dir else "",
+                       clock_name=inst.clock.name if inst.clock is not None else "")
         proc = self._ctx.Process(target=worker_main, name=f"resnet-serve-worker-{inst.index}", daemon=True,
                                  args=(child, spec))
         proc.start()
@@ -428,12 +467,9 @@ class WorkerPool:
             if old_proc.is_alive():  # e.g. detected through a broken pipe: make sure it is gone
                 old_proc.kill()
                 old_proc.join(STOP_TIMEOUT_S)
-        with self._cond:
-            if self._closed:
-                return
-            proc, conn = self._spawn(inst)
         try:
-            self._await_ready(proc, conn, time.monotonic() + self.start_timeout_s)
+            if not self._replace(inst):
+                return
         except EngineError:
             with self._cond:
                 if inst.state == "restarting":
@@ -449,6 +485,16 @@ class WorkerPool:
             self._cond.notify_all()
         self._wake()
         self._emit("restarted", inst.index)
+
+    def _replace(self, inst: _Instance) -> bool:
+        """Start the instance's next worker process and wait until it is ready (EngineError if it fails); False
+        if the pool was closed first."""
+        with self._cond:
+            if self._closed:
+                return False
+            proc, conn = self._spawn(inst)
+        self._await_ready(proc, conn, time.monotonic() + self.start_timeout_s)
+        return True
 
     def _watch(self) -> None:
         """Notice workers that die while idle, so they restart before the next batch needs them."""
@@ -471,6 +517,10 @@ class WorkerPool:
                     inst, proc = watched[obj]
                     self._on_death(inst, proc)
 
+    @staticmethod
+    def _unlink_clock(clock: BusyClock) -> None:
+        clock.unlink()  # the owner's: created here
+
     def _wake(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             self._wake_w.send_bytes(b"w")
@@ -480,3 +530,128 @@ class WorkerPool:
         if cb is not None:
             with contextlib.suppress(Exception):
                 cb(event, index)
+
+
+# ---------------------------------------------------------------- another front's workers
+
+ATTACH_POLL_S = 0.05  # a replacement worker is another process's child: nothing notifies us when it listens
+
+
+class AttachedProcess:
+    """The process-like handle WorkerPool expects, for a worker this process did not start: a pidfd (readable once
+    the process has exited, immune to pid reuse) is its sentinel and the target of kill."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.sentinel = os.pidfd_open(pid)
+        self.exitcode: int | None = None  # only the parent can learn it
+        self.name = f"worker pid {pid}"
+
+    def is_alive(self) -> bool:
+        return not wait([self.sentinel], 0)
+
+    def join(self, timeout: float | None = None) -> None:
+        wait([self.sentinel], timeout)
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(self.sentinel, signal.SIGKILL)
+
+    def __del__(self) -> None:  # left to garbage collection, like a pipe: a watcher may still be waiting on it
+        with contextlib.suppress(Exception):
+            os.close(self.sentinel)
+
+
+class AttachedWorkerPool(WorkerPool):
+    """``instances`` workers of another front, attached through the sockets in ``socket_dir``."""
+
+    def __init__(self, spec: WorkerSpec, instances: int, start_timeout_s: float, batch_time_limit_s: float,
+                 socket_dir: Path, on_event: WorkerEvent | None = None, slots: int = 2):
+        """``batch_time_limit_s``: the owning front's (a worker computing one batch, anyone's, longer is hung)."""
+        super().__init__(spec, instances, start_timeout_s, batch_time_limit_s, on_event=on_event, slots=slots)
+        self.socket_dir = Path(socket_dir)
+
+    def start(self) -> None:
+        """Attach to every worker (waiting up to ``start_timeout_s`` for each to listen). EngineError if one
+        cannot be attached; nothing is left attached then."""
+        if self._instances:
+            raise RuntimeError("AttachedWorkerPool.start() called twice")
+        try:
+            for i in range(self.instances):
+                inst = _Instance(index=i, slots=[])
+                self._instances.append(inst)
+                for s in range(self.slots):
+                    inst.slots.append(SharedBatch(self.spec.layout))
+                    inst.free.append(s)
+            for inst in self._instances:
+                self._attach(inst, time.monotonic() + self.start_timeout_s)
+                with self._cond:
+                    inst.state = "ready"
+                    self._cond.notify_all()
+        except BaseException:
+            self.close()
+            raise
+        self._start_watcher()
+
+    def _attach(self, inst: _Instance, deadline: float) -> None:
+        """Connect to the instance's worker, name our slots, and make it the instance's process and channel."""
+        path = worker_socket(self.socket_dir, inst.index)
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):  # not listening yet (starting, or replaced)
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise EngineError(f"no worker listening at {path} within {self.start_timeout_s:g} s") from None
+                if self._closed:
+                    raise EngineError("engine is closed") from None
+                time.sleep(ATTACH_POLL_S)
+        conn = Connection(sock.detach())
+        try:
+            conn.send(Attach(tuple(shared.name for shared in inst.slots)))
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise EngineError(f"the worker at {path} did not answer Attach")
+            reply = conn.recv()
+            if not isinstance(reply, Attached):
+                raise EngineError(f"the worker at {path} refused to attach")
+            proc = AttachedProcess(reply.pid)
+            clock = BusyClock(reply.clock_name)
+        except (EOFError, OSError) as e:
+            conn.close()
+            raise EngineError(f"attaching to the worker at {path} failed: {e}") from e
+        except BaseException:
+            conn.close()
+            raise
+        with self._cond:
+            old_clock, inst.clock = inst.clock, clock
+            inst.proc, inst.conn, inst.channel = proc, conn, _Channel(proc, conn)
+        if old_clock is not None:
+            old_clock.close()
+
+    def _replace(self, inst: _Instance) -> bool:
+        """Re-attach to the replacement the owning front starts (waiting for it to listen); the old connection is
+        left to garbage collection, as WorkerPool leaves its pipes (a caller may still be waiting on it)."""
+        self._attach(inst, time.monotonic() + self.start_timeout_s)
+        return True
+
+    def _time_left(self, inst: _Instance, deadline: float) -> float:
+        """This front cannot tell when its batch starts (other fronts' batches may be ahead of it); the worker's
+        clock tells how long the batch it computes now, whoever's, has been running."""
+        clock = inst.clock
+        return self.batch_time_limit_s - (clock.busy_for(time.monotonic()) if clock is not None else 0.0)
+
+    @staticmethod
+    def _unlink_clock(clock: BusyClock) -> None:
+        """Never: the owning front created it."""
+
+    @staticmethod
+    def _send_stop(channel: _Channel | None) -> None:
+        """Never: the worker serves the other fronts too; the owning front stops it."""
+
+    def _stop_process(self, channel: _Channel | None, grace_s: float = 0.0) -> None:
+        """Detach: close our connection (the worker drops it and our slots); the worker lives on."""
+        if channel is not None:
+            with contextlib.suppress(OSError):
+                channel.conn.close()

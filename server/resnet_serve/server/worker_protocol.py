@@ -8,6 +8,15 @@ A batch travels through the worker's preallocated shared memory; only a small me
   front -> worker:            RunBatch(n, float_rows, slot) -> BatchDone(logits) | BatchFailed(message)
                               Stop()   exit cleanly
 
+With ``--front-processes N`` > 1 the worker also listens on a Unix socket (``WorkerSpec.listen_path``) for the
+other fronts (``AttachedWorkerPool`` in worker_pool.py); each opens one connection and speaks the same
+RunBatch/Reply exchange on it, after naming its own slots:
+
+  other front -> worker:      Attach(shm_names) -> Attached(pid, clock_name)
+
+The worker then also keeps a ``BusyClock``: when the batch it computes began, whoever sent it, so that any front
+can tell a hung worker from a busy queue (only the owning front sees when its own batch starts).
+
 Each worker has ``batches in flight`` shared-memory slots (two by default): the front writes the next batch into
 one slot while the worker computes the other's. The worker answers requests in the order they arrive.
 
@@ -142,6 +151,36 @@ class SharedBatch:
             self.shm.unlink()
 
 
+class BusyClock:
+    """When the worker began the batch it is computing (time.monotonic(), one clock for every process on the
+    machine), or 0 while idle: 8 bytes of shared memory, created (and finally unlinked) by the owning front,
+    written by the worker, read by the attached fronts. An aligned 8-byte store is atomic: a reader never sees
+    half of one."""
+
+    def __init__(self, name: str | None = None):
+        self.shm = SharedMemory(name=name, create=name is None, size=8 if name is None else 0)
+        self.value = np.ndarray((1,), dtype=np.float64, buffer=self.shm.buf)
+        if name is None:
+            self.value[0] = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.shm.name
+
+    def busy_for(self, now: float) -> float:
+        """Seconds the current batch has been computing at ``now``; 0 while idle."""
+        since = float(self.value[0])
+        return now - since if since > 0 else 0.0
+
+    def close(self) -> None:
+        self.value = None  # type: ignore[assignment]
+        self.shm.close()
+
+    def unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.shm.unlink()
+
+
 # ------------------------------------------------------------------ start spec
 
 
@@ -158,6 +197,13 @@ class WorkerSpec:
     layout: BatchLayout
     shm_names: tuple[str, ...] = ()  # this instance's SharedBatch slots; RunBatch.slot indexes them
     visible_gpu: int | None = None  # GPU only: this instance's device (CUDA_VISIBLE_DEVICES)
+    listen_path: str = ""  # --front-processes > 1: the Unix socket the other fronts attach through
+    clock_name: str = ""  # ... and the BusyClock they read
+
+
+def worker_socket(socket_dir: Path, index: int) -> str:
+    """Where instance ``index``'s worker listens for the other fronts (every process of it, restarts included)."""
+    return str(Path(socket_dir) / f"w{index}.sock")
 
 
 # ------------------------------------------------------------------ messages on the control pipe
@@ -179,6 +225,22 @@ class Stop:
 
 
 Request = RunBatch | Stop
+
+
+@dataclass(frozen=True)
+class Attach:
+    """Another front -> worker, first on its socket: the shared-memory slots its RunBatch.slot will index."""
+
+    shm_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Attached:
+    """Worker -> another front: attached; the pid lets that front watch the process and kill it if it hangs,
+    which its BusyClock tells."""
+
+    pid: int
+    clock_name: str
 
 
 @dataclass(frozen=True)
