@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.protos import classifier_pb2_grpc as pb_grpc
-from tests.harness import WorkerGate, start_subprocess_server, wait_for
+from tests.harness import WorkerGate, one_error_line, run_cli, start_subprocess_server, wait_for
 
 MAX_CONNECTIONS = 200  # the kernel spreads connections over both fronts; this many all on one: ~2^-199
 OK_SERIES = "resnet_serve_requests_total"
@@ -180,6 +180,15 @@ def test_reload_is_refused_with_failed_precondition(two: Fronts2) -> None:
     assert "front_processes > 1" in e.value.details()
 
 
+def test_a_second_server_on_the_same_port_is_refused_despite_so_reuseport(two: Fronts2, tiny_model_dir: Path) -> None:
+    """The fronts share their port with each other, never with another server started by mistake."""
+    r = run_cli("resnet-serve", "--model-dir", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(two.port),
+                "--metrics-port", "-1", "--health-port", "-1", "--front-processes", "2",
+                env={"RESNET_SERVE_LOG_LEVEL": "WARNING"}, timeout=300)
+    line = one_error_line(r)
+    assert f"cannot listen on 127.0.0.1:{two.port} for gRPC" in line and "in use" in line
+
+
 def test_a_killed_worker_is_replaced_and_every_front_reattaches(two: Fronts2) -> None:
     (worker,) = two.workers()
     restarts = per_front(two.metrics_port, "resnet_serve_worker_restarts_total")
@@ -198,7 +207,9 @@ def test_a_dead_secondary_front_leaves_the_port_served(tiny_model_dir: Path, gat
     try:
         (secondary,) = server.secondaries()
         os.kill(secondary, signal.SIGKILL)
-        wait_for(lambda: gone(secondary), what="the secondary front to die")
+        # Reaped by the first front: only then has every thread of it exited and its listening socket closed (a
+        # killed process's main thread turns zombie while its other threads may still be exiting).
+        wait_for(lambda: not Path(f"/proc/{secondary}").exists(), what="the secondary front to be reaped")
         for i in range(20):  # new connections: only the first front listens now
             with connection(server.port) as channel:
                 assert pb_grpc.ClassifierStub(channel).Classify(request(i), timeout=60).request_id == str(i)
