@@ -296,11 +296,12 @@ class Server:
         if self._health_port is not None:
             self._health_port.start()
         self._spawn(self.sweeper.run())
-        log.info("listening on %s:%d (gRPC%s%s, %s), metrics %s, health port %s; loading %s", s.host,
+        log.info("listening on %s:%d (gRPC%s%s, %s), metrics %s, health port %s; %s %s", s.host,
                  self.port, ", TLS" if s.tls_cert else "", ", mutual TLS" if s.tls_client_ca else "",
                  f"{len(tokens)} bearer token(s)" if tokens else "no auth",
                  f"on {s.metrics_host or s.host}:{self.metrics_port}" if s.metrics_port >= 0 else "off",
-                 f"on {self.health_host}:{self.health_port}" if self._health_port else "off", self.version_dir)
+                 f"on {self.health_host}:{self.health_port}" if self._health_port else "off",
+                 "loading" if self.front is None else "serving, with the first front's workers,", self.version_dir)
         if self.front is None:
             print(json.dumps({"event": "listening", "port": self.port, "metrics_port": self.metrics_port,
                               "health_port": self.health_port}), flush=True)

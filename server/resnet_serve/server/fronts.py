@@ -153,15 +153,18 @@ class Fronts:
         metrics HTTP threads; one exchange per pipe at a time, and a late answer is told apart by its seq."""
         out = []
         for front in self._fronts:
-            if self._draining or front.conn is None or not front.proc.is_alive():
+            if self._draining or front.proc is None or not front.proc.is_alive():
                 continue
             with front.lock:
+                conn = front.conn  # under the lock: kill() may close it meanwhile
+                if conn is None:
+                    continue
                 seq = next(self._seq)
                 try:
-                    front.conn.send(Scrape(seq))
+                    conn.send(Scrape(seq))
                     deadline = time.monotonic() + SCRAPE_TIMEOUT_S
-                    while front.conn.poll(max(0.0, deadline - time.monotonic())):
-                        msg = front.conn.recv()
+                    while conn.poll(max(0.0, deadline - time.monotonic())):
+                        msg = conn.recv()
                         if isinstance(msg, Scraped) and msg.seq == seq:
                             out.append((front.spec.index, msg.text))
                             break
@@ -177,8 +180,8 @@ class Fronts:
         retire its batcher, then SIGKILL. Blocking: call it off the event loop."""
         self._draining = True
         for front in self._fronts:
-            if front.conn is not None:
-                with front.lock, contextlib.suppress(OSError, ValueError):
+            with front.lock, contextlib.suppress(OSError, ValueError):
+                if front.conn is not None:
                     front.conn.send(Drain(grace_s))
         deadline = time.monotonic() + grace_s + EXIT_MARGIN_S
         for front in self._fronts:
@@ -196,9 +199,10 @@ class Fronts:
             if front.proc is not None and front.proc.is_alive():
                 front.proc.kill()
                 front.proc.join(EXIT_MARGIN_S)
-            if front.conn is not None:
-                front.conn.close()
-                front.conn = None
+            with front.lock:
+                if front.conn is not None:
+                    front.conn.close()
+                    front.conn = None
 
     def _watch(self) -> None:
         """A secondary that dies is logged (its listening socket went with it: the kernel stops sending it
