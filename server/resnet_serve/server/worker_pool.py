@@ -468,7 +468,7 @@ class WorkerPool:
                 old_proc.kill()
                 old_proc.join(STOP_TIMEOUT_S)
         try:
-            if not self._replace(inst):
+            if not self._start_replacement(inst):
                 return
         except EngineError:
             with self._cond:
@@ -486,7 +486,7 @@ class WorkerPool:
         self._wake()
         self._emit("restarted", inst.index)
 
-    def _replace(self, inst: _Instance) -> bool:
+    def _start_replacement(self, inst: _Instance) -> bool:
         """Start the instance's next worker process and wait until it is ready (EngineError if it fails); False
         if the pool was closed first."""
         with self._cond:
@@ -630,7 +630,7 @@ class AttachedWorkerPool(WorkerPool):
         if old_clock is not None:
             old_clock.close()
 
-    def _replace(self, inst: _Instance) -> bool:
+    def _start_replacement(self, inst: _Instance) -> bool:
         """Re-attach to the replacement the owning front starts (waiting for it to listen); the old connection is
         left to garbage collection, as WorkerPool leaves its pipes (a caller may still be waiting on it)."""
         self._attach(inst, time.monotonic() + self.start_timeout_s)
