@@ -220,6 +220,27 @@ def test_a_dead_secondary_front_leaves_the_port_served(tiny_model_dir: Path, gat
         server.close()
 
 
+def test_a_stopped_secondary_front_neither_blocks_metrics_nor_shutdown(tiny_model_dir: Path, gate: WorkerGate) -> None:
+    """SIGSTOP the other front: /metrics still answers (without it, after the scrape timeout), and SIGTERM still ends
+    the server (the stopped front is killed once its drain time is up): exit 0, every process gone."""
+    server = Fronts2(tiny_model_dir, gate, "--grace-period-s", "1")
+    try:
+        (secondary,) = server.secondaries()
+        workers = server.workers()
+        os.kill(secondary, signal.SIGSTOP)
+        fronts = {s.labels.get("front") for fam in text_string_to_metric_families(metrics_text(server.metrics_port))
+                  for s in fam.samples}
+        assert fronts == {"0"}
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(120) == 0
+        assert "front process 1 still running" in server.proc.stderr.read()
+        wait_for(lambda: all(gone(pid) for pid in [secondary, *workers]), what="every process to exit")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(secondary, signal.SIGCONT)
+        server.close()
+
+
 def test_drain_answers_everything_both_fronts_accepted(tiny_model_dir: Path, gate: WorkerGate) -> None:
     server = Fronts2(tiny_model_dir, gate, "--grace-period-s", "120")
     channels: list[grpc.Channel] = []
