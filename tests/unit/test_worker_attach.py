@@ -19,12 +19,14 @@ import pytest
 from resnet_serve.common.imaging import Normaliser
 from resnet_serve.server import worker as worker_module
 from resnet_serve.server.worker import listen, serve
+from resnet_serve.server.worker_pool import HangWatch
 from resnet_serve.server.worker_protocol import (
     Attach,
     Attached,
     BatchDone,
     BatchFailed,
     BatchLayout,
+    BusyClock,
     RunBatch,
     SharedBatch,
     Stop,
@@ -228,3 +230,27 @@ def test_a_front_that_stops_reading_is_dropped_and_the_worker_serves_on(tmp_path
     finally:
         stuck.close()
         huge.stop()
+
+
+def test_the_hang_watch_counts_from_the_workers_last_progress_when_fronts_share_it() -> None:
+    """With a BusyClock: batches of other fronts ahead of ours are progress (each restarts the count); a worker
+    stuck on one batch, or idle with ours unanswered, is hung once the limit passes without a change."""
+    clock = BusyClock()
+    try:
+        watch = HangWatch(10.0, clock, now=100.0)
+        for t in (105.0, 111.0, 117.0):  # another front's batch begins every 6 s: never hung
+            clock.value[0] = t
+            assert watch.left(now=t + 0.5) == pytest.approx(10.0)
+        assert watch.left(now=127.0) == pytest.approx(0.5)  # the batch begun at 117 s is still computing
+        assert watch.left(now=128.0) < 0  # ... past the limit: hung
+        clock.value[0] = 0.0  # it ended; now idle, with our batch still unanswered
+        assert watch.left(now=130.0) == pytest.approx(10.0)
+        assert watch.left(now=140.5) < 0
+    finally:
+        clock.close()
+        clock.unlink()
+
+
+def test_the_hang_watch_without_a_clock_counts_from_its_start() -> None:
+    watch = HangWatch(10.0, None, now=100.0)
+    assert watch.left(now=109.0) == pytest.approx(1.0) and watch.left(now=110.5) < 0

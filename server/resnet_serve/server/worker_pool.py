@@ -26,8 +26,8 @@ reached and watched:
   (``Attach``), learn its pid (``Attached``);
 - watching: a pidfd stands for the process sentinel (this process is not the worker's parent);
 - a worker that dies is replaced by the first front; the attached pool re-attaches to the replacement (its calls
-  wait, as they wait for a restart); a worker that exceeds the batch time limit on one of its batches is killed
-  from there, and the first front replaces it;
+  wait, as they wait for a restart); a worker that shows no progress for the batch time limit while one of its
+  batches waits (``HangWatch``) is killed from there, and the first front replaces it;
 - closing detaches; it never stops a worker.
 """
 
@@ -75,6 +75,29 @@ WorkerEvent = Callable[[str, int], None]  # (event, instance): "died" | "hung" |
 
 
 SEND_LOCK_TIMEOUT_S = 1.0  # close(): how long to wait for a caller's send before sending Stop regardless
+
+
+class HangWatch:
+    """How long a caller waiting for its reply lets the worker go before it counts as hung (batch time limit).
+
+    Without a clock (one front): the limit from when the caller's batch could start (the reply before it was in).
+    With a clock (--front-processes > 1: other fronts' batches may be ahead of ours in the worker, and we cannot
+    see when ours starts): the limit from the worker's last visible progress, a change of its BusyClock (a batch
+    began or ended). A worker stuck on one batch, or stopped between batches with ours waiting, shows none."""
+
+    def __init__(self, limit_s: float, clock: BusyClock | None = None, now: float | None = None):
+        self.limit_s, self.clock = limit_s, clock
+        self.since = time.monotonic() if now is None else now
+        self.seen = clock.read() if clock is not None else 0.0
+
+    def left(self, now: float | None = None) -> float:
+        """Seconds left (<= 0: hung) at ``now`` (default: time.monotonic())."""
+        now = time.monotonic() if now is None else now
+        if self.clock is not None:
+            value = self.clock.read()
+            if value != self.seen:
+                self.seen, self.since = value, now
+        return self.since + self.limit_s - now
 
 
 @dataclass(eq=False)
@@ -344,10 +367,10 @@ class WorkerPool:
         here: the worker starts this batch once it has answered the one before."""
         proc, conn = channel.proc, channel.conn
         limit = self.batch_time_limit_s
-        deadline = time.monotonic() + limit
+        watch = HangWatch(limit, inst.clock)
         try:
             while True:
-                remaining = self._time_left(inst, deadline)
+                remaining = watch.left()
                 ready = wait([conn, proc.sentinel], timeout=max(0.0, min(1.0, remaining)))
                 if conn in ready or conn.poll():
                     return conn.recv()
@@ -362,10 +385,6 @@ class WorkerPool:
         except (EOFError, OSError):
             pass
         return self._died(inst, channel, "died while running a batch")
-
-    def _time_left(self, inst: _Instance, deadline: float) -> float:
-        """Before the worker counts as hung: the batch time limit, from when our batch could start (deadline)."""
-        return deadline - time.monotonic()
 
     def _died(self, inst: _Instance, channel: _Channel, what: str) -> Reply:
         """Raise WorkerDied for one batch the dead worker held, and make sure the instance restarts."""
@@ -635,12 +654,6 @@ class AttachedWorkerPool(WorkerPool):
         left to garbage collection, as WorkerPool leaves its pipes (a caller may still be waiting on it)."""
         self._attach(inst, time.monotonic() + self.start_timeout_s)
         return True
-
-    def _time_left(self, inst: _Instance, deadline: float) -> float:
-        """This front cannot tell when its batch starts (other fronts' batches may be ahead of it); the worker's
-        clock tells how long the batch it computes now, whoever's, has been running."""
-        clock = inst.clock
-        return self.batch_time_limit_s - (clock.busy_for(time.monotonic()) if clock is not None else 0.0)
 
     @staticmethod
     def _unlink_clock(clock: BusyClock) -> None:

@@ -152,10 +152,9 @@ class SharedBatch:
 
 
 class BusyClock:
-    """When the worker began the batch it is computing (time.monotonic(), one clock for every process on the
-    machine), or 0 while idle: 8 bytes of shared memory, created (and finally unlinked) by the owning front,
-    written by the worker, read by the attached fronts. An aligned 8-byte store is atomic: a reader never sees
-    half of one."""
+    """When the worker began the batch it is computing (time.monotonic()), or 0 while idle: 8 bytes of shared
+    memory, created (and finally unlinked) by the owning front, written by the worker, read by every front waiting
+    on it (worker_pool.HangWatch). An aligned 8-byte store is atomic: a reader never sees half of one."""
 
     def __init__(self, name: str | None = None):
         self.shm = SharedMemory(name=name, create=name is None, size=8 if name is None else 0)
@@ -167,10 +166,9 @@ class BusyClock:
     def name(self) -> str:
         return self.shm.name
 
-    def busy_for(self, now: float) -> float:
-        """Seconds the current batch has been computing at ``now``; 0 while idle."""
-        since = float(self.value[0])
-        return now - since if since > 0 else 0.0
+    def read(self) -> float:
+        """When the current batch began; 0.0 while idle."""
+        return float(self.value[0])
 
     def close(self) -> None:
         self.value = None  # type: ignore[assignment]
