@@ -367,9 +367,11 @@ class Server:
         async with self._reload_lock:
             if self._draining or self.model is None:
                 raise ReloadRefused("the server is not serving a model")
-            if self.settings.front_processes > 1:
-                raise ReloadRefused("hot reload is not available with front_processes > 1: restart the server "
-                                    "(roll the pods) to serve another version")
+            if self.settings.front_processes > 1:  # SIGHUP and Admin alike: said in the log, not only to a client
+                message = ("hot reload is not available with front_processes > 1: restart the server (roll the "
+                           "pods) to serve another version")
+                log.warning("reload refused: %s", message)
+                raise ReloadRefused(message)
             target = resolve_version_dir(self.model_dir, version)
             if target.resolve() == self.model.version_dir.resolve():
                 return False, f"already serving version {self.model.version}"
