@@ -44,6 +44,7 @@ async def serve_secondary(conn: Connection, spec: FrontSpec) -> int:
         await server.start()
     except Exception as e:  # noqa: BLE001 - reported to the first front, which fails its start with it
         conn.send(FrontFailed(f"{type(e).__name__}: {e}"))
+        await server.stop(0)  # detach from the workers and free this front's shared memory
         return 1
     if server.failed:
         conn.send(FrontFailed(str(server.failed)))
