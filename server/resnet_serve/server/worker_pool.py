@@ -175,14 +175,7 @@ class WorkerPool:
         if self._instances:
             raise RuntimeError("WorkerPool.start() called twice")
         try:
-            for i in range(self.instances):
-                inst = _Instance(index=i, slots=[])
-                self._instances.append(inst)
-                for s in range(self.slots):  # appended one by one: close() unlinks whatever was created
-                    inst.slots.append(SharedBatch(self.spec.layout))
-                    inst.free.append(s)
-                if self._socket_dir is not None:
-                    inst.clock = BusyClock()
+            self._create_instances()
             for inst in self._instances:  # spawn all first: they load in parallel
                 self._spawn(inst)
             deadline = time.monotonic() + self.start_timeout_s
@@ -197,6 +190,18 @@ class WorkerPool:
         self.batch_time_limit_s = self._fixed_limit_s or max(BATCH_LIMIT_FLOOR_S,
                                                               BATCH_LIMIT_WARMUPS * self.warmup_seconds)
         self._start_watcher()
+
+    def _create_instances(self) -> None:
+        """Every instance with its shared-memory slots (and, when other fronts attach, its BusyClock), appended one
+        by one: close() unlinks whatever was created if a later one fails."""
+        for i in range(self.instances):
+            inst = _Instance(index=i, slots=[])
+            self._instances.append(inst)
+            for s in range(self.slots):
+                inst.slots.append(SharedBatch(self.spec.layout))
+                inst.free.append(s)
+            if self._socket_dir is not None:
+                inst.clock = BusyClock()
 
     def _start_watcher(self) -> None:
         self._watcher = threading.Thread(target=self._watch, name="engine-watcher", daemon=True)
@@ -596,12 +601,7 @@ class AttachedWorkerPool(WorkerPool):
         if self._instances:
             raise RuntimeError("AttachedWorkerPool.start() called twice")
         try:
-            for i in range(self.instances):
-                inst = _Instance(index=i, slots=[])
-                self._instances.append(inst)
-                for s in range(self.slots):
-                    inst.slots.append(SharedBatch(self.spec.layout))
-                    inst.free.append(s)
+            self._create_instances()
             for inst in self._instances:
                 self._attach(inst, time.monotonic() + self.start_timeout_s)
                 with self._cond:
