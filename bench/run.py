@@ -70,10 +70,10 @@ DOC_NOTES = """## Issue 17: the front's cost and a simulated GPU
   resnet-export's models do, but reads only every 8th row and column of them: its compute, normalisation included
   (which a GPU engine runs on the GPU), is negligible, so what the workers spend is the serving path around an
   engine (pixels copied in, logits out, the pipe); the server runs it with `--normalise graph`, as a GPU worker
-  runs its pixel program. With `--front-batch N` (default 8) the same is measured over the Open Inference
-  Protocol with N images per stream message (`oip_batchN`), where the front's per-message costs are paid once
-  per N images. From the medians, the "feeding a GPU" table gives the
-  cores this CPU per image would take at 5,000 and 20,000 images/s.
+  runs its pixel program. With `--front-batch N` (default 32: a client that batches to the server's max batch
+  size, as perf_analyzer's -b does) the same is measured over the Open Inference Protocol with N images per stream
+  message (`oip_batchN`), where the front's per-message costs are paid once per N images. From the medians, the
+  "feeding a GPU" table gives the cores this CPU per image would take at 5,000 and 20,000 images/s.
 - `simulated`: the server over `--engine simulated --simulated-cost-ms A,C` (benchmarks only: a batch of b takes
   A + C*b ms, answers are a function of the pixels; server/resnet_serve/server/simulated_engine.py). By default
   A,C = 5,0.1 and max batch 32: images/s at concurrency 256 over the engine's capacity (32 / (A + 32*C)), and the
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=4000,
                    help="front_cost, simulated and fronts: requests per measured step (request-bounded, not timed)")
     p.add_argument("--front-concurrency", type=int, default=128, help="front_cost: stream items in flight")
-    p.add_argument("--front-batch", type=int, default=8,
+    p.add_argument("--front-batch", type=int, default=32,
                    help="front_cost: also measure OIP stream messages of this many images (1: skip)")
     p.add_argument("--sim-cost-ms", default="5,0.1", help="simulated: A,C, a batch of b takes A + C*b ms")
     p.add_argument("--sim-max-batch", type=int, default=32)

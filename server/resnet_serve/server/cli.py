@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from resnet_serve.common.cli import fail, quiet_frameworks, setup_logging
+from resnet_serve.common.malloc import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         return fail(str(e))
     quiet_frameworks(settings.verbose)  # before the engine workers (where Paddle runs) are started
+    keep_freed_memory()  # every front and worker process sets it for itself
     if settings.device == "gpu":
         from .trt_cache import gpu_support_problem
 

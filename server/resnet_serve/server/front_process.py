@@ -12,6 +12,8 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 
+from resnet_serve.common.malloc import keep_freed_memory
+
 from .app import Server
 from .fronts import Drain, FrontFailed, FrontReady, FrontSpec, Scrape, Scraped
 
@@ -26,6 +28,7 @@ def front_main(conn: Connection, spec: FrontSpec) -> None:
     # The first front owns shutdown: Ctrl-C in a terminal reaches the whole process group, but only it reacts
     # (it drains every front).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()
     logging.basicConfig(level=os.environ.get("RESNET_SERVE_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s [front {spec.index}] %(name)s: %(message)s")
     quiet_frameworks(spec.settings.verbose)

@@ -36,6 +36,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
+from resnet_serve.common.malloc import keep_freed_memory
+
 from .classifier_transport import ClassifierTransport
 from .load_report import summarize
 from .load_steps import LoadConfig, Samples, StepRunner, Transport
@@ -81,6 +83,8 @@ def _child(config: LoadConfig, index: int, barrier: Any, results: Any, go: Any) 
     """One client process: its share of every step, each started once the parent has handed over the previous
     step (a token on `go`) and then together with the others (the barrier); each step's samples are sent as soon
     as it ends, then (index, None, None) says this process is done."""
+    keep_freed_memory()
+
     async def sync_start() -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, go.get)
@@ -102,8 +106,10 @@ def _child(config: LoadConfig, index: int, barrier: Any, results: Any, go: Any) 
 
 def run(config: LoadConfig, on_step: Callable[[dict[str, Any]], None] = lambda step: None) -> list[dict[str, Any]]:
     """Every step of the sweep, each also handed to on_step as soon as it ends (so a report can print it); with
-    processes > 1 the load is split over that many client processes."""
+    processes > 1 the load is split over that many client processes. Like the server, the load generator keeps
+    the memory it frees (common/malloc.py), so its own cost per image is not page faults."""
     config.validate()
+    keep_freed_memory()
     steps = config.steps()
     out: list[dict[str, Any]] = []
 

@@ -1,0 +1,34 @@
+"""glibc malloc settings for processes that allocate and free large buffers at a high rate (the server's front
+and workers, the load generator).
+
+Every image the front receives passes through several buffers of its size (150 KB at 224x224 uint8; gRPC's
+message, the deserialised request), freed again a few milliseconds later. glibc gives the top of a heap back to
+the operating system as soon as more than M_TRIM_THRESHOLD (128 KB by default, then adjusted) is free there, so
+under load the same pages are returned and faulted back in (zeroed by the kernel) over and over: a cost per byte
+received, paid on the event loop. Keeping up to `trim_bytes` free per heap removes that churn (`make bench`,
+front_cost). Memory is still given back: the server's MemorySweeper (server/resnet_serve/server/memory.py) calls
+malloc_trim after bursts of large requests, which ignores this threshold.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD = -1  # mallopt(3) parameter numbers, from glibc's malloc.h
+M_MMAP_THRESHOLD = -3
+TRIM_BYTES = 64 << 20
+MMAP_BYTES = 32 << 20  # glibc's largest accepted value on 64-bit (HEAP_MAX_SIZE / 2)
+
+
+def keep_freed_memory(trim_bytes: int = TRIM_BYTES, mmap_bytes: int = MMAP_BYTES) -> bool:
+    """Set glibc's trim and mmap thresholds for this process. False (nothing changed) where the C library is not
+    glibc or refuses a value."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018  (only glibc has it, and only glibc's mallopt takes these)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_bytes)) & bool(mallopt(M_TRIM_THRESHOLD, trim_bytes))
