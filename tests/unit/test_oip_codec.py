@@ -15,12 +15,14 @@ from tritonclient.grpc import service_pb2 as pb
 from resnet_serve.server.errors import RequestError
 from resnet_serve.server.handle import ServingConfig
 from resnet_serve.server.oip_codec import (
+    bytes_element,
     bytes_tensor,
     check_model,
     deadline_of,
     images_of,
     input_metadata,
     int_parameter,
+    label_elements,
     model_config_of,
     model_metadata_of,
     parse_infer_request,
@@ -32,7 +34,7 @@ from resnet_serve.server.oip_codec import (
     typed_pixels,
     with_id,
 )
-from resnet_serve.server.pipeline import Answer, ImageInput, Prediction
+from resnet_serve.server.pipeline import Answer, Answers, ImageInput, Prediction, TopK
 from tests.unit.serving_parts import description
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -257,9 +259,18 @@ def test_typed_pixels_converts_uint_contents_to_bytes() -> None:
 
 
 # --- answers -> response -------------------------------------------------------------------------------------
-def test_response_carries_n_by_k_outputs_in_the_order_requested() -> None:
-    answers = [Answer([Prediction(3, "c", 0.75), Prediction(1, "a", 0.25)], "2"),
-               Answer([Prediction(0, "zero", 0.5), Prediction(2, "é", 0.5)], "2")]
+LABELS = ["zero", "a", "é", "c"]
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["computed together", "made one by one"])
+def test_response_carries_n_by_k_outputs_in_the_order_requested(together: bool) -> None:
+    """The same response whether the answers were computed as one block (arrays) or image by image."""
+    ids_, scores_ = np.array([[3, 1], [0, 2]]), np.array([[0.75, 0.25], [0.5, 0.5]])
+    if together:
+        answers = Answers(TopK(ids_, scores_), LABELS, "2")
+    else:
+        answers = Answers.of([Answer([Prediction(i, LABELS[i], s) for i, s in zip(row, srow, strict=True)], "2")
+                              for row, srow in zip(ids_.tolist(), scores_.tolist(), strict=True)], LABELS, "2")
     r = pb.ModelInferRequest(id="abc")
     response = response_of(r, "tiny", answers, ("labels", "class_ids", "scores"))
     assert (response.model_name, response.model_version, response.id) == ("tiny", "2", "abc")
@@ -269,6 +280,16 @@ def test_response_carries_n_by_k_outputs_in_the_order_requested() -> None:
     assert split_bytes(labels, 4) == [b"c", b"a", b"zero", "é".encode()]
     assert np.frombuffer(ids, "<i8").tolist() == [3, 1, 0, 2]
     assert np.frombuffer(scores, "<f4").tolist() == [0.75, 0.25, 0.5, 0.5]
+    assert [a.predictions for a in answers] == [[(3, "c", 0.75), (1, "a", 0.25)], [(0, "zero", 0.5), (2, "é", 0.5)]]
+
+
+def test_label_elements_are_made_once_per_label_list() -> None:
+    """A version's labels are encoded once, then reused (the same list object); another list gets its own."""
+    first = label_elements(LABELS)
+    assert label_elements(LABELS) is first and first == [bytes_element(x.encode()) for x in LABELS]
+    other = ["x", "y"]
+    assert label_elements(other) == [b"\x01\x00\x00\x00x", b"\x01\x00\x00\x00y"]
+    assert label_elements(LABELS) is first
 
 
 def test_with_id_names_the_request_first_and_quotes_an_unusual_id() -> None:

@@ -22,7 +22,7 @@ from resnet_serve.common.modeldir import load_manifest
 
 from .errors import NOT_LOADED, ErrorTable, RequestError
 from .metrics import Metrics
-from .pipeline import Answer, ImageInput, ModelDescription, Pipeline
+from .pipeline import Answers, ImageInput, ModelDescription, Pipeline
 from .streams import HeldGauge
 
 # The methods that carry images, whichever transport: what `statistics` counts as inference requests.
@@ -114,7 +114,7 @@ class ServingHandle:
         return ModelState(name, version, pipeline is not None, serving, str(failure) if failure else None)
 
     # --- submit --------------------------------------------------------------------------------------------
-    async def submit(self, images: Sequence[ImageInput], top_k: int, deadline: float | None) -> list[Answer]:
+    async def submit(self, images: Sequence[ImageInput], top_k: int, deadline: float | None) -> Answers:
         """Every image's answer, in order, all from the version serving at the call (read before any await). On
         the first failure the other images are cancelled (they leave the queue) and it is raised as the error
         table's RequestError. `top_k` 0 means the default; `deadline` is time.monotonic() based."""
@@ -122,7 +122,7 @@ class ServingHandle:
         if pipeline is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, NOT_LOADED)
         if not images:
-            return []
+            return Answers.of([], pipeline.labels, pipeline.model.version)
         try:
             return await pipeline.classify_all(images, top_k, deadline)
         except (RequestError, asyncio.CancelledError):

@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from .errors import ECHO_CHARS, RequestError, echo
 from .handle import ServingConfig
-from .pipeline import Answer, ImageInput, ModelDescription
+from .pipeline import Answers, ImageInput, ModelDescription
 from .wire import INFER_REQUEST_FIELDS, split_field
 
 PLATFORM = "paddle"
@@ -229,24 +229,45 @@ def typed_pixels(t: pb.ModelInferRequest.InferInputTensor, kind: str, nbytes: in
 
 # --- answers -> response ------------------------------------------------------------------------------------
 def bytes_tensor(items: Sequence[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+    return b"".join(bytes_element(b) for b in items)
 
 
-def response_of(request: pb.ModelInferRequest, model_name: str, answers: Sequence[Answer],
+def bytes_element(item: bytes) -> bytes:
+    """One element of a BYTES tensor's raw contents: its length (4 bytes, little-endian), then itself."""
+    return struct.pack("<I", len(item)) + item
+
+
+_label_elements: dict[int, tuple[Sequence[str], list[bytes]]] = {}  # id(labels) -> (labels, their elements)
+
+
+def label_elements(labels: Sequence[str]) -> list[bytes]:
+    """Every label as a BYTES element, made once per label list (a model version's), not once per answer."""
+    held = _label_elements.get(id(labels))
+    if held is None or held[0] is not labels:
+        if len(_label_elements) >= 8:  # a few versions over a server's life (reloads): never more than a few
+            _label_elements.clear()
+        held = _label_elements[id(labels)] = (labels, [bytes_element(label.encode()) for label in labels])
+    return held[1]
+
+
+def response_of(request: pb.ModelInferRequest, model_name: str, answers: Answers,
                 outputs: Sequence[str]) -> pb.ModelInferResponse:
-    """[N, k] outputs as raw_output_contents (what Triton returns and tritonclient's as_numpy reads)."""
-    n, k = len(answers), len(answers[0].predictions)
-    response = pb.ModelInferResponse(model_name=model_name, model_version=answers[0].model_version, id=request.id)
+    """[N, k] outputs as raw_output_contents (what Triton returns and tritonclient's as_numpy reads), written
+    from the answers' arrays."""
+    top = answers.top
+    n, k = top.ids.shape
+    response = pb.ModelInferResponse(model_name=model_name, model_version=answers.model_version, id=request.id)
     for name in outputs:
         if name == CLASS_IDS:
             datatype = "INT64"
-            data = np.array([[p.class_id for p in a.predictions] for a in answers], dtype="<i8").tobytes()
+            data = top.ids.astype("<i8").tobytes()
         elif name == SCORES:
             datatype = "FP32"
-            data = np.array([[p.score for p in a.predictions] for a in answers], dtype="<f4").tobytes()
+            data = top.scores.astype("<f4").tobytes()
         else:
             datatype = "BYTES"
-            data = bytes_tensor([p.label.encode() for a in answers for p in a.predictions])
+            elements = label_elements(answers.labels)
+            data = b"".join([elements[i] for i in top.ids.ravel().tolist()])
         response.outputs.add(name=name, datatype=datatype, shape=[n, k])
         response.raw_output_contents.append(data)
     return response
