@@ -58,9 +58,9 @@ def front() -> Iterator[SharedBatch]:
 class Worker:
     """The worker's serve loop on a thread, over a real pipe and its own attachment to the front's shared memory."""
 
-    def __init__(self, shm_name: str, compute=fake_logits):
+    def __init__(self, shm_name: str, compute=fake_logits, layout: BatchLayout = LAYOUT):
         self.conn, child = mp.get_context("spawn").Pipe()
-        self.shared = SharedBatch(LAYOUT, shm_name)
+        self.shared = SharedBatch(layout, shm_name)
         self.thread = threading.Thread(target=serve, args=(child, [self.shared], compute, Normaliser(MEAN, STD)),
                                        daemon=True)
         self.thread.start()
@@ -85,10 +85,63 @@ def worker(front: SharedBatch) -> Iterator[Worker]:
 
 
 def test_layout_holds_float_rows_then_pixel_rows() -> None:
-    f32, u8 = LAYOUT.views(bytearray(LAYOUT.nbytes))
-    assert LAYOUT.nbytes == MAX_BATCH * 60 * 5
+    f32, u8, logits = LAYOUT.views(bytearray(LAYOUT.nbytes))
+    assert LAYOUT.nbytes == MAX_BATCH * 60 * 5 and logits is None
     assert (f32.shape, f32.dtype, u8.shape, u8.dtype) == ((4, 3, 4, 5), np.float32, (4, 4, 5, 3), np.uint8)
     assert u8.__array_interface__["data"][0] - f32.__array_interface__["data"][0] == f32.nbytes
+
+
+WITH_LOGITS = BatchLayout(MAX_BATCH, SHAPE, num_classes=3)  # fake_logits' [n, 3]
+
+
+def test_a_layout_with_classes_holds_the_logits_after_the_pixel_rows() -> None:
+    f32, u8, logits = WITH_LOGITS.views(bytearray(WITH_LOGITS.nbytes))
+    assert WITH_LOGITS.nbytes == LAYOUT.nbytes + MAX_BATCH * 3 * 4
+    assert logits is not None and (logits.shape, logits.dtype) == ((4, 3), np.float32)
+    assert logits.__array_interface__["data"][0] - u8.__array_interface__["data"][0] == u8.nbytes
+
+
+def test_logits_that_fit_come_back_through_shared_memory_and_are_copied_out() -> None:
+    """The reply carries no array; the front's copy is taken before the slot is written again, so the next batch
+    in that slot cannot change an answer already handed out."""
+    front = SharedBatch(WITH_LOGITS)
+    w = Worker(front.name, layout=WITH_LOGITS)
+    try:
+        answers = []
+        for seed in (3, 4):
+            px = pixels(2, seed)
+            request = WITH_LOGITS.request_for(list(px))
+            front.write(list(px), request)
+            reply = w.ask(request)
+            assert isinstance(reply, BatchDone) and reply.logits is None
+            answers.append(front.logits_of(reply, 2).logits)
+            assert not np.shares_memory(answers[-1], front.logits)
+        for seed, got in zip((3, 4), answers, strict=True):
+            np.testing.assert_allclose(got, fake_logits(normalise(pixels(2, seed), MEAN, STD)), rtol=1e-6)
+    finally:
+        w.stop()
+        front.close()
+        front.unlink()
+
+
+def test_logits_of_another_shape_travel_in_the_reply() -> None:
+    """A model whose output is not [n, num_classes] as the manifest says is still answered, through the pipe."""
+    front = SharedBatch(WITH_LOGITS)
+    w = Worker(front.name, lambda x: np.ones((len(x), 5), np.float32), layout=WITH_LOGITS)
+    try:
+        front.write([floats(1)[0]], RunBatch(1, (0,)))
+        reply = w.ask(RunBatch(1, (0,)))
+        assert isinstance(reply, BatchDone) and reply.logits is not None and reply.logits.shape == (1, 5)
+        assert front.logits_of(reply, 1) is reply
+    finally:
+        w.stop()
+        front.close()
+        front.unlink()
+
+
+def test_a_reply_naming_a_missing_logits_region_is_an_engine_error(front: SharedBatch) -> None:
+    with pytest.raises(EngineError, match="no logits region"):
+        front.logits_of(BatchDone(None), 1)
 
 
 def test_a_mixed_batch_round_trips_through_shared_memory_and_the_pipe(front: SharedBatch, worker: Worker) -> None:

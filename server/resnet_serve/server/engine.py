@@ -87,7 +87,8 @@ class Engine:
         served = program_served(self.manifest, cfg.device, cfg.engine, cfg.normalise)
         self.normalised_by = "graph" if served.takes_pixels else "worker"
         plan = settings.plan(self.version_dir, served)
-        self.layout = BatchLayout(cfg.max_batch_size, self.input_shape, served.takes_pixels)
+        self.layout = BatchLayout(cfg.max_batch_size, self.input_shape, served.takes_pixels,
+                                  int(self.manifest.num_classes))
         spec = WorkerSpec(self.version_dir, served, settings, plan, self.buckets, self.layout)
         self.on_worker_event = on_worker_event
         self.on_dispatch = on_dispatch

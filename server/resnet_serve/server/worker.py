@@ -218,7 +218,7 @@ def answer(request: object, slots: Sequence[SharedBatch], compute: Compute,
             raise ValueError(f"unknown request {request!r}")
         if not isinstance(request.slot, int) or not 0 <= request.slot < len(slots):
             raise ValueError(f"slot {request.slot!r} outside 0..{len(slots) - 1}")
-        batch = slots[request.slot].read(request, normalise)
-        return BatchDone(np.ascontiguousarray(compute(batch), dtype=np.float32))
+        slot = slots[request.slot]
+        return slot.answer(request.n, np.asarray(compute(slot.read(request, normalise))))
     except Exception as e:  # noqa: BLE001 - reported to the front, which raises EngineError for this batch
         return BatchFailed(f"{type(e).__name__}: {e}")

@@ -51,6 +51,7 @@ from .worker import worker_main
 from .worker_protocol import (
     Attach,
     Attached,
+    BatchDone,
     BusyClock,
     EngineError,
     LoadFailed,
@@ -280,7 +281,8 @@ class WorkerPool:
         try:
             channel = self._await_instance(inst)
             request = replace(prepare(inst.slots[slot]), slot=slot)
-            return self._exchange(inst, channel, request)
+            reply = self._exchange(inst, channel, request)
+            return inst.slots[slot].logits_of(reply, request.n) if isinstance(reply, BatchDone) else reply
         finally:
             with inst.slot_cond:
                 inst.free.append(slot)
