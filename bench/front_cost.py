@@ -7,6 +7,8 @@ front_cost  the server (bench/run.py ServerProcess) under request-bounded stream
             (this process and its waited-for children, os.times()), and images/s. With a batch N > 1 the same is
             measured once more over the Open Inference Protocol, N images per stream message (the same images in
             flight: concurrency / N messages), where the per-message costs are paid once per N images.
+grpc_floor  the same load (and the same measurement, the front alone) against bench/grpc_floor.py: grpcio with
+            resnet-serve's request parsing and a fixed answer, no batching, no engine.
 simulated   the server over the simulated engine (--engine simulated, a + c*b ms per batch of b): throughput at a
             high concurrency as a ratio of the engine's capacity at max batch (max_batch / (a + max_batch*c) per
             second per instance), and the median latency at concurrency 1 minus (a + c).
@@ -62,10 +64,11 @@ def own_cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def measure_cpu(front_pid: int, load: Callable[[], list[dict]]) -> dict:
-    """Run ``load`` (one request-bounded step) and charge the CPU each side spent on it to the images answered."""
-    workers = worker_pids(front_pid)
-    if not workers:
+def measure_cpu(front_pid: int, load: Callable[[], list[dict]], has_workers: bool = True) -> dict:
+    """Run ``load`` (one request-bounded step) and charge the CPU each side spent on it to the images answered.
+    ``has_workers`` False: a server of one process (bench/grpc_floor.py)."""
+    workers = worker_pids(front_pid) if has_workers else []
+    if has_workers and not workers:
         raise RuntimeError(f"server {front_pid} has no worker process")
     before = (cpu_seconds(front_pid), sum(map(cpu_seconds, workers)), own_cpu_seconds())
     steps = load()
@@ -101,14 +104,15 @@ def warmed_oip_step(target: str, hw: tuple[int, int], concurrency: int, requests
 
 
 def front_cost(target: str, front_pid: int, hw: tuple[int, int], concurrency: int, requests: int,
-               oip_model: str = "", batch: int = 1) -> dict:
+               oip_model: str = "", batch: int = 1, has_workers: bool = True) -> dict:
     """A short warm-up step (connections, first batches), then the measured one with no warm-up inside it; with
-    batch > 1 the same again over OIP, `batch` images per message (under key `oip_batch`)."""
+    batch > 1 the same again over OIP, `batch` images per message (under key `oip_batch`). ``has_workers`` False
+    for the one-process floor server (bench/grpc_floor.py)."""
     stream_load(target, hw, concurrency, max(concurrency, requests // 10))
-    out = measure_cpu(front_pid, lambda: stream_load(target, hw, concurrency, requests))
+    out = measure_cpu(front_pid, lambda: stream_load(target, hw, concurrency, requests), has_workers)
     if batch > 1:
         step = warmed_oip_step(target, hw, concurrency, requests, oip_model, batch)
-        out["oip_batch"] = {"batch": batch, **measure_cpu(front_pid, step)}
+        out["oip_batch"] = {"batch": batch, **measure_cpu(front_pid, step, has_workers)}
     return out
 
 

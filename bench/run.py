@@ -14,6 +14,9 @@
                  32): images/s at concurrency 256 over the engine's capacity, and p50 at concurrency 1 minus (a + c)
 9. normalisation issue 17: ResNet-50 in-process, the pixel program (normalised in the graph) against the float
                  program plus numpy normalisation (bench/limit.py)
+10. fronts       issue 17: --front-processes 2 against 1 (simulated engine)
+11. grpc_floor   issue 17: front_cost's load and measurement against bench/grpc_floor.py (grpcio, resnet-serve's
+                 request parsing, a fixed answer): what any Python gRPC front spends per image
 Each fast path is reported as a ratio to fp32 (the PIR model of 1 and 2) taken within the round.
 --configs runs a subset (e.g. --configs front_cost,simulated). --baseline REV adds REV's server (bench/baseline.py)
 as config front_cost@base, alternated with the current one in every round, and reports the current figures over
@@ -51,12 +54,12 @@ from .models import ensure_int8_model, ensure_model
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DOCS = ROOT / "docs" / "BENCHMARKS.md"
 CONFIGS = ("limit", "batched", "unbatched", "ceiling", "fast_limits", "fast_servers", "front_cost", "simulated",
-           "normalisation", "fronts")
+           "normalisation", "fronts", "grpc_floor")
 BASE = "@base"  # suffix of a config run on the --baseline server
 # the models each config needs (exported once)
 NEEDS = {"limit": ("resnet",), "batched": ("resnet",), "unbatched": ("resnet",), "ceiling": ("null",),
          "fast_limits": ("legacy", "int8"), "fast_servers": ("legacy", "int8"), "front_cost": ("null",),
-         "simulated": ("null",), "normalisation": ("resnet",), "fronts": ("null",)}
+         "simulated": ("null",), "normalisation": ("resnet",), "fronts": ("null",), "grpc_floor": ("null",)}
 # variant -> (model, --engine): the CPU fast paths beside fp32 (docs/precision.md)
 FAST = {"fp32_legacy": ("legacy", "onednn"), "int8": ("int8", "paddle"), "openvino": ("legacy", "openvino")}
 
@@ -87,6 +90,10 @@ DOC_NOTES = """## Issue 17: the front's cost and a simulated GPU
   load from `--fronts-processes` load generator processes (one connection each: the kernel spreads connections,
   not requests, over the fronts); images/s of each, `fronts2_over_1`, and the largest share of the requests one
   front answered with 2 (from the merged /metrics: 0.5 is an even spread, 1.0 all on one front).
+- `grpc_floor`: `front_cost`'s load and measurement against bench/grpc_floor.py, a grpc.aio server that parses each
+  request as resnet-serve does and answers it at once with a fixed response of the right shape (no batching, no
+  engine, no metrics): what grpcio itself costs per image, the floor of any Python gRPC front.
+  `*_front_over_floor` is resnet-serve's front CPU per image over the floor's, in the same round.
 - `--configs front_cost,simulated` runs only these; `--requests N` sets the measured requests per step;
   `--baseline REV` also runs `front_cost` on REV's server (a cached git worktree and venv under bench/.baseline/),
   alternated with the current one in every round, and adds `_over_base` ratios (REV has no simulated engine).
@@ -152,6 +159,27 @@ class ServerProcess:
             self.proc.kill()
 
 
+class FloorProcess:
+    """bench/grpc_floor.py as a subprocess on a free loopback port, listening on entry."""
+
+    def __enter__(self) -> FloorProcess:
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"bench.grpc_floor exited with code {self.proc.returncode} before it listened")
+        self.target, self.pid = f"127.0.0.1:{json.loads(line)['port']}", self.proc.pid
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 def load(target: str, hw: tuple[int, int], mode: str, concurrency: list[int], args, input_: str = "raw",
          processes: int = 1, requests: int = 0) -> list[dict]:
     """One sweep; ``requests`` > 0 measures exactly that many requests per step instead of a duration."""
@@ -180,6 +208,11 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
                                          oip_model=model_name(models["null"]), batch=args.front_batch)
         finally:
             server.close()
+    if name == "grpc_floor":
+        with FloorProcess() as floor:
+            return front_cost.front_cost(floor.target, floor.pid, hw, args.front_concurrency, args.requests,
+                                         oip_model=model_name(models["null"]), batch=args.front_batch,
+                                         has_workers=False)
     if name == "simulated":
         a, c = args.sim_cost_ms
         server = ServerProcess(models["null"], "--engine", "simulated", "--simulated-cost-ms", f"{a},{c}",
@@ -296,6 +329,20 @@ def headline(r: dict, args) -> dict:
                 out[f"{prefix}_{key}"] = now[key]
                 if then is not None:
                     out[f"{prefix}_{key}_over_base"] = now[key] / then[key] if then[key] else float("nan")
+    if "grpc_floor" in r:
+        floor = r["grpc_floor"]
+        parts = [("floor", floor, "front_cost", r.get("front_cost"))]
+        if "oip_batch" in floor:
+            batch = floor["oip_batch"]["batch"]
+            mine = r.get("front_cost", {}).get("oip_batch")
+            parts.append((f"floor_oip_batch{batch}", floor["oip_batch"], f"front_cost_oip_batch{batch}", mine))
+        for prefix, now, ours_prefix, ours in parts:
+            for key in ("images_per_s", "front_cpu_us_per_image", "loadgen_cpu_us_per_image"):
+                out[f"{prefix}_{key}"] = now[key]
+            if ours is not None:  # resnet-serve's front above the floor, in this round
+                floor_us = now["front_cpu_us_per_image"]
+                out[f"{ours_prefix}_front_over_floor"] = \
+                    ours["front_cpu_us_per_image"] / floor_us if floor_us else float("nan")
     if "normalisation" in r:
         norm = r["normalisation"]
         out["norm_pixel_program_ms_per_image"] = norm["ms_per_image"]["pixel_program"]
@@ -469,6 +516,10 @@ def render(report: dict) -> str:
                      f"raw uint8, concurrency {a['ceiling_concurrency']} over {a['fronts_processes']} load generator "
                      f"processes (one connection each), max batch {a['sim_max_batch']}, 1 worker, {a['requests']} "
                      f"requests per step; `--front-processes` 1, then 2.")
+    if "grpc_floor" in ran:
+        lines.append("grpc_floor: front_cost's load against bench/grpc_floor.py (grpcio, resnet-serve's request "
+                     "parsing, a fixed answer of 5 classes per image; no batching, no engine); the CPU of its one "
+                     "process per image; `_front_over_floor`: resnet-serve's front over it in the same round.")
     if "normalisation" in ran:
         lines.append(f"normalisation: ResNet-50 {a['size']}x{a['size']} in-process, batch {a['max_batch']}, "
                      f"{a['threads']} threads; ms per image (medians of runs timed in turn).")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bench import front_cost
-from bench.run import ServerProcess
+from bench.run import FloorProcess, ServerProcess
 from bench.run import main as bench_main
 from resnet_serve.client.sync import ClassifierClient
 from resnet_serve.common.modeldir import Manifest, sha256_file
@@ -124,6 +124,17 @@ def test_bench_run_fronts_serves_with_one_then_two_front_processes(stand_in: Pat
                                       "fronts2_largest_share_ratio"}
 
 
+def test_the_grpc_floor_answers_every_request_of_the_front_cost_load() -> None:
+    """bench/grpc_floor.py under front_cost's load (32x32, 200 images one per classifier.v1 message, then 50 OIP
+    messages of 4): every request answered with its id, no error, and its one process's CPU counted."""
+    with FloorProcess() as floor:
+        r = front_cost.front_cost(floor.target, floor.pid, (32, 32), 4, 200, oip_model="any", batch=4,
+                                  has_workers=False)
+    for part in (r, r["oip_batch"]):
+        assert part["images"] == 200 and part["errors"] == {} and part["workers"] == 0
+        assert part["workers_cpu_us_per_image"] == 0 and part["images_per_s"] > 0
+
+
 def test_bench_refuses_an_unknown_config(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         bench_main(["--configs", "simulated,nope"])
@@ -149,3 +160,18 @@ def test_the_null_sampled_model_reads_only_its_sample_and_both_programs_agree(tm
     off_grid[:, 1::8] = 255 - off_grid[:, 1::8]
     np.testing.assert_array_equal(predictor.run(off_grid), logits)
     assert not np.array_equal(logits[0], logits[1])
+
+
+def test_a_null_model_exported_by_an_older_bench_is_exported_again(tmp_path: Path) -> None:
+    """An older null model cast every pixel before sampling (and cost the workers ~300 us per image): a folder
+    whose manifest names another architecture is replaced, one that names this one is kept."""
+    from bench.models import NULL_ARCH, ensure_model
+
+    manifest = ensure_model("null-sampled", tmp_path, 32) / "1" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert json.loads(manifest.read_text())["architecture"] == NULL_ARCH
+    ensure_model("null-sampled", tmp_path, 32)
+    assert manifest.stat().st_mtime_ns == stamp  # current: reused
+    manifest.write_text(manifest.read_text().replace(NULL_ARCH, "null (every 8th row and column, mean, linear)"))
+    ensure_model("null-sampled", tmp_path, 32)
+    assert json.loads(manifest.read_text())["architecture"] == NULL_ARCH
