@@ -38,6 +38,13 @@ def shared_site_packages() -> list[str]:
     return [*shared, own]
 
 
+def knows_flag(exe: Path, flag: str) -> bool:
+    """Whether that build's server takes ``flag`` (its --help names it): a baseline is run with the same settings
+    as the current server wherever it has them."""
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    return r.returncode == 0 and flag in r.stdout
+
+
 def prepare(rev: str, log=lambda msg: None) -> tuple[str, Path]:
     """(short sha, the baseline's `resnet-serve` executable), creating worktree and venv on first use."""
     sha = resolve(rev)

@@ -198,8 +198,9 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
     threads = str(args.threads)
     if name.split("@")[0] == "front_cost":
         exe = args.baseline_exe if name.endswith(BASE) else None
-        # The pixel program, as a GPU worker runs it (older servers know no --normalise and always ran it).
-        graph = () if name.endswith(BASE) else ("--normalise", "graph")
+        # The pixel program, as a GPU worker runs it; the baseline too where it has --normalise (its default on
+        # CPU is the float program plus numpy), while a build older than the flag always ran it.
+        graph = ("--normalise", "graph") if not name.endswith(BASE) or args.baseline_normalise else ()
         server = ServerProcess(models["null"], "--max-batch-size", "32", "--max-queue-delay-us", "0",
                                "--threads-per-instance", "1", "--max-queue-size", "4096",
                                "--max-stream-in-flight", "1024", *graph, exe=exe)
@@ -592,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         args.baseline_exe = None
         if args.baseline:
             args.baseline_sha, args.baseline_exe = baseline.prepare(args.baseline, log)
+            args.baseline_normalise = baseline.knows_flag(args.baseline_exe, "--normalise")
     except (ValueError, subprocess.CalledProcessError, RuntimeError) as e:
         p.error(str(e))
     if args.baseline and "front_cost" in configs:
