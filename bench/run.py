@@ -93,7 +93,9 @@ DOC_NOTES = """## Issue 17: the front's cost and a simulated GPU
 - `grpc_floor`: `front_cost`'s load and measurement against bench/grpc_floor.py, a grpc.aio server that parses each
   request as resnet-serve does and answers it at once with a fixed response of the right shape (no batching, no
   engine, no metrics): what grpcio itself costs per image, the floor of any Python gRPC front.
-  `*_front_over_floor` is resnet-serve's front CPU per image over the floor's, in the same round.
+  `*_front_over_floor` is resnet-serve's front CPU per image over the floor's, in the same round;
+  `floor_c1_p50_ms` the floor's median latency at concurrency 1 (the step `simulated` measures `sim_c1_added_ms`
+  with): the round trip of one image through the load generator and grpcio, which no server can go below.
 - `--configs front_cost,simulated` runs only these; `--requests N` sets the measured requests per step;
   `--baseline REV` also runs `front_cost` on REV's server (a cached git worktree and venv under bench/.baseline/),
   alternated with the current one in every round, and adds `_over_base` ratios (REV has no simulated engine).
@@ -211,9 +213,12 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
             server.close()
     if name == "grpc_floor":
         with FloorProcess() as floor:
-            return front_cost.front_cost(floor.target, floor.pid, hw, args.front_concurrency, args.requests,
-                                         oip_model=model_name(models["null"]), batch=args.front_batch,
-                                         has_workers=False)
+            out = front_cost.front_cost(floor.target, floor.pid, hw, args.front_concurrency, args.requests,
+                                        oip_model=model_name(models["null"]), batch=args.front_batch,
+                                        has_workers=False)
+            # simulated's concurrency-1 step, against the floor: the round trip no server can go below
+            out["c1"] = front_cost.stream_load(floor.target, hw, 1, max(1, args.requests // 4))[0]
+            return out
     if name == "simulated":
         a, c = args.sim_cost_ms
         server = ServerProcess(models["null"], "--engine", "simulated", "--simulated-cost-ms", f"{a},{c}",
@@ -344,6 +349,8 @@ def headline(r: dict, args) -> dict:
                 floor_us = now["front_cpu_us_per_image"]
                 out[f"{ours_prefix}_front_over_floor"] = \
                     ours["front_cpu_us_per_image"] / floor_us if floor_us else float("nan")
+        if floor.get("c1", {}).get("latency_ms", {}).get("p50") is not None:
+            out["floor_c1_p50_ms"] = floor["c1"]["latency_ms"]["p50"]
     if "normalisation" in r:
         norm = r["normalisation"]
         out["norm_pixel_program_ms_per_image"] = norm["ms_per_image"]["pixel_program"]
@@ -520,7 +527,9 @@ def render(report: dict) -> str:
     if "grpc_floor" in ran:
         lines.append("grpc_floor: front_cost's load against bench/grpc_floor.py (grpcio, resnet-serve's request "
                      "parsing, a fixed answer of 5 classes per image; no batching, no engine); the CPU of its one "
-                     "process per image; `_front_over_floor`: resnet-serve's front over it in the same round.")
+                     "process per image; `_front_over_floor`: resnet-serve's front over it in the same round; "
+                     "`floor_c1_p50_ms`: its p50 at concurrency 1 (classifier.v1 stream), the round trip under "
+                     "`sim_c1_added_ms`.")
     if "normalisation" in ran:
         lines.append(f"normalisation: ResNet-50 {a['size']}x{a['size']} in-process, batch {a['max_batch']}, "
                      f"{a['threads']} threads; ms per image (medians of runs timed in turn).")

@@ -135,6 +135,22 @@ def test_the_grpc_floor_answers_every_request_of_the_front_cost_load() -> None:
         assert part["workers_cpu_us_per_image"] == 0 and part["images_per_s"] > 0
 
 
+def test_bench_run_grpc_floor_writes_its_headline(stand_in: Path, tmp_path: Path) -> None:
+    """`python -m bench.run --configs grpc_floor` at tiny size: CPU per image and images/s of both paths, and the
+    concurrency-1 round trip."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "null-sampled-pixels").symlink_to(stand_in)
+    out = tmp_path / "out"
+    assert bench_main(["--configs", "grpc_floor", "--rounds", "1", "--size", "32", "--requests", "40",
+                       "--front-concurrency", "4", "--front-batch", "4", "--models", str(models), "--out", str(out),
+                       "--no-docs"]) == 0
+    report = json.loads(next(out.glob("*.json")).read_text())
+    assert set(report["summary"]) == {f"floor{p}_{k}" for p in ("", "_oip_batch4") for k in (
+        "images_per_s", "front_cpu_us_per_image", "loadgen_cpu_us_per_image")} | {"floor_c1_p50_ms"}
+    assert report["rounds"][0]["grpc_floor"]["c1"]["errors"] == {}
+
+
 def test_bench_refuses_an_unknown_config(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         bench_main(["--configs", "simulated,nope"])
