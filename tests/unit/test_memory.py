@@ -28,14 +28,14 @@ def test_memory_sweeper_sweeps_after_a_burst_of_large_requests() -> None:
     from resnet_serve.server.memory import MemorySweeper
 
     async def main() -> None:
-        sweeper = MemorySweeper(threshold_bytes=800, interval_s=0.01)
+        sweeper = MemorySweeper(threshold_bytes=800, interval_s=0.01, quiet_bytes=100)
         task = asyncio.ensure_future(sweeper.run())
         try:
             sweeper.note(800)  # the threshold: swept at the next tick
             while sweeper.sweeps < 1:
                 await asyncio.sleep(0.01)
             assert sweeper.received == 0
-            sweeper.note(100)  # an eighth of it, then quiet: swept once the burst is over
+            sweeper.note(100)  # quiet_bytes, then quiet: swept once the burst is over
             while sweeper.sweeps < 2:
                 await asyncio.sleep(0.01)
         finally:

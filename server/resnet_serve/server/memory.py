@@ -5,8 +5,9 @@ the deserialised message, the bytes handed to the decoder) can stay alive in ref
 traceback holds the frame that holds the request) until Python's cyclic collector happens to run, which it does by
 object count, not size; and what is freed stays in the C allocator's arenas. Measured on the tiny model: forty
 8 MB images, mostly refused, left the front process 300-800 MB larger for good. So once requests totalling
-`threshold_bytes` have been received (or an eighth of that, and then a quiet second), a sweep collects cycles and
-asks glibc to return free pages.
+`threshold_bytes` have been received, or `quiet_bytes` and then a quiet second, a sweep collects cycles and asks
+glibc to return free pages. The front keeps what it frees while it is busy (common/malloc.py: up to 16 MB per heap
+instead of glibc's 128 KB), so the quiet second after any real traffic is when that memory goes back.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def _malloc_trim() -> None:
 
 
 class MemorySweeper:
-    def __init__(self, threshold_bytes: int = 64 * 1024 * 1024, interval_s: float = 1.0):
-        self.threshold_bytes, self.interval_s = threshold_bytes, interval_s
+    def __init__(self, threshold_bytes: int = 64 * 1024 * 1024, interval_s: float = 1.0,
+                 quiet_bytes: int = 1024 * 1024):
+        self.threshold_bytes, self.interval_s, self.quiet_bytes = threshold_bytes, interval_s, quiet_bytes
         self.received = 0  # request bytes since the last sweep
         self.sweeps = 0
 
@@ -46,13 +48,13 @@ class MemorySweeper:
 
     async def run(self) -> None:
         """Sweep every `threshold_bytes` received, and once a burst is over (an interval without requests)
-        after at least an eighth of that."""
+        after at least `quiet_bytes`."""
         loop = asyncio.get_running_loop()
         seen = 0
         while True:
             await asyncio.sleep(self.interval_s)
             quiet, seen = self.received == seen, self.received
-            if self.received >= self.threshold_bytes or (quiet and self.received >= self.threshold_bytes // 8):
+            if self.received >= self.threshold_bytes or (quiet and self.received >= self.quiet_bytes):
                 self.received = seen = 0
                 self.sweeps += 1
                 gc.collect()
