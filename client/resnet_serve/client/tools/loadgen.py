@@ -44,6 +44,10 @@ from .load_steps import LoadConfig, Samples, StepRunner, Transport
 
 __all__ = ["LoadConfig", "run"]
 
+# More than the server keeps (common/malloc.py): a load generator has no RSS budget, and sending OIP messages of 32
+# images (4.8 MB each, several in flight) churned through 16 MB.
+LOADGEN_TRIM_BYTES = 64 << 20
+
 
 def _transport(config: LoadConfig, seed: int) -> Transport:
     if config.protocol == "oip":
@@ -83,7 +87,7 @@ def _child(config: LoadConfig, index: int, barrier: Any, results: Any, go: Any) 
     """One client process: its share of every step, each started once the parent has handed over the previous
     step (a token on `go`) and then together with the others (the barrier); each step's samples are sent as soon
     as it ends, then (index, None, None) says this process is done."""
-    keep_freed_memory()
+    keep_freed_memory(LOADGEN_TRIM_BYTES)
 
     async def sync_start() -> None:
         loop = asyncio.get_running_loop()
@@ -109,7 +113,7 @@ def run(config: LoadConfig, on_step: Callable[[dict[str, Any]], None] = lambda s
     processes > 1 the load is split over that many client processes. Like the server, the load generator keeps
     the memory it frees (common/malloc.py), so its own cost per image is not page faults."""
     config.validate()
-    keep_freed_memory()
+    keep_freed_memory(LOADGEN_TRIM_BYTES)
     steps = config.steps()
     out: list[dict[str, Any]] = []
 
