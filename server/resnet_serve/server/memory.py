@@ -5,9 +5,10 @@ the deserialised message, the bytes handed to the decoder) can stay alive in ref
 traceback holds the frame that holds the request) until Python's cyclic collector happens to run, which it does by
 object count, not size; and what is freed stays in the C allocator's arenas. Measured on the tiny model: forty
 8 MB images, mostly refused, left the front process 300-800 MB larger for good. So once requests totalling
-`threshold_bytes` have been received, or `quiet_bytes` and then a quiet second, a sweep collects cycles and asks
-glibc to return free pages. The front keeps what it frees while it is busy (common/malloc.py: up to 16 MB per heap
-instead of glibc's 128 KB), so the quiet second after any real traffic is when that memory goes back.
+`threshold_bytes` have been received, or any request and then a quiet second, a sweep collects cycles and asks
+glibc to return free pages. The front keeps what it frees while it is busy (common/malloc.py: up to 32 MB per heap
+instead of glibc's 128 KB), so the quiet second after any traffic is when that memory goes back: at most one
+sweep per quiet spell, none under steady load.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _malloc_trim() -> None:
 
 class MemorySweeper:
     def __init__(self, threshold_bytes: int = 64 * 1024 * 1024, interval_s: float = 1.0,
-                 quiet_bytes: int = 1024 * 1024):
+                 quiet_bytes: int = 1):
         self.threshold_bytes, self.interval_s, self.quiet_bytes = threshold_bytes, interval_s, quiet_bytes
         self.received = 0  # request bytes since the last sweep
         self.sweeps = 0
@@ -48,7 +49,7 @@ class MemorySweeper:
 
     async def run(self) -> None:
         """Sweep every `threshold_bytes` received, and once a burst is over (an interval without requests)
-        after at least `quiet_bytes`."""
+        after at least `quiet_bytes` (by default any request at all)."""
         loop = asyncio.get_running_loop()
         seen = 0
         while True:
