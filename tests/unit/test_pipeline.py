@@ -14,7 +14,7 @@ from PIL import Image
 
 from resnet_serve.server.admission import PreprocessQueueFull
 from resnet_serve.server.batcher import QueueFull
-from resnet_serve.server.pipeline import PICK_K, ImageInput, Prediction, top_k, top_k_rows
+from resnet_serve.server.pipeline import PICK_K, Answers, ImageInput, Prediction, top_k, top_k_arrays
 from resnet_serve.server.preprocess import InvalidInput
 from tests.unit.serving_parts import CLASSES, LABELS, SIZE, ClassPickingRunner, Parts, run, uint8_image
 
@@ -156,7 +156,12 @@ def reference_top_k(row: np.ndarray, k: int, labels: list[str]) -> list[Predicti
     return [Prediction(i, labels[i], float(p[i])) for i in sorted(range(len(p)), key=lambda i: (-p[i], i))[:k]]
 
 
-def test_top_k_rows_is_the_softmax_ranking_of_each_row_ties_by_class_id() -> None:
+def top_k_rows(logits: np.ndarray, k: int, labels: list[str]) -> list[list[Prediction]]:
+    """What a message of many images is answered with: top_k_arrays, read back through Answers."""
+    return [a.predictions for a in Answers(top_k_arrays(logits, k), labels, "1")]
+
+
+def test_top_k_arrays_is_the_softmax_ranking_of_each_row_ties_by_class_id() -> None:
     """Both ways of choosing (repeated argmax up to PICK_K, partition and sort above it) against the definition,
     scores exactly equal."""
     logits = np.random.default_rng(0).normal(size=(6, CLASSES)).astype(np.float32)

@@ -61,7 +61,8 @@ PICK_K = 16  # up to this k the best classes are picked by repeated argmax: 3-4x
 
 
 def top_k(logits: np.ndarray, k: int, labels: list[str]) -> list[Prediction]:
-    """top_k_rows of one row, the same answers, in 1-D numpy (a third of the time of top_k_rows on one row)."""
+    """top_k_arrays of one row, the same answers as Prediction objects, in 1-D numpy (a third of the time of
+    top_k_arrays on one row)."""
     z = np.asarray(logits).astype(np.float64)
     e = np.exp(z - z.max())
     total = e.sum()
@@ -79,14 +80,9 @@ def top_k(logits: np.ndarray, k: int, labels: list[str]) -> list[Prediction]:
     return [Prediction(i, labels[i], float(e[i] / total)) for i in ids]
 
 
-def top_k_rows(logits: np.ndarray, k: int, labels: Sequence[str]) -> list[list[Prediction]]:
-    """top_k of every row of [n, classes] logits: the k best classes by softmax probability, best first, ties by
-    class id (stable answers). The probabilities are float64 whichever way the classes are chosen."""
-    return predictions_of(top_k_arrays(logits, k), labels)
-
-
 def top_k_arrays(logits: np.ndarray, k: int) -> TopK:
-    """top_k_rows as arrays."""
+    """The k best classes of every row of [n, classes] logits by softmax probability, best first, ties by class id
+    (stable answers). The probabilities are float64 whichever way the classes are chosen."""
     z = logits.astype(np.float64)
     e = np.exp(z - z.max(axis=1, keepdims=True))
     total = e.sum(axis=1, keepdims=True)
@@ -95,10 +91,6 @@ def top_k_arrays(logits: np.ndarray, k: int) -> TopK:
         best = np.argsort(-(e / total), axis=1, kind="stable")[:, :k]
     return TopK(best.astype(np.int64, copy=False), np.take_along_axis(e, best, axis=1) / total)
 
-
-def predictions_of(top: TopK, labels: Sequence[str]) -> list[list[Prediction]]:
-    return [[Prediction(i, labels[i], s) for i, s in zip(ids, row, strict=True)]
-            for ids, row in zip(top.ids.tolist(), top.scores.tolist(), strict=True)]
 
 
 def _picked(z: np.ndarray, k: int) -> np.ndarray | None:
@@ -227,7 +219,7 @@ class Pipeline:
         """Every image's answer, in order; on the first failure the others are abandoned and it is raised.
 
         Images that need no pixel work (tensors at the model's size: what a GPU is fed) go to the batcher
-        together and are answered in one pass (Batcher.submit_many, top_k_rows): a message of N images pays the
+        together and are answered in one pass (Batcher.submit_many, top_k_arrays): a message of N images pays the
         per-call costs once. Others are prepared on the preprocess threads, each its own call."""
         if len(images) == 1 or not all(self._inline(image) for image in images):
             answers = await all_or_first_error([self.classify(image, k, deadline) for image in images])
