@@ -28,8 +28,6 @@ from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.server.oip_codec import parse_infer_request
 
 K = 5
-CLASSIFY_STREAM = "/classifier.v1.Classifier/ClassifyStream"
-MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 MAX_MESSAGE_BYTES = 64 << 20
 
 

@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline:
             args.baseline_sha, args.baseline_exe = baseline.prepare(args.baseline, log)
             args.baseline_normalise = baseline.knows_flag(args.baseline_exe, "--normalise")
-    except (ValueError, subprocess.CalledProcessError, RuntimeError) as e:
+    except (ValueError, subprocess.CalledProcessError, subprocess.TimeoutExpired, RuntimeError) as e:
         p.error(str(e))
     if args.baseline and "front_cost" in configs:
         configs.insert(configs.index("front_cost") + 1, "front_cost" + BASE)

@@ -1,5 +1,5 @@
 """glibc malloc settings for processes that allocate and free large buffers at a high rate (the server's front
-and workers, the load generator).
+processes, the load generator; not the workers, where no gain was measured).
 
 Every image the front receives passes through several buffers of its size (150 KB at 224x224 uint8; gRPC's
 message, the deserialised request), freed again a few milliseconds later. glibc gives the top of a heap back to

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         return fail(str(e))
     quiet_frameworks(settings.verbose)  # before the engine workers (where Paddle runs) are started
-    keep_freed_memory()  # every front and worker process sets it for itself
+    keep_freed_memory()  # each front process sets it for itself (front_process.py); workers do not
     if settings.device == "gpu":
         from .trt_cache import gpu_support_problem
 
