@@ -9,15 +9,22 @@ no metrics. Whatever resnet-serve's front spends above this server under the sam
 
     python -m bench.grpc_floor     prints {"port": N} on stdout once it listens (loopback, a free port); SIGTERM
                                    stops it. bench/run.py config `grpc_floor` runs it.
+    ... --hold-ms A,C              holds each answer of n images for A + C*n ms first, waited out on a thread as
+                                   the simulated engine waits (server/resnet_serve/server/simulated_engine.py:
+                                   slept, the end spun): the round trip at concurrency 1 of a server that adds
+                                   nothing but one hop to a thread and back around the simulated engine's cost.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -26,6 +33,7 @@ from tritonclient.grpc import service_pb2 as oip
 from resnet_serve.common.malloc import keep_freed_memory
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.server.oip_codec import parse_infer_request
+from resnet_serve.server.simulated_engine import parse_cost_ms, tighten_timer_slack, wait_until
 
 K = 5
 MAX_MESSAGE_BYTES = 64 << 20
@@ -48,17 +56,35 @@ def infer_response(raw: bytes) -> oip.ModelStreamInferResponse:
     return oip.ModelStreamInferResponse(infer_response=response)
 
 
-async def classify_stream(requests: AsyncIterator[pb.ClassifyRequest], context) -> AsyncIterator[pb.ClassifyResponse]:
-    async for request in requests:
-        yield classify_response(request)
+class Hold:
+    """Each answer of n images waits a + c*n ms on a thread of its own (no wait when a = c = 0)."""
+
+    def __init__(self, cost_ms: tuple[float, float] = (0.0, 0.0)):
+        self.cost_ms = cost_ms
+        self.thread = ThreadPoolExecutor(1, initializer=tighten_timer_slack) if any(cost_ms) else None
+
+    async def __call__(self, n: int) -> None:
+        if self.thread is not None:
+            seconds = (self.cost_ms[0] + self.cost_ms[1] * n) / 1000.0
+            deadline = time.perf_counter() + seconds
+            await asyncio.get_running_loop().run_in_executor(self.thread, wait_until, deadline, time.perf_counter,
+                                                             time.sleep)
 
 
-async def model_stream_infer(requests: AsyncIterator[bytes], context) -> AsyncIterator[oip.ModelStreamInferResponse]:
-    async for raw in requests:
-        yield infer_response(raw)
+def handlers(hold: Hold) -> list[grpc.GenericRpcHandler]:
+    async def classify_stream(requests: AsyncIterator[pb.ClassifyRequest], context) -> \
+            AsyncIterator[pb.ClassifyResponse]:
+        async for request in requests:
+            await hold(1)
+            yield classify_response(request)
 
+    async def model_stream_infer(requests: AsyncIterator[bytes], context) -> \
+            AsyncIterator[oip.ModelStreamInferResponse]:
+        async for raw in requests:
+            response = infer_response(raw)
+            await hold(int(response.infer_response.outputs[0].shape[0]))
+            yield response
 
-def handlers() -> list[grpc.GenericRpcHandler]:
     classifier = grpc.method_handlers_generic_handler("classifier.v1.Classifier", {
         "ClassifyStream": grpc.stream_stream_rpc_method_handler(
             classify_stream, request_deserializer=pb.ClassifyRequest.FromString,
@@ -70,10 +96,10 @@ def handlers() -> list[grpc.GenericRpcHandler]:
     return [classifier, inference]
 
 
-async def serve() -> None:
+async def serve(hold: Hold) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    server.add_generic_rpc_handlers(handlers())
+    server.add_generic_rpc_handlers(handlers(hold))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     stop = asyncio.Event()
@@ -83,9 +109,13 @@ async def serve() -> None:
     await server.stop(1)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.grpc_floor", description=__doc__.splitlines()[0])
+    parser.add_argument("--hold-ms", type=parse_cost_ms, default=(0.0, 0.0), metavar="A,C",
+                        help="hold each answer of n images A + C*n ms (default 0,0: answer at once)")
+    args = parser.parse_args(argv)
     keep_freed_memory()  # as resnet-serve's front does (common/malloc.py)
-    asyncio.run(serve())
+    asyncio.run(serve(Hold(args.hold_ms)))
     return 0
 
 

@@ -96,6 +96,9 @@ DOC_NOTES = """## Issue 17: the front's cost and a simulated GPU
   `*_front_over_floor` is resnet-serve's front CPU per image over the floor's, in the same round;
   `floor_c1_p50_ms` the floor's median latency at concurrency 1 (the step `simulated` measures `sim_c1_added_ms`
   with): the round trip of one image through the load generator and grpcio, which no server can go below.
+  `floor_c1_held_added_ms`: the same step against the floor holding each answer for the simulated engine's
+  A + C ms on a thread (`--hold-ms`), minus A + C: what a server that adds only a hop to a thread and back adds
+  at concurrency 1 when every request finds the machine idle (the number `sim_c1_added_ms` compares with).
 - `--configs front_cost,simulated` runs only these; `--requests N` sets the measured requests per step;
   `--baseline REV` also runs `front_cost` on REV's server (a cached git worktree and venv under bench/.baseline/),
   alternated with the current one in every round, and adds `_over_base` ratios (REV has no simulated engine).
@@ -162,10 +165,13 @@ class ServerProcess:
 
 
 class FloorProcess:
-    """bench/grpc_floor.py as a subprocess on a free loopback port, listening on entry."""
+    """bench/grpc_floor.py as a subprocess on a free loopback port (with its ``flags``), listening on entry."""
+
+    def __init__(self, *flags: str):
+        self.flags = flags
 
     def __enter__(self) -> FloorProcess:
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor"], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", *self.flags], stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
         line = self.proc.stdout.readline()
         if not line:
@@ -218,7 +224,10 @@ def run_config(name: str, models: dict[str, Path], args) -> dict:
                                         has_workers=False)
             # simulated's concurrency-1 step, against the floor: the round trip no server can go below
             out["c1"] = front_cost.stream_load(floor.target, hw, 1, max(1, args.requests // 4))[0]
-            return out
+        a, c = args.sim_cost_ms
+        with FloorProcess("--hold-ms", f"{a},{c}") as held:  # the same, each answer held for the engine's a + c
+            out["c1_held"] = front_cost.stream_load(held.target, hw, 1, max(1, args.requests // 4))[0]
+        return out
     if name == "simulated":
         a, c = args.sim_cost_ms
         server = ServerProcess(models["null"], "--engine", "simulated", "--simulated-cost-ms", f"{a},{c}",
@@ -351,6 +360,9 @@ def headline(r: dict, args) -> dict:
                     ours["front_cpu_us_per_image"] / floor_us if floor_us else float("nan")
         if floor.get("c1", {}).get("latency_ms", {}).get("p50") is not None:
             out["floor_c1_p50_ms"] = floor["c1"]["latency_ms"]["p50"]
+        if floor.get("c1_held", {}).get("latency_ms", {}).get("p50") is not None:
+            a, c = args.sim_cost_ms
+            out["floor_c1_held_added_ms"] = floor["c1_held"]["latency_ms"]["p50"] - (a + c)
     if "normalisation" in r:
         norm = r["normalisation"]
         out["norm_pixel_program_ms_per_image"] = norm["ms_per_image"]["pixel_program"]
@@ -529,7 +541,9 @@ def render(report: dict) -> str:
                      "parsing, a fixed answer of 5 classes per image; no batching, no engine); the CPU of its one "
                      "process per image; `_front_over_floor`: resnet-serve's front over it in the same round; "
                      "`floor_c1_p50_ms`: its p50 at concurrency 1 (classifier.v1 stream), the round trip under "
-                     "`sim_c1_added_ms`.")
+                     "`sim_c1_added_ms`; `floor_c1_held_added_ms`: the same with each answer held for the "
+                     f"simulated engine's {a['sim_cost_ms'][0]} + {a['sim_cost_ms'][1]} ms on a thread, minus "
+                     "that.")
     if "normalisation" in ran:
         lines.append(f"normalisation: ResNet-50 {a['size']}x{a['size']} in-process, batch {a['max_batch']}, "
                      f"{a['threads']} threads; ms per image (medians of runs timed in turn).")

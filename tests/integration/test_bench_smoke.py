@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bench import front_cost
-from bench.run import FloorProcess, ServerProcess
+from bench.run import ROOT, FloorProcess, ServerProcess
 from bench.run import main as bench_main
 from resnet_serve.client.sync import ClassifierClient
 from resnet_serve.common.modeldir import Manifest, sha256_file
@@ -135,6 +137,22 @@ def test_the_grpc_floor_answers_every_request_of_the_front_cost_load() -> None:
         assert part["workers_cpu_us_per_image"] == 0 and part["images_per_s"] > 0
 
 
+def test_the_held_floor_answers_no_sooner_than_its_hold() -> None:
+    """`--hold-ms 20,5`: an answer of n images comes A + C*n ms after its request at the soonest (a lower bound,
+    which no load on the machine can break): 25 ms for one classifier.v1 image, 40 for an OIP message of 4."""
+    with FloorProcess("--hold-ms", "20,5") as floor:
+        one = front_cost.stream_load(floor.target, (32, 32), 1, 3)[0]
+        four = front_cost.stream_load(floor.target, (32, 32), 1, 3, oip_model="any", batch=4)[0]
+    assert one["errors"] == {} and four["errors"] == {}
+    assert one["latency_ms"]["p50"] >= 25.0 and four["latency_ms"]["p50"] >= 40.0
+
+
+def test_the_floor_refuses_a_bad_hold_in_one_line() -> None:
+    r = subprocess.run([sys.executable, "-m", "bench.grpc_floor", "--hold-ms", "5"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "--hold-ms" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_bench_run_grpc_floor_writes_its_headline(stand_in: Path, tmp_path: Path) -> None:
     """`python -m bench.run --configs grpc_floor` at tiny size: CPU per image and images/s of both paths, and the
     concurrency-1 round trip."""
@@ -147,8 +165,10 @@ def test_bench_run_grpc_floor_writes_its_headline(stand_in: Path, tmp_path: Path
                        "--no-docs"]) == 0
     report = json.loads(next(out.glob("*.json")).read_text())
     assert set(report["summary"]) == {f"floor{p}_{k}" for p in ("", "_oip_batch4") for k in (
-        "images_per_s", "front_cpu_us_per_image", "loadgen_cpu_us_per_image")} | {"floor_c1_p50_ms"}
+        "images_per_s", "front_cpu_us_per_image", "loadgen_cpu_us_per_image")} | {"floor_c1_p50_ms",
+                                                                           "floor_c1_held_added_ms"}
     assert report["rounds"][0]["grpc_floor"]["c1"]["errors"] == {}
+    assert report["rounds"][0]["grpc_floor"]["c1_held"]["errors"] == {}
 
 
 def test_bench_refuses_an_unknown_config(capsys: pytest.CaptureFixture[str]) -> None:
