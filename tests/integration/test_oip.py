@@ -503,7 +503,7 @@ def test_bench_over_oip_needs_a_model_and_reports_errors(srv: InProcessServer) -
     r = run_cli("resnet-client", "bench", "--protocol", "oip", "--target", srv.address)
     assert r.returncode == 2 and "--model" in r.stderr
     r = run_cli("resnet-client", "bench", "--protocol", "oip", "--model", "other", "--target", srv.address,
-                "--token", TOKEN, "--duration", "0.1")
+                "--token", TOKEN, "--warmup", "0", "--requests", "2")
     assert r.returncode == 1 and r.stderr.startswith("error: NOT_FOUND: ")
 
 

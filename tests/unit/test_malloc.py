@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from resnet_serve.common import malloc
+
 # In a fresh interpreter: touch an 8 MB buffer (under both thresholds), free it, and report how much of it is still
 # resident.
 PROBE = """
@@ -41,3 +43,16 @@ def test_freed_buffer_stays_resident_only_when_tuned() -> None:
     assert default["kept"] < 2 << 20, default
     assert tuned["kept"] >= 7 << 20, tuned
 
+
+class NotGlibc:
+    """A C library without gnu_get_libc_version (musl's, say): its mallopt must not be called."""
+
+    def __getattr__(self, name: str):
+        if name == "mallopt":
+            raise AssertionError("mallopt called on a C library that is not glibc")
+        raise AttributeError(name)
+
+
+def test_a_c_library_that_is_not_glibc_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda *a, **k: NotGlibc())
+    assert malloc.keep_freed_memory() is False
