@@ -153,7 +153,9 @@ def serve(conn: Connection, slots: Sequence[SharedBatch], compute: Compute, norm
             watched: list = [conn, *attached]
             if listener is not None:
                 watched.append(listener)
-            for ready in wait(watched):
+            # One front (no listener): its pipe is all there is to wait on, and a blocking recv is the cheapest wait
+            # (a selector built and torn down per batch cost ~30 us of the gap between two batches).
+            for ready in (wait(watched) if listener is not None else watched):
                 if ready is conn:
                     request = conn.recv()
                     if isinstance(request, Stop):
