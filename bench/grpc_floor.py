@@ -33,7 +33,7 @@ from tritonclient.grpc import service_pb2 as oip
 from resnet_serve.common.malloc import keep_freed_memory
 from resnet_serve.protos import classifier_pb2 as pb
 from resnet_serve.server.oip_codec import parse_infer_request
-from resnet_serve.server.simulated_engine import parse_cost_ms, tighten_timer_slack, wait_until
+from resnet_serve.server.simulated_engine import batch_seconds, parse_cost_ms, tighten_timer_slack, wait_until
 
 K = 5
 MAX_MESSAGE_BYTES = 64 << 20
@@ -65,8 +65,7 @@ class Hold:
 
     async def __call__(self, n: int) -> None:
         if self.thread is not None:
-            seconds = (self.cost_ms[0] + self.cost_ms[1] * n) / 1000.0
-            deadline = time.perf_counter() + seconds
+            deadline = time.perf_counter() + batch_seconds(self.cost_ms, n)
             await asyncio.get_running_loop().run_in_executor(self.thread, wait_until, deadline, time.perf_counter,
                                                              time.sleep)
 

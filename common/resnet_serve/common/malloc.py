@@ -20,13 +20,12 @@ import ctypes.util
 M_TRIM_THRESHOLD = -1  # mallopt(3) parameter numbers, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 TRIM_BYTES = 32 << 20  # at 64 MB the server stayed over 100 MB larger after test_hostile's attacks (CI)
-MMAP_BYTES = 32 << 20  # the most glibc before 2.35 accepts on 64-bit (HEAP_MAX_SIZE / 2); 2.36 takes any
+MMAP_BYTES = 32 << 20  # HEAP_MAX_SIZE / 2 on 64-bit, a cap some glibc versions enforce (2.36 here takes any)
 
 
 def keep_freed_memory(trim_bytes: int = TRIM_BYTES, mmap_bytes: int = MMAP_BYTES) -> bool:
-    """Set glibc's trim and mmap thresholds for this process. False where the C library is not glibc (nothing is
-    changed), or refuses a value (glibc before 2.35 refuses an mmap threshold over 32 MB on 64-bit; nothing is
-    changed then either)."""
+    """Set glibc's trim and mmap thresholds for this process. False where the C library is not glibc, or refuses
+    the mmap threshold: nothing is changed then."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.gnu_get_libc_version  # noqa: B018  (only glibc has it, and only glibc's mallopt takes these)

@@ -48,6 +48,12 @@ def parse_cost_ms(text: str) -> tuple[float, float]:
     return a, c
 
 
+def batch_seconds(cost_ms: tuple[float, float], n: int) -> float:
+    """The simulated compute time of a batch of n: (a + c*n) ms, in seconds."""
+    a, c = cost_ms
+    return (a + c * n) / 1000.0
+
+
 def wait_until(deadline: float, clock: Callable[[], float], sleep: Callable[[float], None],
                spin_tail_s: float = SPIN_TAIL_S) -> None:
     """Return at ``deadline`` (on ``clock``): sleep until ``spin_tail_s`` before it, spin on the clock after."""
@@ -103,8 +109,7 @@ class SimulatedPredictor:
 
     def batch_seconds(self, n: int) -> float:
         """The simulated compute time of a batch of n: (a + c*n) ms."""
-        a, c = self.cost_ms
-        return (a + c * n) / 1000.0
+        return batch_seconds(self.cost_ms, n)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """float32 model input [n, 3, H, W], or uint8 pixels [n, H, W, 3] -> float32 logits [n, num_classes], after
